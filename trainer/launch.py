@@ -1,0 +1,106 @@
+"""`smart_train`: run a stage script with the right launcher.
+
+    smart_train train_cot.py --include localhost:0,1          # GPUs + DeepSpeed -> deepspeed --include localhost:0,1 train_cot.py
+    smart_train train_cot.py --num_gpus 2 -- --max-steps 10    # args after `--` go to the script
+    smart_train train_cot.py                                   # no GPU -> python3 train_cot.py
+
+Launcher flags (everything between the script and `--`) go to the launcher: with DeepSpeed usable and GPUs present
+that is the `deepspeed` launcher (`--include`, `--exclude`, `--num_gpus`, `--num_nodes`, `--hostfile`, `--master_port`, ...).
+Otherwise the DeepSpeed process-count flags are translated for torchrun (several processes, e.g. on CPU with gloo)
+or the script runs in this process's interpreter. The exit status is the child's.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class LaunchPlan:
+    command: list[str]
+    env: dict[str, str] = field(default_factory=dict)  # extra environment for the child
+
+
+def split_args(argv: list[str]) -> tuple[str, list[str], list[str]]:
+    """`script [launcher args] [-- script args]` -> (script, launcher_args, script_args)."""
+    if not argv or argv[0].startswith("-"):
+        raise SystemExit("usage: smart_train SCRIPT.py [launcher args] [-- script args]\n"
+                         "e.g.   smart_train train_pretrain_stage0.py --include localhost:0,1")
+    script, rest = argv[0], argv[1:]
+    if "--" in rest:
+        cut = rest.index("--")
+        return script, rest[:cut], rest[cut + 1:]
+    return script, rest, []
+
+
+def deepspeed_usable() -> bool:
+    """DeepSpeed is installed and there are CUDA GPUs for its launcher to place processes on."""
+    return importlib.util.find_spec("deepspeed") is not None and torch.cuda.is_available() and torch.cuda.device_count() > 0
+
+
+def _parse_ds_flags(launcher_args: list[str]) -> argparse.Namespace:
+    """The DeepSpeed launcher flags that decide how many local processes to start (for the torchrun fallback)."""
+    parser = argparse.ArgumentParser(prog="smart_train", add_help=False)
+    parser.add_argument("--include", default=None)
+    parser.add_argument("--num_gpus", "--num-gpus", type=int, default=None)
+    parser.add_argument("--nproc_per_node", "--nproc-per-node", type=int, default=None)
+    parser.add_argument("--master_port", "--master-port", type=int, default=None)
+    flags, unknown = parser.parse_known_args(launcher_args)
+    if unknown:
+        raise SystemExit(f"smart_train: without DeepSpeed on GPUs only --include, --num_gpus, --nproc_per_node and "
+                         f"--master_port can be translated for torchrun; got {' '.join(unknown)}")
+    return flags
+
+
+def _devices_from_include(include: str) -> list[str]:
+    """`localhost:0,1` -> ['0', '1'] (one host only in the torchrun fallback)."""
+    hosts = include.split("@")
+    if len(hosts) != 1 or ":" not in hosts[0]:
+        raise SystemExit(f"smart_train: --include {include!r} must look like localhost:0,1 when not using the DeepSpeed launcher")
+    return [d for d in hosts[0].split(":", 1)[1].split(",") if d]
+
+
+def plan_launch(script: str, launcher_args: list[str], script_args: list[str], use_deepspeed: bool) -> LaunchPlan:
+    if use_deepspeed:
+        deepspeed_bin = shutil.which("deepspeed") or os.path.join(os.path.dirname(sys.executable), "deepspeed")
+        return LaunchPlan([deepspeed_bin, *launcher_args, script, *script_args])
+
+    flags = _parse_ds_flags(launcher_args)
+    env: dict[str, str] = {}
+    nproc = flags.nproc_per_node or flags.num_gpus
+    if flags.include:
+        devices = _devices_from_include(flags.include)
+        nproc = nproc or len(devices)
+        if torch.cuda.is_available():
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(devices)
+    if not nproc and torch.cuda.device_count() > 1:
+        nproc = torch.cuda.device_count()
+    if nproc and nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+        if flags.master_port:
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={nproc}",
+                   "--master_addr=127.0.0.1", f"--master_port={flags.master_port}"]
+        return LaunchPlan([*cmd, script, *script_args], env)
+    return LaunchPlan([sys.executable, script, *script_args], env)
+
+
+def main(argv: list[str] | None = None) -> int:
+    script, launcher_args, script_args = split_args(sys.argv[1:] if argv is None else argv)
+    if not os.path.isfile(script):
+        raise SystemExit(f"smart_train: script {script!r} not found (run it from the repository root, e.g. "
+                         f"`smart_train train_pretrain_stage0.py`)")
+    plan = plan_launch(script, launcher_args, script_args, deepspeed_usable())
+    print("smart_train: run command:", shlex.join(plan.command), flush=True)
+    return subprocess.run(plan.command, env={**os.environ, **plan.env}).returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main())
