@@ -1,0 +1,176 @@
+"""CPU benchmark of model/: training-step and decode throughput, against the reference llm_model 0.6.0 when installed.
+
+    python bench/bench_model.py            # prints one JSON line
+
+Config: the real vocabulary (46957), hidden 256, 4 layers (layer 0 dense), 4 heads / 2 KV heads, 8 routed experts top-2
++ 1 shared. Train step = forward + cross-entropy (+ 0.001 aux) + backward on a 4 x 256 batch, attention dropout 0.
+"Body" = the same step with logits for the last position only (no 46957-way projection and cross-entropy, which are
+identical work in both models). Decode = batch 1, 16-token prompt, 256 new greedy tokens with a KV cache (ours:
+model.generate with its fixed-size cache; reference: a plain loop over LlmModel with its own KVCache). Both models hold
+the same weights and are timed in alternating rounds; figures are medians, ratios the median of per-round ratios, which
+evens out load from other processes.
+"""
+
+import json
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from model import CortexModel, ModelConfig, MoEConfig, RoPEConfig, generate
+
+VOCAB, BATCH, SEQ_LEN, PROMPT_LEN, NEW_TOKENS = 46957, 4, 256, 16, 256
+TRAIN_ROUNDS, DECODE_ROUNDS = 5, 5
+
+
+def bench_config() -> ModelConfig:
+    return ModelConfig(
+        vocab_size=VOCAB,
+        hidden_size=256,
+        intermediate_size=768,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        attention_dropout=0.0,
+        rope_config=RoPEConfig(rope_type="default", rope_theta=1e6),
+        moe_config=MoEConfig(
+            intermediate_size=384,
+            n_dense_layer=1,
+            num_experts_per_tok=2,
+            n_shared_experts=1,
+            n_routed_experts=8,
+            seq_aux=True,
+            norm_topk_prob=True,
+        ),
+    )
+
+
+def reference_model(config: ModelConfig, state_dict):
+    """The reference LlmModel with the same config and weights, or None when llm_model is not installed."""
+    try:
+        import llm_model
+    except ImportError:
+        return None
+    moe = config.moe_config
+    ref = llm_model.LlmModel(
+        llm_model.ModelConfig(
+            vocab_size=config.vocab_size,
+            hidden_size=config.hidden_size,
+            intermediate_size=config.intermediate_size,
+            num_hidden_layers=config.num_hidden_layers,
+            num_attention_heads=config.num_attention_heads,
+            num_key_value_heads=config.num_key_value_heads,
+            max_position_embeddings=config.max_position_embeddings,
+            attention_dropout=config.attention_dropout,
+            rope_config=llm_model.RoPEConfig(rope_type="default", rope_theta=config.rope_config.rope_theta),
+            moe_config=llm_model.MoEConfig(
+                intermediate_size=moe.intermediate_size,
+                n_dense_layer=moe.n_dense_layer,
+                num_experts_per_tok=moe.num_experts_per_tok,
+                n_shared_experts=moe.n_shared_experts,
+                n_routed_experts=moe.n_routed_experts,
+                seq_aux=moe.seq_aux,
+                norm_topk_prob=moe.norm_topk_prob,
+            ),
+        )
+    )
+    ref.load_state_dict(state_dict, strict=True)
+    return ref
+
+
+def train_step_seconds(model, input_ids, labels) -> float:
+    model.train()
+    start = time.perf_counter()
+    out = model(input_ids)
+    loss = F.cross_entropy(out["logits"].view(-1, VOCAB), labels.view(-1)) + 0.001 * out["aux_loss"]
+    loss.backward()
+    elapsed = time.perf_counter() - start
+    model.zero_grad(set_to_none=True)
+    return elapsed
+
+
+def body_step_seconds(model, input_ids, labels) -> float:
+    """Forward + backward with logits for the last position only: the network without the vocabulary projection and
+    cross-entropy over 46957 classes, which are the same matrix products in both models and most of a full step."""
+    model.train()
+    start = time.perf_counter()
+    out = model(input_ids, logits_to_keep=1)
+    loss = out["logits"].square().mean() + 0.001 * out["aux_loss"]
+    loss.backward()
+    elapsed = time.perf_counter() - start
+    model.zero_grad(set_to_none=True)
+    return elapsed
+
+
+def our_decode_seconds(model, prompt) -> float:
+    start = time.perf_counter()
+    tokens = generate(model, prompt, max_new_tokens=NEW_TOKENS)
+    elapsed = time.perf_counter() - start
+    assert len(tokens) == NEW_TOKENS
+    return elapsed
+
+
+@torch.no_grad()
+def reference_decode_seconds(ref, prompt) -> float:
+    from llm_model import KVCache
+
+    ref.eval()
+    start = time.perf_counter()
+    cache = KVCache()
+    logits = ref(torch.tensor([prompt]), past_key_values=cache, use_cache=True)["logits"]
+    for _ in range(NEW_TOKENS - 1):
+        token = logits[:, -1].argmax(dim=-1, keepdim=True)
+        logits = ref(token, past_key_values=cache, use_cache=True)["logits"]
+    logits[:, -1].argmax(dim=-1)
+    return time.perf_counter() - start
+
+
+def timed_rounds(runners: dict, run, rounds: int) -> dict[str, list[float]]:
+    """One warm-up run each, then `rounds` rounds that run every entry once, alternating (so load hits both alike)."""
+    for runner in runners.values():
+        run(runner)
+    times = {name: [] for name in runners}
+    for _ in range(rounds):
+        for name, runner in runners.items():
+            times[name].append(run(runner))
+    return times
+
+
+def main():
+    torch.manual_seed(0)
+    config = bench_config()
+    ours = CortexModel(config)
+    ref = reference_model(config, ours.state_dict())
+    input_ids = torch.randint(0, VOCAB, (BATCH, SEQ_LEN))
+    labels = torch.cat((input_ids[:, 1:], torch.full((BATCH, 1), -100)), dim=1)
+    prompt = torch.randint(0, VOCAB, (PROMPT_LEN,)).tolist()
+
+    models = {"ours": ours} | ({"reference": ref} if ref is not None else {})
+    train = timed_rounds(models, lambda model: train_step_seconds(model, input_ids, labels), TRAIN_ROUNDS)
+    body = timed_rounds(models, lambda model: body_step_seconds(model, input_ids, labels), TRAIN_ROUNDS)
+    decoders = {"ours": (our_decode_seconds, ours)} | (
+        {"reference": (reference_decode_seconds, ref)} if ref is not None else {}
+    )
+    decode = timed_rounds(decoders, lambda decoder: decoder[0](decoder[1], prompt), DECODE_ROUNDS)
+
+    tokens = BATCH * SEQ_LEN
+    result = {
+        "benchmark": "model",
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "config": "vocab 46957, hidden 256, 4 layers (1 dense), 4/2 heads, 8 experts top-2 + 1 shared, ffn 768/384, fp32",
+        "train_batch": f"{BATCH}x{SEQ_LEN}",
+        "train_tokens_per_s": {n: round(tokens / statistics.median(t), 1) for n, t in train.items()},
+        "train_body_tokens_per_s": {n: round(tokens / statistics.median(t), 1) for n, t in body.items()},
+        "decode_tokens_per_s": {n: round(NEW_TOKENS / statistics.median(t), 1) for n, t in decode.items()},
+    }
+    if ref is not None:  # median over rounds of the per-round ratio: robust to load that changes between rounds
+        for key, times in (("train_tokens_per_s", train), ("train_body_tokens_per_s", body), ("decode_tokens_per_s", decode)):
+            result[key]["ratio"] = round(statistics.median(r / o for o, r in zip(times["ours"], times["reference"])), 2)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

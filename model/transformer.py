@@ -1,0 +1,100 @@
+"""CortexModel: the decoder-only MoE transformer, state-dict compatible with the reference `llm_model` 0.6.0 LlmModel."""
+
+import torch
+from torch import nn
+
+from .attention import Attention
+from .config import ModelConfig
+from .kv_cache import KVCache
+from .masks import attention_dtype, build_attention_bias
+from .mlp import MLP
+from .moe import MoE
+from .norm import RMSNorm
+from .rope import RotaryEmbedding
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block: h = x + attn(attn_norm(x)); out = h + ffn(mlp_norm(h)), ffn dense or MoE."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.attn_norm = RMSNorm(config.hidden_size)
+        self.attn = Attention(config, layer_idx)
+        self.mlp_norm = RMSNorm(config.hidden_size)
+        self.is_moe = config.is_moe_layer(layer_idx)
+        self.mlp = MoE(config) if self.is_moe else MLP(config.hidden_size, config.intermediate_size)
+
+    def forward(self, x, cos, signed_sin, attn_bias, is_causal, cache):
+        h = self.attn(self.attn_norm(x), cos, signed_sin, attn_bias, is_causal, cache) + x
+        if self.is_moe:
+            ffn_out, aux_loss = self.mlp(self.mlp_norm(h))
+        else:
+            ffn_out, aux_loss = self.mlp(self.mlp_norm(h)), None
+        return ffn_out + h, aux_loss
+
+
+class CortexModel(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.rotary_emb = RotaryEmbedding(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, idx) for idx in range(config.num_hidden_layers))
+        self.head_norm = RMSNorm(config.hidden_size)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        # N(0, 0.02) for every Linear and Embedding; norms stay 1 and the router keeps its kaiming-uniform init
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        doc_boundary_mask: torch.Tensor | None = None,
+        past_key_values: KVCache | None = None,
+        use_cache: bool = False,
+        logits_to_keep: int = 0,
+    ) -> dict:
+        """
+        input_ids: (B, T) new tokens.
+        attention_mask: (B, P+T), True/1 = real token, False/0 = padding; must cover the cached positions too.
+        position_ids: (B, T) or (1, T); default arange(P, P+T) for every row (RoPE is relative, so left padding
+            needs no correction for the logits; generation passes per-row positions anyway).
+        doc_boundary_mask: (B, 1, T, P+T) for packed documents, either bool (True = may attend) or the reference's
+            additive float form (0 = may attend, negative = blocked). Causality is always added on top.
+        past_key_values: a KVCache, used and updated whenever given; use_cache=True creates one if none is given.
+        logits_to_keep: 0 = logits for all T positions, k > 0 = only the last k.
+
+        Returns {'logits': (B, T or k, V), 'aux_loss': sum of the MoE layers' aux losses (0-d fp32) in training mode,
+        None in eval mode or without MoE, 'past_key_values': the cache or None}.
+        """
+        batch, new_len = input_ids.shape
+        if use_cache and past_key_values is None:
+            past_key_values = KVCache()
+        past_len = past_key_values.get_seq_len() if past_key_values is not None else 0
+
+        x = self.embed_tokens(input_ids)
+        if position_ids is None:
+            position_ids = torch.arange(past_len, past_len + new_len, device=x.device).unsqueeze(0)
+        elif position_ids.dim() != 2 or position_ids.shape[1] != new_len or position_ids.shape[0] not in (1, batch):
+            raise ValueError(f"position_ids has shape {tuple(position_ids.shape)}, expected ({batch} or 1, {new_len})")
+        cos, signed_sin = self.rotary_emb(position_ids, x.dtype)
+        attn_bias, is_causal = build_attention_bias(
+            attention_mask, doc_boundary_mask, batch, new_len, past_len, attention_dtype(x), x.device
+        )
+
+        aux_loss = None
+        for layer in self.layers:
+            x, layer_aux = layer(x, cos, signed_sin, attn_bias, is_causal, past_key_values)
+            if layer_aux is not None:
+                aux_loss = layer_aux if aux_loss is None else aux_loss + layer_aux
+
+        if logits_to_keep > 0:
+            x = x[:, -logits_to_keep:]  # the norm is per position, so slicing first saves work
+        logits = self.lm_head(self.head_norm(x))
+        return {"logits": logits, "aux_loss": aux_loss, "past_key_values": past_key_values}
