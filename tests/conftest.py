@@ -8,8 +8,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DIR = REPO_ROOT.parent / "shared"
 CORTEX_TOKENS_DIR = SHARED_DIR / "cortex-2.5-tokens"
 
-# Keep CPU tests reproducible and avoid oversubscribing the 2-core CI machine.
-os.environ.setdefault("OMP_NUM_THREADS", "2")
+# One torch thread per test process: on a 2-core machine shared with other processes (subprocess ranks, a server
+# thread), OpenMP threads spin against each other and a step can get tens of times slower.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(scope="session")

@@ -442,6 +442,18 @@ def tiny_tokenizer(data_files: list[Path] | None = None, vocab_size: int = TINY_
     return load_tokenizer(out_dir)
 
 
+
+
+@functools.lru_cache(maxsize=None)
+def get_tokenizer(name: str) -> Tokenizer:
+    """A tokenizer by the name a TrainConfig uses: 'cortex' (the Cortex 2.5 tokenizer from TOKEN_DIR or ./tokens,
+    fetched when missing), 'tiny' (our BPE of the sample data), or a tokenizer directory."""
+    if name == "cortex":
+        return load_tokenizer()
+    if name == "tiny":
+        return tiny_tokenizer()
+    return load_tokenizer(name)
+
 # -----------------------------------------------------------------------------
 
 

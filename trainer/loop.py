@@ -1,0 +1,315 @@
+"""The one training loop shared by every stage.
+
+    run_stage(config, make_task)
+
+builds the tokenizer, data, model and backend, resumes from the run dir's latest checkpoint if there is one, trains
+(gradient accumulation, lr schedule, non-finite guard, metrics, eval, checkpoints) and at the end writes the stage's
+consolidated weights for the next stage. Data order is a pure function of (seed, epoch, file), so a resumed run
+continues at the exact micro-batch where the checkpoint was taken, without replaying or skipping any.
+"""
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from model import CortexModel, count_parameters
+from trainer.backend import Backend, build_backend, dist_info_from_env
+from trainer.checkpoint import RunDir, TrainerState, load_init_weights, resolve_init_weights
+from trainer.config import TrainConfig
+from trainer.metrics import MetricsLogger, RouterStats, device_peak_flops, train_flops_per_token
+from trainer.schedule import WarmupCosineSchedule
+from trainer.tasks import LossOutput, Task
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def micro_batch_plan(num_items: int, config: TrainConfig, world_size: int, rank: int, epoch: int, file_index: int,
+                     shuffle: bool) -> np.ndarray:
+    """Item indices of this rank's micro-batches for one file: shape (num_micro_batches, micro_batch_size).
+
+    Every rank gets the same number of micro-batches, a multiple of grad_accum_steps, so accumulation groups never
+    straddle files and collectives stay in step. The order depends only on (seed, epoch, file)."""
+    order = np.arange(num_items)
+    if shuffle:
+        order = np.random.default_rng([config.seed, epoch, file_index]).permutation(num_items)
+    group = config.micro_batch_size * config.grad_accum_steps
+    per_rank = (num_items // world_size) // group * group
+    mine = order[rank::world_size][:per_rank]
+    return mine.reshape(-1, config.micro_batch_size)
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+class _Group:
+    """What one gradient-accumulation group (one optimizer update) has seen so far."""
+
+    def __init__(self):
+        self.metrics: dict[str, list[torch.Tensor]] = {}
+        self.tokens, self.bad, self.start = 0, False, time.perf_counter()
+
+    @property
+    def empty(self) -> bool:
+        return not self.metrics and self.tokens == 0 and not self.bad
+
+    def add(self, name: str, value: torch.Tensor) -> None:
+        self.metrics.setdefault(name, []).append(value.detach().float().cpu())
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, make_task: Callable[[TrainConfig], Task]):
+        self.config = config
+        info = dist_info_from_env()
+        self.run = RunDir(config.run_root, config.stage)
+        self.task = make_task(config)
+        self.tokenizer = self.task.tokenizer
+        if self.tokenizer.vocab_size > config.model.vocab_size:
+            raise ValueError(f"the tokenizer has {self.tokenizer.vocab_size} ids but the model's vocab_size is "
+                             f"{config.model.vocab_size}: they must match the stage config in utils.py")
+        torch.manual_seed(config.seed)  # identical initial weights on every rank
+        model = CortexModel(config.model)
+        init_path = resolve_init_weights(config.init_from, config.stage, config.run_root)
+        self.init_path = init_path
+        if init_path is not None:
+            load_init_weights(model, init_path)
+        self.backend: Backend = build_backend(config, model)
+        seed_everything(config.seed + info.rank)  # dropout and sampling differ per rank
+        self.info = self.backend.info
+        self.flops_per_token = train_flops_per_token(config.model, config.data.max_seq_len)
+        self.peak_flops = config.peak_flops or device_peak_flops(self.backend.device)
+        self.router_stats = RouterStats(self.backend.module)
+
+    # --- data plan ---
+    def _plan(self, epoch: int, file_index: int, dataset) -> np.ndarray:
+        return micro_batch_plan(len(dataset), self.config, self.info.world_size, self.info.rank, epoch, file_index,
+                                self.task.shuffle)
+
+    def count_steps(self) -> int:
+        c = self.config
+        per_epoch = 0
+        for i in range(len(self.task.sources)):
+            dataset = self.task.train_dataset(i)
+            per_epoch += len(self._plan(0, i, dataset)) * self.task.updates_per_batch // c.grad_accum_steps
+        return per_epoch * c.epochs
+
+    # --- main loop ---
+    def train(self) -> Path:
+        c, backend, run = self.config, self.backend, self.run
+        if run.is_complete():
+            if self.info.is_main:
+                print(f"stage {c.stage} is already complete ({run.path}); delete that directory to train it again")
+            return run.path
+        if self.info.is_main:
+            run.create()
+        backend.barrier()
+
+        total_steps = self.count_steps()
+        schedule = WarmupCosineSchedule.from_ratio(c.optim.initial_lr, c.optim.max_lr, c.optim.min_lr, total_steps,
+                                                   c.optim.warmup_ratio)
+        state = TrainerState(world_size=self.info.world_size, micro_batch_size=c.micro_batch_size,
+                             grad_accum_steps=c.grad_accum_steps)
+        latest = run.latest_checkpoint()
+        if latest is not None:
+            state = run.load_checkpoint(backend, latest)
+            expected = (self.info.world_size, c.micro_batch_size, c.grad_accum_steps)
+            if (state.world_size, state.micro_batch_size, state.grad_accum_steps) != expected:
+                raise RuntimeError(
+                    f"{latest} was written with world_size={state.world_size}, micro_batch_size={state.micro_batch_size}, "
+                    f"grad_accum_steps={state.grad_accum_steps}; this run has {expected}. Resume with the same settings, "
+                    f"or delete {run.path} to start the stage over")
+
+        end_step = min(total_steps, c.max_steps) if c.max_steps else total_steps
+        self.logger = MetricsLogger(run.path, self.info.is_main, end_step, state.step)
+        self.logger.text(f"stage {c.stage}: backend {backend.name}, precision {backend.precision}, "
+                         f"world size {self.info.world_size}, {total_steps} optimizer steps "
+                         f"({'resuming at step ' + str(state.step) if latest else 'from ' + str(self.init_path or 'random init')}), "
+                         f"{count_parameters(c.model).total:,} parameters ({count_parameters(c.model).active:,} active per token)")
+        eval_dataset = self.task.eval_dataset()
+        if state.step == 0 and eval_dataset is not None:
+            # The baseline every later eval loss is compared with.
+            self.logger.log("eval", {"step": 0, "epoch": 0, "file": 0, "batch": 0, **self.eval_metrics(eval_dataset)})
+        try:
+            self._train_loop(state, schedule, end_step, eval_dataset)
+        finally:
+            self.logger.close()
+        return run.path
+
+    def _train_loop(self, state: TrainerState, schedule: WarmupCosineSchedule, end_step: int, eval_dataset) -> None:
+        c, backend = self.config, self.backend
+        backend.module.train()
+        self._group = _Group()
+        self._consecutive_bad = 0
+        last_saved = state.step
+        while state.epoch < c.epochs and state.step < end_step:
+            while state.file_index < len(self.task.sources) and state.step < end_step:
+                dataset = self.task.train_dataset(state.file_index)
+                plan = self._plan(state.epoch, state.file_index, dataset)
+                self.logger.text(f"epoch {state.epoch}, file {state.file_index + 1}/{len(self.task.sources)} "
+                                 f"({self.task.sources[state.file_index]}): {len(plan)} micro-batches per rank, "
+                                 f"starting at {state.batch_index}")
+                while state.batch_index < len(plan) and state.step < end_step:
+                    batch = _to_device(dataset.collate([dataset[int(i)] for i in plan[state.batch_index]]), backend.device)
+                    # Usually one micro-batch per data batch; GRPO yields several updates on one rollout.
+                    for micro_batch in self.task.micro_batches(batch, backend):
+                        if state.step >= end_step:  # max_steps may fall among one rollout's updates
+                            break
+                        self._train_micro_batch(micro_batch, state, schedule, eval_dataset)
+                    state.batch_index += 1
+                    # Checkpoints only between data batches, at an optimizer-step boundary: resume restarts cleanly.
+                    due = c.save_every_steps and state.step // c.save_every_steps > last_saved // c.save_every_steps
+                    if due and self._group.empty and state.step < end_step:
+                        self.run.save_checkpoint(backend, state, c.keep_last_checkpoints)
+                        last_saved = state.step
+                if state.batch_index >= len(plan):
+                    state.file_index, state.batch_index = state.file_index + 1, 0
+            if state.file_index >= len(self.task.sources):
+                state.epoch, state.file_index = state.epoch + 1, 0
+        self._finish(state, eval_dataset)
+
+    def _train_micro_batch(self, batch, state: TrainerState, schedule: WarmupCosineSchedule, eval_dataset) -> None:
+        c, backend, group = self.config, self.backend, self._group
+        out: LossOutput = self.task.loss(backend.forward, batch)
+        # Every rank must agree, or the ranks would take different collective paths.
+        bad = backend.all_reduce_max(torch.tensor([float(not torch.isfinite(out.loss))]))[0] > 0
+        if bad:
+            self._consecutive_bad += 1
+            state.nonfinite_skipped += 1
+            group.bad = True
+            if self._consecutive_bad >= c.max_consecutive_nonfinite:
+                latest = self.run.latest_checkpoint()
+                raise NonFiniteLossError(
+                    f"{self._consecutive_bad} non-finite losses in a row (epoch {state.epoch}, file {state.file_index}, "
+                    f"micro-batch {state.batch_index}); stopping. The last good checkpoint is intact: "
+                    f"{latest or 'none saved yet'}. Lower the learning rate or check the data, then rerun the same "
+                    f"command to resume from it")
+            backend.backward(None)
+        else:
+            self._consecutive_bad = 0
+            backend.backward(out.loss)
+            group.add("loss", out.loss)
+            for k, v in out.metrics.items():
+                group.add(k, v)
+        group.tokens += out.num_tokens
+        result = backend.step(schedule.lr_at(state.step), skip=group.bad)
+        if result is None:
+            return
+        lr = schedule.lr_at(state.step)
+        state.step += 1
+        state.tokens_seen += group.tokens * self.info.world_size
+        self._log_step(state, result, lr, group.metrics, group.tokens, time.perf_counter() - group.start)
+        self._group = _Group()
+        if c.eval_every_steps and state.step % c.eval_every_steps == 0 and eval_dataset is not None:
+            self._evaluate(state, eval_dataset)
+        self._group.start = time.perf_counter()  # eval time is not training time
+
+    def _log_step(self, state, result, lr, group_metrics, group_tokens, elapsed) -> None:
+        names = sorted(group_metrics)
+        means = torch.stack([torch.stack(group_metrics[k]).mean() for k in names]) if names else torch.zeros(0)
+        means = self.backend.all_reduce_mean(means) if names else means
+        tokens_per_s = group_tokens * self.info.world_size / max(elapsed, 1e-9)
+        record = {"step": state.step, "epoch": state.epoch, "file": state.file_index, "batch": state.batch_index,
+                  **{k: float(v) for k, v in zip(names, means)}, "lr": lr, "grad_norm": result.grad_norm,
+                  "tokens_per_s": round(tokens_per_s, 1), "tokens_seen": state.tokens_seen}
+        if self.peak_flops:
+            record["mfu"] = tokens_per_s * self.flops_per_token / (self.peak_flops * self.info.world_size)
+        record.update(self.router_stats.summary(self.backend.all_reduce_sum))
+        if result.skipped:
+            record["skipped_nonfinite"] = True
+        record["nonfinite_total"] = state.nonfinite_skipped
+        if state.step % self.config.log_every_steps == 0 or result.skipped:
+            self.logger.log("train", record)
+        self.logger.advance(1, {"loss": record.get("loss", float("nan")), "lr": lr})
+
+    @torch.no_grad()
+    def eval_metrics(self, eval_dataset) -> dict[str, float]:
+        """The task's held-out metrics (Task.eval_metrics) averaged over up to max_eval_batches micro-batches, sharded
+        over ranks (equal counts per rank): {"eval_loss": the task's eval_loss_metric, "eval_<name>": the others}."""
+        c, backend = self.config, self.backend
+        n = min(len(eval_dataset) // (c.micro_batch_size * self.info.world_size), c.data.max_eval_batches)
+        if n == 0:
+            return {"eval_loss": float("nan")}
+        backend.module.eval()
+        try:
+            per_batch = []
+            for b in range(n):
+                start = (b * self.info.world_size + self.info.rank) * c.micro_batch_size
+                items = [eval_dataset[i] for i in range(start, start + c.micro_batch_size)]
+                batch = _to_device(eval_dataset.collate(items), backend.device)
+                per_batch.append(self.task.eval_metrics(batch, backend))
+        finally:
+            backend.module.train()
+        names = sorted(per_batch[0])
+        means = backend.all_reduce_mean(torch.stack([torch.stack([m[k].float().cpu() for m in per_batch]).mean()
+                                                     for k in names]))
+        values = dict(zip(names, means.tolist()))
+        key = self.task.eval_loss_metric
+        return {("eval_loss" if k == key else f"eval_{k}"): v for k, v in values.items()}
+
+    def _evaluate(self, state: TrainerState, eval_dataset) -> None:
+        record = {"step": state.step, "epoch": state.epoch, "file": state.file_index, "batch": state.batch_index,
+                  **self.eval_metrics(eval_dataset)}
+        self.logger.log("eval", record)
+        self._sample_generations(state)
+
+    def _sample_generations(self, state: TrainerState) -> None:
+        prompts = self.task.eval_prompts()
+        if not prompts:
+            return
+        from model import generate
+
+        c = self.config
+        # Same seed on every rank: identical sequences, so ZeRO-3's collectives stay matched.
+        generator = torch.Generator(device=self.backend.device).manual_seed(c.seed + state.step)
+        with self.backend.generation_model() as model:
+            for text, ids in prompts:
+                new_ids = generate(model, ids, max_new_tokens=c.eval_max_new_tokens, temperature=0.7, top_p=0.95,
+                                   stop_token_ids=[self.tokenizer.eos_id], generator=generator)
+                completion = self.tokenizer.decode(new_ids)
+                self.logger.generation({"step": state.step, "prompt": text, "completion": completion})
+
+    def _finish(self, state: TrainerState, eval_dataset) -> None:
+        c, backend = self.config, self.backend
+        evaluated_now = c.eval_every_steps and state.step % c.eval_every_steps == 0
+        if eval_dataset is not None and not evaluated_now:
+            self._evaluate(state, eval_dataset)
+        self.run.save_checkpoint(backend, state, c.keep_last_checkpoints)
+        weights = backend.full_state_dict()
+        if self.info.is_main:
+            summary = {"stage": c.stage, "steps": state.step, "epochs": c.epochs, "tokens_seen": state.tokens_seen,
+                       "nonfinite_skipped": state.nonfinite_skipped, "init_from": str(self.init_path) if self.init_path else None,
+                       "backend": backend.name, "precision": backend.precision, "world_size": self.info.world_size,
+                       "train_config": _jsonable(asdict(c))}
+            self.run.write_final(weights, c.model, summary)
+            self.logger.text(f"stage {c.stage} complete: weights in {self.run.path}")
+        backend.barrier()
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    return obj if isinstance(obj, (str, int, float, bool)) or obj is None else str(obj)
+
+
+def run_stage(config: TrainConfig, make_task: Callable[[TrainConfig], Task]) -> Path:
+    trainer = Trainer(config, make_task)
+    try:
+        return trainer.train()
+    finally:
+        trainer.backend.close()

@@ -1,0 +1,172 @@
+"""Metrics of a run: one JSON line per optimizer step in runs/<stage>/metrics.jsonl, a human line in log.txt and on
+the console, throughput and model FLOPs utilisation (MFU)."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from model import ModelConfig, count_parameters
+
+# Dense bf16 peak FLOP/s per device, for MFU. Set TrainConfig.peak_flops for anything else.
+PEAK_BF16_FLOPS = {
+    "H200": 989e12, "H100": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12,
+    "RTX 4090": 165e12, "RTX 3090": 71e12, "A10": 125e12,
+}
+
+
+def device_peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, flops in PEAK_BF16_FLOPS.items():
+        if key in name:
+            return flops
+    return None
+
+
+def train_flops_per_token(config: ModelConfig, seq_len: int) -> float:
+    """Forward + backward FLOPs per trained token: 6 x active weights (lm_head included) + attention scores.
+
+    Attention: QK^T and AV are 2 x 2 x T x d per layer forward for a causal average of T/2 keys -> 6 x 2 x L x d x T / 2
+    over forward and backward; we use the common 12 x L x d x T (as nanoGPT/PaLM) for comparability.
+    """
+    active_matmul = count_parameters(config).active + config.vocab_size * config.hidden_size  # the lm_head is a matmul per token
+    return 6.0 * active_matmul + 12.0 * config.num_hidden_layers * config.hidden_size * seq_len
+
+
+class RouterStats:
+    """Per MoE layer, during training forwards: the share of top-k assignments each expert received and the mean
+    entropy of the router distribution. Collected with forward hooks on the routers, so model/ knows nothing of it."""
+
+    def __init__(self, model: torch.nn.Module):
+        from model.moe import MoE
+
+        self.layers: list[tuple[str, int, int]] = []  # (name, num_experts, top_k)
+        self.handles = []
+        for name, module in model.named_modules():
+            if isinstance(module, MoE):
+                index = len(self.layers)
+                self.layers.append((name, module.num_experts, module.top_k))
+                self.handles.append(module.gate.register_forward_hook(self._hook(index, module)))
+        self.reset()
+
+    def _hook(self, index: int, moe):
+        def hook(router, inputs, scores):
+            if not moe.training:  # eval and generation do not count
+                return
+            with torch.no_grad():
+                top = scores.topk(moe.top_k, dim=-1).indices.reshape(-1)
+                self.counts[index] += torch.bincount(top, minlength=moe.num_experts).to("cpu", torch.float64)
+                entropy = -(scores * scores.clamp_min(1e-20).log()).sum(-1)
+                self.entropy_sum[index] += float(entropy.sum())
+                self.tokens[index] += scores.shape[0]
+        return hook
+
+    def reset(self) -> None:
+        self.counts = [torch.zeros(e, dtype=torch.float64) for _, e, _ in self.layers]
+        self.entropy_sum = [0.0 for _ in self.layers]
+        self.tokens = [0 for _ in self.layers]
+
+    def summary(self, all_reduce_sum) -> dict:
+        """{'router/<layer>/load': [share per expert], 'router/<layer>/entropy': nats} since the last reset; summed over
+        ranks with all_reduce_sum (a function on a 1-d float tensor). Resets the counters."""
+        if not self.layers:
+            return {}
+        flat = torch.cat([torch.cat([c, torch.tensor([e, float(t)], dtype=torch.float64)])
+                          for c, e, t in zip(self.counts, self.entropy_sum, self.tokens)])
+        flat = all_reduce_sum(flat)
+        out, offset = {}, 0
+        for name, num_experts, _ in self.layers:
+            counts = flat[offset:offset + num_experts]
+            entropy, tokens = flat[offset + num_experts], flat[offset + num_experts + 1]
+            offset += num_experts + 2
+            if tokens > 0:
+                layer = name.replace("layers.", "").replace(".mlp", "")
+                out[f"router/{layer}/load"] = [round(float(x), 4) for x in counts / counts.sum()]
+                out[f"router/{layer}/entropy"] = round(float(entropy / tokens), 4)
+        loads = [max(v) for k, v in out.items() if k.endswith("/load")]
+        if loads:  # one-number summaries for the console: the busiest expert's share, the mean router entropy
+            out["expert_load_max"] = max(loads)
+            out["router_entropy"] = round(sum(v for k, v in out.items() if k.endswith("/entropy")) / len(loads), 4)
+        self.reset()
+        return out
+
+
+class MetricsLogger:
+    def __init__(self, run_path: Path, is_main: bool, total_steps: int, initial_step: int = 0):
+        self.is_main = is_main
+        self.metrics_file = run_path / "metrics.jsonl"
+        self.log_file = run_path / "log.txt"
+        self.generations_file = run_path / "generations.jsonl"
+        self._files = {}
+        self.bar = tqdm(total=total_steps, initial=initial_step, dynamic_ncols=True,
+                        disable=True if not is_main else None,  # None: a bar on a terminal, plain log lines otherwise
+                        desc=run_path.name, unit="step")
+
+    def _append(self, path: Path, line: str) -> None:
+        if path not in self._files:
+            self._files[path] = open(path, "a", encoding="utf-8", buffering=1)
+        self._files[path].write(line + "\n")
+
+    def log(self, kind: str, record: dict) -> None:
+        """kind: 'train' | 'eval'. The record goes to metrics.jsonl as is and to log.txt as `k: v` pairs."""
+        if not self.is_main:
+            return
+        record = {"kind": kind, "time": round(time.time(), 3), **record}
+        self._append(self.metrics_file, json.dumps(record, ensure_ascii=False))
+        shown = ", ".join(f"{k}: {_fmt(v)}" for k, v in record.items()
+                          if k not in ("kind", "time", "step", "epoch", "file", "batch") and "/" not in k
+                          and not isinstance(v, (list, dict)))
+        line = (f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {kind} step: {record.get('step')}, epoch: {record.get('epoch')}, "
+                f"file: {record.get('file')}, batch: {record.get('batch')} -> {shown}")
+        self._append(self.log_file, line)
+        self.bar.write(line)
+
+    def text(self, message: str) -> None:
+        if self.is_main:
+            line = f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {message}"
+            self._append(self.log_file, line)
+            self.bar.write(line)
+
+    def generation(self, record: dict) -> None:
+        if self.is_main:
+            self._append(self.generations_file, json.dumps(record, ensure_ascii=False))
+            self.bar.write(f"[gen step {record.get('step')}] {record.get('prompt')!r} -> {record.get('completion')!r}")
+
+    def advance(self, steps: int = 1, postfix: dict | None = None) -> None:
+        self.bar.update(steps)
+        if postfix:
+            self.bar.set_postfix({k: _fmt(v) for k, v in postfix.items()}, refresh=False)
+
+    def close(self) -> None:
+        self.bar.close()
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def read_metrics(path: Path, kind: str = "train") -> list[dict]:
+    """Records of one kind, one per step; a resumed run's repeated steps replace the earlier ones."""
+    by_step: dict[int, dict] = {}
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{number} is not valid JSON ({e}); was the file cut short by a crash? "
+                                 f"Delete that line and retry") from e
+            if record.get("kind") == kind and "step" in record:
+                by_step[record["step"]] = record
+    return [by_step[s] for s in sorted(by_step)]

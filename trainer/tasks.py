@@ -1,0 +1,139 @@
+"""What differs per stage, as small plug-ins of the one training loop: which data, how a batch becomes a loss.
+
+A task provides
+    sources              the data files of one epoch, trained in order
+    micro_batches(b)     the training micro-batches made from one data batch (default: the batch itself)
+    train_dataset(i)     the (deterministic, indexable) training dataset of source i; its `collate` builds batches
+    eval_dataset()       held-out data for the eval loss
+    loss(forward, batch) -> LossOutput: the scalar to backpropagate, metrics to log, and the number of tokens trained
+    eval_metrics(b, backend)  held-out metrics of one eval batch; eval_loss_metric names the one logged as eval_loss
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from model import CortexModel
+from trainer.checkpoint import load_init_weights, resolve_init_weights
+from trainer.config import TrainConfig
+from trainer.data import IGNORE_INDEX, load_dataset
+
+
+@dataclass
+class LossOutput:
+    loss: torch.Tensor                              # what is backpropagated
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)  # 0-d tensors, averaged over micro-batches and ranks
+    num_tokens: int = 0                             # tokens processed (for tokens/s and MFU)
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross entropy: position t predicts labels[t+1]; IGNORE_INDEX labels do not count.
+    A token mean over the micro-batch, computed in fp32."""
+    shift_logits = logits[:, :-1, :].float()
+    shift_labels = labels[:, 1:]
+    return F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
+                           ignore_index=IGNORE_INDEX)
+
+
+def token_log_probs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[target] per position, in fp32: logits (..., V), targets (...) -> (...)."""
+    return torch.gather(logits.float().log_softmax(dim=-1), -1, targets.unsqueeze(-1)).squeeze(-1)
+
+
+def policy_autocast(backend):
+    """The autocast of the backend's training forward, for forwards that call the bare module (old log-probs of a
+    rollout, the reference model): they must see the same precision as the training forward. DeepSpeed keeps its
+    weights in the training dtype itself and has no autocast."""
+    dtype = getattr(backend, "autocast_dtype", None)
+    return torch.autocast(backend.device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def frozen_reference_model(config: TrainConfig, backend) -> torch.nn.Module:
+    """The stage's starting weights as a frozen model on the backend's device, in the policy's weight dtype.
+
+    Loaded from the init weights, never copied from the policy, so a resumed run compares with the same reference."""
+    path = resolve_init_weights(config.init_from, config.stage, config.run_root)
+    if path is None:
+        raise ValueError(f"stage {config.stage!r} needs a frozen reference model, built from the stage's starting "
+                         f"weights, but init_from is None (random init): set init_from in utils.py or --init-from")
+    with torch.random.fork_rng(devices=[]):  # its random init is overwritten: leave the sampling/dropout RNG as it was
+        reference = CortexModel(config.model)
+    load_init_weights(reference, path)
+    dtype = next(backend.module.parameters()).dtype
+    return reference.to(backend.device, dtype).eval().requires_grad_(False)
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids", "doc_boundary_mask") if k in batch}
+
+
+class Task:
+    kind = "base"      # the data kind passed to trainer.data.load_dataset
+    shuffle = True
+    updates_per_batch = 1  # training micro-batches made from each data batch (GRPO: several updates per rollout)
+    eval_loss_metric: str | None = "lm_loss"  # the eval_metrics entry logged as eval_loss (None: no eval loss)
+
+    def __init__(self, config: TrainConfig, tokenizer, data_files: list[Path]):
+        if not data_files:
+            raise ValueError(f"stage {config.stage!r} has no data files: set data.files or data.jsonl_files in utils.py")
+        self.config, self.tokenizer, self.data_files = config, tokenizer, data_files
+
+    @property
+    def sources(self) -> list[Path]:
+        return self.data_files
+
+    def _load(self, path: Path, split: str) -> Dataset:
+        return load_dataset(self.kind, path, self.tokenizer, self.config.data.max_seq_len, split=split,
+                            eval_fraction=self.config.data.eval_fraction)
+
+    def train_dataset(self, index: int) -> Dataset:
+        return self._load(self.data_files[index], "train")
+
+    def eval_dataset(self) -> Dataset | None:
+        if self.config.data.eval_fraction <= 0:
+            return None
+        return self._load(self.data_files[0], "eval")
+
+    def micro_batches(self, batch: dict, backend) -> Iterator[dict]:
+        """The training micro-batches made from one data batch (each is followed by backend.step)."""
+        yield batch
+
+    def loss(self, forward, batch: dict[str, torch.Tensor]) -> LossOutput:
+        raise NotImplementedError
+
+    def eval_metrics(self, batch: dict, backend) -> dict[str, torch.Tensor]:
+        """Held-out metrics of one eval batch (0-d tensors, run under no_grad with the model in eval mode)."""
+        return {self.eval_loss_metric: self.loss(backend.forward, batch).metrics[self.eval_loss_metric]}
+
+    def eval_prompts(self) -> list[tuple[str, list[int]]]:
+        """(text, prompt ids) for the sample generations logged at each eval: raw continuations for pretraining,
+        a system + user chat prompt ending in <assistant> otherwise (a /think or /no think suffix stays in the text)."""
+        if self.kind == "pretrain":
+            return [(p, self.tokenizer.encode(p)) for p in self.config.eval_prompts]
+        return [(p, self.tokenizer.encode_prompt([{"role": "system", "content": " "}, {"role": "user", "content": p}]))
+                for p in self.config.eval_prompts]
+
+
+class LanguageModelingTask(Task):
+    """Pretraining on packed windows (kind 'pretrain') and SFT on masked conversations (kind 'sft'): one loss."""
+
+    def __init__(self, config, tokenizer, data_files, kind: str):
+        super().__init__(config, tokenizer, data_files)
+        self.kind = kind
+        self.shuffle = kind == "sft"  # pretrain shards are already document-shuffled; windows stay in file order
+
+    def loss(self, forward, batch):
+        out = forward(**model_inputs(batch))
+        lm = lm_loss(out["logits"], batch["labels"])
+        aux = out.get("aux_loss")
+        total = lm + self.config.aux_loss_coef * aux if aux is not None else lm
+        metrics = {"lm_loss": lm.detach(), "aux_loss": (aux if aux is not None else torch.zeros(())).detach()}
+        if self.kind == "sft":
+            metrics["trained_token_share"] = (batch["labels"][:, 1:] != IGNORE_INDEX).float().mean()
+        num_tokens = int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+        return LossOutput(total, metrics, num_tokens)

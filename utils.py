@@ -1,0 +1,139 @@
+"""Stage configurations of Cortex 2.5, as data. Every train_*.py script is `run(stage_config("<stage>"))`.
+
+Two presets, chosen with the environment variable CORTEX_PRESET:
+  full (default)  the Cortex 2.5 recipe (training.md section 5): the 0.6B-A0.2B MoE, the ModelScope data set
+                  qibin0506/Cortex-2.5-train-data, DeepSpeed ZeRO-3 bf16 when launched with smart_train on GPUs.
+  tiny            the same structure at toy size with the bundled sample_data/ and its own BPE tokenizer: every stage
+                  runs on a laptop CPU in about a minute.
+CORTEX_RUN_DIR sets where runs/<stage>/ go (default ./runs). The learning rates of the full preset are the effective
+ones of the original 4-GPU run (global batch = micro batch x 4 GPUs x 3 accumulation steps); scale them if your global
+batch differs.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from pathlib import Path
+
+from file_dataset import STAGE_FILES, FileDataset
+from model import cortex_2_5_config, tiny_config
+from trainer.cli import run
+from trainer.config import STAGE_ORDER, DataConfig, DeepSpeedConfig, DPOConfig, GRPOConfig, OptimConfig, TrainConfig
+from trainer.tokenizer import TINY_VOCAB_SIZE
+
+REPO_ROOT = Path(__file__).resolve().parent
+SAMPLE_DATA = REPO_ROOT / "sample_data"
+
+# --- the full Cortex 2.5 recipe ------------------------------------------------------------------------------------
+PRETRAIN_PROMPTS = ["床前明月光，", "今天天气很好，", "人工智能的发展", "中国的首都是"]
+CHAT_PROMPTS = ["请问一加一等于几？", "用一句话介绍你自己。", "小明有5个苹果，吃了2个，还剩几个？", "写一首关于秋天的短诗。"]
+GRPO_PROMPTS = ["小明有15个苹果，他给了小红6个，又买了8个。小明现在有多少个苹果？", "一本书有120页，小华每天读15页，几天能读完？",
+                "一支笔3元，一个本子5元。买4支笔和2个本子一共要多少元？", "一辆汽车每小时行驶60千米，3.5小时一共行驶多少千米？"]
+MIX_PROMPTS = ["请问一加一等于几？ /think", "用一句话介绍你自己。 /no think", "小明有5个苹果，吃了2个，还剩几个？ /think",
+               "写一首关于秋天的短诗。 /no think"]
+
+
+def _full(stage: str) -> TrainConfig:
+    long_context = stage != "pretrain_stage0"
+    common = dict(stage=stage, model=cortex_2_5_config(long_context=long_context), grad_accum_steps=3,
+                  deepspeed=DeepSpeedConfig(zero_stage=3), save_every_steps=100, eval_every_steps=100,
+                  run_root=os.environ.get("CORTEX_RUN_DIR", "./runs"), tokenizer="cortex")
+    if stage == "pretrain_stage0":
+        return TrainConfig(task="pretrain", epochs=1, micro_batch_size=20,
+                           data=DataConfig(files=STAGE_FILES[stage], max_seq_len=512,
+                                           eval_fraction=0.001),
+                           optim=OptimConfig(initial_lr=4e-4, max_lr=2e-3, min_lr=4e-5), eval_prompts=PRETRAIN_PROMPTS,
+                           **common)
+    if stage == "pretrain_stage1":
+        return TrainConfig(task="pretrain", epochs=1, micro_batch_size=4,
+                           data=DataConfig(files=STAGE_FILES[stage], max_seq_len=2048,
+                                           eval_fraction=0.001),
+                           optim=OptimConfig(initial_lr=4e-4, max_lr=1.2e-3, min_lr=4e-5), eval_prompts=PRETRAIN_PROMPTS,
+                           **common)
+    if stage == "cot":
+        return TrainConfig(task="sft", epochs=2, micro_batch_size=4,
+                           data=DataConfig(files=STAGE_FILES[stage], max_seq_len=2048),
+                           optim=OptimConfig(initial_lr=4e-5, max_lr=2e-4, min_lr=4e-6), eval_prompts=CHAT_PROMPTS,
+                           eval_max_new_tokens=256, **common)
+    if stage == "mix":
+        return TrainConfig(task="sft", epochs=2, micro_batch_size=6,
+                           data=DataConfig(files=STAGE_FILES[stage], max_seq_len=2048),
+                           optim=OptimConfig(initial_lr=4e-5, max_lr=2e-4, min_lr=4e-6), eval_prompts=MIX_PROMPTS,
+                           eval_max_new_tokens=256, **common)
+    # RL and preference stages: dropout off (the rollout's old log-probs and the reference must match the policy's
+    # training forward), the lr without the SFT stages' x4.
+    rl_common = {**common, "model": replace(common["model"], attention_dropout=0.0)}
+    if stage == "grpo":
+        # One prompt x 8 completions per GPU and update, 4 updates per rollout; ZeRO-3 offloads parameters and
+        # optimizer to the CPU as in the original (generation gathers the full model).
+        rl_common |= {"grad_accum_steps": 1, "save_every_steps": 200, "eval_every_steps": 200,
+                      "deepspeed": DeepSpeedConfig(zero_stage=3, offload_optimizer=True, offload_param=True)}
+        return TrainConfig(task="grpo", epochs=1, micro_batch_size=1,
+                           data=DataConfig(files=STAGE_FILES[stage], max_seq_len=2048),
+                           optim=OptimConfig(initial_lr=1e-6, max_lr=5e-6, min_lr=1e-7),
+                           grpo=GRPOConfig(group_size=8, grpo_steps=4, max_new_tokens=1024, temperature=1.0, top_p=0.95,
+                                           importance_sampling_level="seq", clip_eps_low=3e-4, clip_eps_high=4e-4,
+                                           beta=0.0, loss_type="grpo", reward="cortex"),
+                           eval_prompts=GRPO_PROMPTS, eval_max_new_tokens=256, **rl_common)
+    if stage == "dpo":
+        return TrainConfig(task="dpo", epochs=2, micro_batch_size=2,
+                           data=DataConfig(files=STAGE_FILES[stage], max_seq_len=2048),
+                           optim=OptimConfig(initial_lr=1e-6, max_lr=5e-6, min_lr=1e-7),
+                           dpo=DPOConfig(beta=0.1, label_smoothing=0.0, loss_type="sigmoid", nll_coef=0.2),
+                           eval_prompts=MIX_PROMPTS, eval_max_new_tokens=256, **rl_common)
+    raise ValueError(f"unknown stage {stage!r}; stages are {', '.join(STAGE_ORDER)}")
+
+
+# --- the tiny preset ------------------------------------------------------------------------------------------------
+TINY_PRETRAIN_PROMPTS = ["3 + 4 =", "The cat", "今天是星期"]
+TINY_CHAT_PROMPTS = ["What is 12 + 7?", "小明有5个苹果，吃了2个，还剩几个？"]
+
+
+def _tiny(stage: str) -> TrainConfig:
+    full = _full(stage)
+    long_context = stage != "pretrain_stage0"
+    files = {"pretrain_stage0": "pretrain.jsonl", "pretrain_stage1": "pretrain.jsonl", "cot": "cot.jsonl",
+             "mix": "mix.jsonl", "grpo": "grpo.jsonl", "dpo": "dpo.jsonl"}
+    seq_len = {"pretrain_stage0": 128, "pretrain_stage1": 256}.get(stage, 256)
+    lr = {"pretrain_stage0": (1e-3, 3e-3), "pretrain_stage1": (1e-3, 2e-3)}.get(stage, (5e-4, 1e-3))
+    config = replace(
+        full, model=tiny_config(TINY_VOCAB_SIZE, long_context=long_context), tokenizer="tiny",
+        data=DataConfig(jsonl_files=[str(SAMPLE_DATA / files[stage])], max_seq_len=seq_len, max_eval_batches=8),
+        optim=OptimConfig(initial_lr=lr[0], max_lr=lr[1], min_lr=lr[0] / 10, weight_decay=0.01),
+        micro_batch_size=8, grad_accum_steps=2, epochs={"pretrain_stage0": 4, "pretrain_stage1": 1}.get(stage, 3), deepspeed=DeepSpeedConfig(zero_stage=2),
+        precision="fp32", save_every_steps=50, eval_every_steps=50, eval_max_new_tokens=24,
+        eval_prompts=TINY_PRETRAIN_PROMPTS if full.task == "pretrain" else TINY_CHAT_PROMPTS)
+    if stage == "grpo":
+        # 8 prompts x 8 completions per rollout; every held-out prompt (152) in the greedy eval.
+        return replace(config, micro_batch_size=8, grad_accum_steps=1, epochs=1,
+                       data=replace(config.data, max_eval_batches=19),
+                       optim=OptimConfig(initial_lr=1e-4, max_lr=3e-4, min_lr=3e-5, weight_decay=0.0),
+                       grpo=replace(full.grpo, max_new_tokens=96, grpo_steps=2), eval_every_steps=50)
+    if stage == "dpo":
+        return replace(config, micro_batch_size=8, grad_accum_steps=1, epochs=1,
+                       data=replace(config.data, max_eval_batches=16),
+                       optim=OptimConfig(initial_lr=1e-4, max_lr=3e-4, min_lr=3e-5, weight_decay=0.0))
+    return config
+
+
+PRESETS = {"full": _full, "tiny": _tiny}
+
+
+def stage_config(stage: str, preset: str | None = None) -> TrainConfig:
+    preset = preset or os.environ.get("CORTEX_PRESET", "full")
+    if preset not in PRESETS:
+        raise ValueError(f"CORTEX_PRESET={preset!r} is not a preset; use one of {', '.join(PRESETS)}")
+    return PRESETS[preset](stage)
+
+
+def data_files(config: TrainConfig) -> list[Path] | FileDataset:
+    """The stage's data: bundled JSONL files, or token files fetched from ModelScope into data_dir on first use."""
+    if config.data.jsonl_files:
+        return [Path(p) for p in config.data.jsonl_files]
+    return FileDataset(config.data.files, config.data.data_dir, delete_consumed=config.data.delete_consumed_files)
+
+
+def train(stage: str) -> Path:
+    """What every train_*.py does: the stage's config, its data, the training loop (flags may override a few settings)."""
+    config = stage_config(stage)
+    return run(config, data_files(config))
