@@ -1,0 +1,242 @@
+"""Cortex chat server: the web page, the original /api/chat stream and an OpenAI-compatible API, over one batching engine.
+
+    python3 app.py                                  # ./dpo.bin (downloaded from ModelScope when missing) on 127.0.0.1:8080
+    python3 app.py --checkpoint runs/mix            # a stage run dir (its tokenizer is taken from its stage.json)
+    python3 app.py --checkpoint my.safetensors --tokenizer tokens --device cuda --dtype bfloat16 --port 8000
+
+Endpoints
+    GET  /                      the chat page (static/)
+    POST /api/chat              the original request fields; SSE `data: {"event": "thinking_chunk"|"answer_chunk"|"error"
+                                |"done", "data": ...}` (done carries finish_reason and usage)
+    POST /v1/chat/completions   OpenAI chat completions, streamed or not (reasoning_content = thinking)
+    GET  /v1/models             the served model
+    GET  /health, GET /stats    liveness; queue, tokens/s and time to first token
+Errors are JSON with a 4xx/5xx status: {"event": "error", "data": message} under /api, OpenAI's {"error": {...}} under /v1.
+"""
+
+import argparse
+import json
+import logging
+import select
+import socket
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from flask import Flask, Response, jsonify, request, send_from_directory
+from werkzeug.exceptions import HTTPException
+from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
+
+from serving.chat import ChatRequest, ReplyPiece, RequestError, build_prompt, parse_web_request, stream_reply
+from serving.checkpoint import DTYPES, CheckpointError, load_for_serving
+from serving.engine import Engine, GenerationRequest, QueueFullError
+from serving.openai_api import Completion, error_body, models_list, parse_openai_request, usage
+from trainer.tokenizer import Tokenizer, TokenizerFilesError
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+MAX_BODY_BYTES = 1 << 20
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+INTERNAL_ERROR = "internal server error (the details are in the server log)"
+
+log = logging.getLogger("cortex.app")
+
+
+def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str) -> Flask:
+    app = Flask(__name__, static_folder=str(STATIC_DIR), static_url_path="/static")
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
+    started = int(time.time())
+
+    def submit(chat: ChatRequest) -> GenerationRequest:
+        prompt_ids, dropped = build_prompt(tokenizer, chat.messages, chat.thinking, engine.max_context)
+        if dropped:
+            log.info("dropped the %d oldest messages to fit the context", dropped)
+        generation = GenerationRequest(prompt_ids, chat.sampling, chat.thinking, chat.think_budget, client_gone_check())
+        try:
+            return engine.submit(generation)
+        except QueueFullError as err:
+            raise RequestError(str(err), status=503) from None
+
+    @app.after_request
+    def cors(response):
+        response.headers["Access-Control-Allow-Origin"] = "*"
+        response.headers["Access-Control-Allow-Methods"] = "POST, GET, OPTIONS"
+        response.headers["Access-Control-Allow-Headers"] = "Content-Type, Authorization"
+        return response
+
+    @app.errorhandler(RequestError)
+    def request_error(err: RequestError):
+        return error_response(err.status, err.message, err.param)
+
+    @app.errorhandler(HTTPException)
+    def http_error(err: HTTPException):
+        message = {413: f"the request body is larger than {MAX_BODY_BYTES} bytes"}.get(err.code, err.description)
+        return error_response(err.code, message)
+
+    @app.errorhandler(Exception)
+    def unexpected_error(err: Exception):
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return error_response(500, INTERNAL_ERROR)
+
+    @app.get("/")
+    def index():
+        return send_from_directory(STATIC_DIR, "index.html")
+
+    @app.post("/api/chat")
+    def api_chat():
+        generation = submit(parse_web_request(json_body(), engine.max_context))
+        pieces = stream_reply(generation, tokenizer)
+
+        def events():
+            for item in pieces:
+                if isinstance(item, ReplyPiece):
+                    yield sse({"event": f"{item.kind}_chunk", "data": item.text})
+                elif item.reason == "error":
+                    yield sse({"event": "error", "data": "generation failed: " + INTERNAL_ERROR})
+                else:
+                    yield sse({"event": "done", "data": {"finish_reason": item.reason, "usage": usage(item)}})
+
+        return Response(events(), mimetype="text/event-stream", headers=SSE_HEADERS)
+
+    @app.post("/v1/chat/completions")
+    def chat_completions():
+        chat, stream, include_usage = parse_openai_request(json_body(), engine.max_context)
+        generation = submit(chat)
+        pieces = stream_reply(generation, tokenizer)
+        completion = Completion(model_name)
+        if not stream:
+            texts, finished = {"thinking": [], "answer": []}, None
+            for item in pieces:
+                if isinstance(item, ReplyPiece):
+                    texts[item.kind].append(item.text)
+                else:
+                    finished = item
+            if finished is None or finished.reason in ("error", "cancelled"):  # cancelled: the client is gone anyway
+                return error_response(500, "generation failed: " + INTERNAL_ERROR)
+            return jsonify(completion.message("".join(texts["thinking"]), "".join(texts["answer"]), finished))
+
+        def chunks():
+            yield sse(completion.chunk({"role": "assistant", "content": ""}))
+            for item in pieces:
+                if isinstance(item, ReplyPiece):
+                    key = "reasoning_content" if item.kind == "thinking" else "content"
+                    yield sse(completion.chunk({key: item.text}))
+                elif item.reason == "error":
+                    yield sse(error_body("generation failed: " + INTERNAL_ERROR, 500))
+                elif item.reason != "cancelled":
+                    yield sse(completion.chunk({}, finish_reason=item.reason))
+                    if include_usage:
+                        yield sse(completion.usage_chunk(item))
+            yield "data: [DONE]\n\n"
+
+        return Response(chunks(), mimetype="text/event-stream", headers=SSE_HEADERS)
+
+    @app.get("/v1/models")
+    def models():
+        return jsonify(models_list(model_name, started))
+
+    @app.get("/health")
+    def health():
+        ok = engine.alive
+        body = {"status": "ok" if ok else "decode thread stopped", "model": model_name,
+                "max_context": engine.max_context, "slots": len(engine.slots)}
+        return jsonify(body), 200 if ok else 503
+
+    @app.get("/stats")
+    def stats():
+        return jsonify(engine.stats())
+
+    return app
+
+
+def error_response(status: int, message: str, param: str | None = None):
+    openai_path = request.path.startswith("/v1/")
+    response = jsonify(error_body(message, status, param) if openai_path else {"event": "error", "data": message})
+    response.status_code = status
+    if status == 503:
+        response.headers["Retry-After"] = "1"
+    return response
+
+
+def json_body():
+    raw = request.get_data(cache=False)  # over MAX_CONTENT_LENGTH: 413
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise RequestError(f"the request body is not valid UTF-8 (bad byte at offset {err.start})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise RequestError(f"the request body is not valid JSON: {err.msg} (line {err.lineno}, column {err.colno})") \
+            from None
+
+
+def sse(obj) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def client_gone_check() -> Callable[[], bool]:
+    """True once the client has closed the connection (its socket reads end-of-file). Werkzeug's server exposes the
+    socket; elsewhere the stream ends when a write fails instead."""
+    sock = request.environ.get("werkzeug.socket")
+    if sock is None:
+        return lambda: False
+
+    def gone() -> bool:
+        try:
+            readable, _, _ = select.select([sock], [], [], 0)
+            return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):  # reset or already closed
+            return True
+
+    return gone
+
+
+class StreamingRequestHandler(WSGIRequestHandler):
+    # Streams are many small writes: without TCP_NODELAY, Nagle's algorithm and delayed ACKs hold each back ~40 ms
+    disable_nagle_algorithm = True
+
+
+def make_app_server(app: Flask, host: str, port: int) -> BaseWSGIServer:
+    """A threaded HTTP server for the app (port 0 picks a free port; the server's .port says which)."""
+    return make_server(host, port, app, threaded=True, request_handler=StreamingRequestHandler)
+
+
+def main(argv: list[str] | None = None):
+    parser = argparse.ArgumentParser(description="Cortex chat server: web page, /api/chat and an OpenAI-compatible API")
+    parser.add_argument("--checkpoint", default="dpo.bin",
+                        help="a .bin or .safetensors file, or a stage run dir (default ./dpo.bin, downloaded from "
+                             "ModelScope qibin0506/Cortex-2.5.1 when missing)")
+    parser.add_argument("--tokenizer", help="'cortex', 'tiny' or a tokenizer directory (default: the checkpoint's "
+                                            "run dir says, else cortex)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8080)
+    parser.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: cuda, then mps, then cpu)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: bfloat16 on CUDA, else float32")
+    parser.add_argument("--slots", type=int, default=8, help="requests decoded together (KV cache rows)")
+    parser.add_argument("--max-queue", type=int, default=32, help="requests waiting for a slot before 503s")
+    parser.add_argument("--seed", type=int, help="sampling seed (default: random)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    try:
+        served = load_for_serving(args.checkpoint, args.tokenizer, args.device, args.dtype)
+        engine = Engine(served.model, served.tokenizer, slots=args.slots, max_queue=args.max_queue, seed=args.seed)
+        server = make_app_server(create_app(engine, served.tokenizer, served.name), args.host, args.port)
+    except (CheckpointError, TokenizerFilesError, ValueError) as err:
+        sys.exit(f"error: {err}")
+    except OSError as err:
+        sys.exit(f"error: cannot listen on {args.host}:{args.port}: {err}")
+    engine.start()
+    print(f"Cortex chat ({served.name}, {served.model.lm_head.weight.device}, {engine.max_context}-token context, "
+          f"{args.slots} slots) on http://{args.host}:{server.port}", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        engine.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,157 @@
+"""What the server serves: a model checkpoint, its config and its tokenizer.
+
+--checkpoint accepts
+  * a stage run dir (runs/<stage>/ with model.safetensors + model_config.json; the tokenizer named in its stage.json),
+  * a weights file (.bin or .safetensors): its config is model_config.json next to it, else the published Cortex 2.5
+    serving config (cortex_2_5_config(long_context=True)),
+  * a missing `dpo.bin` (the default ./dpo.bin): the published Cortex 2.5.1 DPO checkpoint is downloaded from ModelScope.
+--tokenizer accepts 'cortex' (the Cortex 2.5 tokenizer, TOKEN_DIR or ./tokens), 'tiny' (our BPE of sample_data/) or a
+directory with tokenizer files.
+"""
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from model import CortexModel, ModelConfig, WeightsMismatchError, cortex_2_5_config, load_weights
+from trainer.tokenizer import Tokenizer, get_tokenizer
+
+log = logging.getLogger(__name__)
+
+MODELSCOPE_REPO = "qibin0506/Cortex-2.5.1"
+PUBLISHED_FILE = "dpo.bin"
+RUN_WEIGHTS, RUN_CONFIG, RUN_SUMMARY = "model.safetensors", "model_config.json", "stage.json"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+HOW_TO_GET_ONE = (
+    "To serve a model, either\n"
+    f"  * download {PUBLISHED_FILE} by hand from https://modelscope.cn/models/{MODELSCOPE_REPO}/files and put it at "
+    f"./{PUBLISHED_FILE} (or pass --checkpoint PATH),\n"
+    "  * or train one: CORTEX_PRESET=tiny python3 train_pretrain_stage0.py (then stage1, cot, mix) and serve it with "
+    "python3 app.py --checkpoint runs/mix"
+)
+
+
+class CheckpointError(RuntimeError):
+    """The checkpoint is missing, unreadable or does not match its config or tokenizer; the message says what to do."""
+
+
+@dataclass
+class Served:
+    model: CortexModel
+    tokenizer: Tokenizer
+    name: str  # shown by /v1/models and the page
+
+
+def resolve_checkpoint(path: str | Path) -> tuple[Path, ModelConfig, str]:
+    """(weights file, model config, default tokenizer name) for a --checkpoint argument; downloads a missing dpo.bin."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        weights, config_file = path / RUN_WEIGHTS, path / RUN_CONFIG
+        for needed in (weights, config_file):
+            if not needed.is_file():
+                raise CheckpointError(f"{path} is a directory but has no {needed.name}: a stage run dir holds "
+                                      f"{RUN_WEIGHTS} and {RUN_CONFIG} once its stage has completed")
+        return weights, _read_config(config_file), _run_tokenizer(path / RUN_SUMMARY)
+    if not path.exists():
+        if path.name != PUBLISHED_FILE:
+            raise CheckpointError(f"checkpoint {path} not found. {HOW_TO_GET_ONE}")
+        download_published_checkpoint(path)
+    config_file = path.with_name(RUN_CONFIG)
+    config = _read_config(config_file) if config_file.is_file() else cortex_2_5_config(long_context=True)
+    return path, config, "cortex"
+
+
+def download_published_checkpoint(dest: Path) -> Path:
+    """The Cortex 2.5.1 DPO weights from ModelScope (MODELSCOPE_ENDPOINT selects another hub) to dest."""
+    import modelscope  # a 3 s import, only needed here
+
+    log.info("%s not found: downloading %s from ModelScope %s", dest, PUBLISHED_FILE, MODELSCOPE_REPO)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        modelscope.snapshot_download(MODELSCOPE_REPO, allow_file_pattern=[PUBLISHED_FILE], local_dir=str(dest.parent))
+    except OSError as err:  # modelscope's NetworkError is a ConnectionError; HTTP errors are requests' IOError
+        raise CheckpointError(f"{dest} does not exist and downloading {PUBLISHED_FILE} from ModelScope "
+                              f"({MODELSCOPE_REPO}) failed: {_first_line(err)}\n{HOW_TO_GET_ONE}") from err
+    downloaded = dest.parent / PUBLISHED_FILE
+    if not downloaded.is_file():
+        raise CheckpointError(f"ModelScope {MODELSCOPE_REPO} returned no {PUBLISHED_FILE}.\n{HOW_TO_GET_ONE}")
+    if downloaded != dest:
+        downloaded.replace(dest)
+    return dest
+
+
+def _first_line(err: Exception) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+
+
+def _read_config(config_file: Path) -> ModelConfig:
+    try:
+        return ModelConfig.from_dict(json.loads(config_file.read_text(encoding="utf-8")))
+    except (OSError, ValueError, TypeError) as err:  # unreadable, bad JSON, unknown or invalid fields
+        raise CheckpointError(f"{config_file} is not a valid model config ({_first_line(err)}); it must be the JSON of "
+                              f"a ModelConfig as written at the end of a training stage") from err
+
+
+def _run_tokenizer(summary_file: Path) -> str:
+    """The tokenizer a stage trained with (its stage.json train_config.tokenizer), 'cortex' when unrecorded."""
+    if not summary_file.is_file():
+        return "cortex"
+    try:
+        return json.loads(summary_file.read_text(encoding="utf-8"))["train_config"]["tokenizer"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{summary_file} is unreadable ({_first_line(err)}); pass --tokenizer explicitly") from err
+
+
+def pick_device(device: str | None) -> torch.device:
+    if device:
+        try:
+            chosen = torch.device(device)
+        except RuntimeError as err:
+            raise CheckpointError(f"--device {device!r} is not a device name (cpu, cuda, cuda:1, mps): {err}") from err
+        if chosen.type == "cuda" and not torch.cuda.is_available():
+            raise CheckpointError(f"--device {device}: this torch build or machine has no CUDA device; use --device cpu")
+        if chosen.type == "mps" and not torch.backends.mps.is_available():
+            raise CheckpointError(f"--device {device}: MPS is not available here; use --device cpu")
+        return chosen
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def pick_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
+    if dtype:
+        if dtype not in DTYPES:
+            raise CheckpointError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+        return DTYPES[dtype]
+    # bf16 halves memory and is fast on recent GPUs; fp32 elsewhere (CPU bf16 matmuls are slow on many machines)
+    return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+
+
+def load_for_serving(checkpoint: str | Path, tokenizer: str | None = None, device: str | None = None,
+                     dtype: str | None = None) -> Served:
+    weights, config, default_tokenizer = resolve_checkpoint(checkpoint)
+    tok = get_tokenizer(tokenizer or default_tokenizer)
+    if tok.vocab_size > config.vocab_size:
+        raise CheckpointError(f"the tokenizer ({tok}) has {tok.vocab_size} ids but the model {weights} only "
+                              f"{config.vocab_size}: they do not belong together; pass the tokenizer the model was "
+                              f"trained with (--tokenizer cortex, tiny or a directory)")
+    with torch.device("meta"):  # no random init of weights that are overwritten anyway
+        model = CortexModel(config)
+    model = model.to_empty(device="cpu")  # uninitialised storage; non-persistent buffers (RoPE) are recomputed
+    try:
+        load_weights(model, weights)
+    except (WeightsMismatchError, ValueError) as err:
+        config_note = "" if weights.with_name(RUN_CONFIG).is_file() or weights.name == RUN_WEIGHTS else (
+            f"\nWithout {RUN_CONFIG} next to it, a weights file is read as the published Cortex 2.5 model; for other "
+            f"sizes put the model_config.json of its training stage next to it or pass the stage run dir")
+        raise CheckpointError(f"cannot load {weights}: {err}{config_note}") from err
+    resolved_device = pick_device(device)
+    model = model.to(device=resolved_device, dtype=pick_dtype(dtype, resolved_device)).eval()
+    name = weights.parent.name if weights.name == RUN_WEIGHTS else weights.stem
+    return Served(model, tok, f"cortex-{name}")

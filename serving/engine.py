@@ -1,0 +1,368 @@
+"""Continuous batching: one decode thread owns the model and serves every request in one batch.
+
+The KV cache is allocated once: `slots` sequences of up to `max_context` positions. A request waits in a bounded queue
+until a slot is free, is prefilled into that slot between two decode steps, then advances one token per step together
+with the other slots (each with its own length, position and sampling parameters). A finished, cancelled or
+disconnected request frees its slot before the next step. Requests get token ids back, tagged with their phase
+(thinking or answer); turning them into text is the caller's business (serving/chat.py).
+
+Thinking budget: a request that starts inside `<think>` may produce at most `think_budget` thinking tokens. When the
+model has not closed the thinking by itself, the original Cortex closing sentence and `</think>` are forced in (fed
+through the model like sampled tokens), so the answer follows from a closed thought and the count is exact.
+"""
+
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from model import CortexModel
+from serving.sampling import sample_tokens
+from trainer.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+THINKING, ANSWER = "thinking", "answer"
+# What the original app appended when the budget ran out (serving.md 13.1), followed by </think>
+THINK_BUDGET_CLOSING = "。考虑到用户的时间限制，我现在必须根据思考直接给出解决方案\n"
+
+
+class QueueFullError(RuntimeError):
+    """Every slot is busy and the waiting queue is at its limit."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0  # 1 (or 0) = no nucleus cut
+    max_new_tokens: int | None = None  # None = until </s> or the end of the context
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    token_id: int
+    phase: str  # THINKING or ANSWER: the part of the reply the token belongs to (</think> still belongs to THINKING)
+
+
+@dataclass(frozen=True)
+class Finished:
+    reason: str  # "stop" (</s>), "length" (max_new_tokens or context full), "cancelled", "error"
+    prompt_tokens: int
+    completion_tokens: int  # every generated token, forced ones and </s> included
+    thinking_tokens: int  # tokens between <think> and </think>
+
+
+class GenerationRequest:
+    """One generation: the caller submits it to an Engine and reads `events` (TokenEvent..., then one Finished)."""
+
+    def __init__(self, prompt_ids: list[int], sampling: SamplingParams, thinking: bool, think_budget: int | None = None,
+                 client_gone: Callable[[], bool] | None = None):
+        if not prompt_ids:
+            raise ValueError("the prompt is empty")
+        if think_budget is not None and think_budget < 1:
+            raise ValueError(f"think_budget must be >= 1, got {think_budget}")
+        self.prompt_ids = list(prompt_ids)
+        self.sampling = sampling
+        self.thinking = thinking  # the prompt ends inside an open <think>
+        self.think_budget = think_budget if thinking else None
+        self.events: queue.Queue = queue.Queue()
+        self.submitted_at = time.monotonic()
+        self._cancelled = threading.Event()
+        self._client_gone = client_gone  # asked before every step, so a disconnect frees the slot at the next token
+
+    def cancel(self):
+        """Stop generating; the engine frees the slot before its next step. Harmless after the request finished."""
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        if not self._cancelled.is_set() and self._client_gone is not None and self._client_gone():
+            self._cancelled.set()
+        return self._cancelled.is_set()
+
+
+class SlotKVCache:
+    """Keys/values of `slots` independent sequences, preallocated: per layer (slots, kv_heads, max_length, head_dim).
+
+    The model talks to a cache through `get_seq_len()` and `update(key, value, layer_idx)` (model.KVCache's interface);
+    `prefill` and `decode` return views that implement them for one slot, or for every slot at its own position."""
+
+    def __init__(self, model: CortexModel, slots: int, max_length: int):
+        config = model.config
+        weight = model.lm_head.weight
+        shape = (slots, config.num_key_value_heads, max_length, config.head_dim)
+        self.keys = [weight.new_zeros(shape) for _ in range(config.num_hidden_layers)]
+        self.values = [weight.new_zeros(shape) for _ in range(config.num_hidden_layers)]
+        self.max_length = max_length
+
+    def prefill(self, slot: int) -> "_PrefillView":
+        return _PrefillView(self, slot)
+
+    def decode(self, positions: torch.Tensor) -> "_DecodeView":
+        return _DecodeView(self, positions)
+
+
+class _PrefillView:
+    """A whole prompt into one slot, from position 0 (plain causal attention, no mask)."""
+
+    def __init__(self, cache: SlotKVCache, slot: int):
+        self.cache, self.slot = cache, slot
+
+    def get_seq_len(self, layer_idx: int = 0) -> int:
+        return 0
+
+    def update(self, key, value, layer_idx):
+        length = key.shape[-2]
+        rows = slice(self.slot, self.slot + 1)
+        self.cache.keys[layer_idx][rows, :, :length] = key
+        self.cache.values[layer_idx][rows, :, :length] = value
+        return self.cache.keys[layer_idx][rows, :, :length], self.cache.values[layer_idx][rows, :, :length]
+
+
+class _DecodeView:
+    """One new token for each of the first B slots, written at that slot's own position; attention reads the first
+    max(position) + 1 positions of every slot (the caller's attention mask hides what is not that slot's)."""
+
+    def __init__(self, cache: SlotKVCache, positions: torch.Tensor):
+        self.cache, self.positions = cache, positions
+        self.rows = torch.arange(len(positions), device=positions.device)
+        self.width = int(positions.max()) + 1
+
+    def get_seq_len(self, layer_idx: int = 0) -> int:
+        return self.width - 1
+
+    def update(self, key, value, layer_idx):
+        keys, values = self.cache.keys[layer_idx], self.cache.values[layer_idx]
+        keys[self.rows, :, self.positions] = key[:, :, 0]
+        values[self.rows, :, self.positions] = value[:, :, 0]
+        batch = len(self.rows)
+        return keys[:batch, :, : self.width], values[:batch, :, : self.width]
+
+
+@dataclass
+class _Slot:
+    request: GenerationRequest
+    max_new_tokens: int
+    phase: str
+    length: int = 0  # positions of this slot filled in the cache
+    next_input: int = -1  # the last generated token, fed at the next step
+    generated: int = 0
+    thinking_tokens: int = 0
+    forced: deque = field(default_factory=deque)  # tokens to emit instead of sampling (the budget's closing)
+
+
+class Engine:
+    """The decode thread. `submit` from any thread; `stats` for monitoring; `stop` to end the thread."""
+
+    def __init__(self, model: CortexModel, tokenizer: Tokenizer, *, slots: int = 8, max_queue: int = 32,
+                 max_context: int | None = None, seed: int | None = None):
+        if slots < 1 or max_queue < 0:
+            raise ValueError(f"need slots >= 1 and max_queue >= 0, got slots={slots}, max_queue={max_queue}")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.max_context = max_context or model.config.max_position_embeddings
+        self.slots: list[_Slot | None] = [None] * slots
+        self.max_queue = max_queue
+        self.cache = SlotKVCache(model, slots, self.max_context)
+        self.device = model.lm_head.weight.device
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(seed if seed is not None else torch.seed())
+        self.closing_ids = tokenizer.encode(THINK_BUDGET_CLOSING)
+
+        self._waiting: deque[GenerationRequest] = deque()
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="cortex-decode", daemon=True)
+        # monitoring (under _cond)
+        self._started_at = time.monotonic()
+        self._counts = {"requests": 0, "rejected": 0, "completed": 0, "cancelled": 0, "failed": 0, "tokens": 0}
+        self._token_times: deque[tuple[float, int]] = deque()  # (time, tokens) per step, last STATS_WINDOW_S seconds
+        self._ttft: deque[float] = deque(maxlen=200)
+
+    STATS_WINDOW_S = 10.0
+
+    # --- public, any thread ----------------------------------------------------------------------------------------
+
+    def start(self) -> "Engine":
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float | None = 10.0):
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        self._thread.join(timeout)
+
+    def submit(self, request: GenerationRequest) -> GenerationRequest:
+        if len(request.prompt_ids) >= self.max_context:
+            raise ValueError(f"the prompt has {len(request.prompt_ids)} tokens; the context holds {self.max_context}")
+        with self._cond:
+            if self._stopping:
+                raise RuntimeError("the engine is stopped")
+            if len(self._waiting) >= self.max_queue + self.slots.count(None):  # free slots take waiting requests
+                self._counts["rejected"] += 1
+                raise QueueFullError(f"the server is busy: {len(self.slots)} requests running and "
+                                     f"{len(self._waiting)} waiting (the limit); try again shortly")
+            self._counts["requests"] += 1
+            self._waiting.append(request)
+            self._cond.notify_all()
+        return request
+
+    def stats(self) -> dict:
+        now = time.monotonic()
+        with self._cond:
+            self._forget_old_steps(now)
+            window = min(self.STATS_WINDOW_S, now - self._started_at) or 1e-9
+            ttft = sorted(self._ttft)
+            return {
+                "slots": len(self.slots),
+                "active": sum(s is not None for s in self.slots),
+                "queued": len(self._waiting),
+                "max_queue": self.max_queue,
+                "max_context": self.max_context,
+                **{f"{k}_total": v for k, v in self._counts.items()},
+                "tokens_per_s": round(sum(n for _, n in self._token_times) / window, 2),
+                "ttft_ms_mean": round(1000 * sum(ttft) / len(ttft), 1) if ttft else None,
+                "ttft_ms_p50": round(1000 * ttft[len(ttft) // 2], 1) if ttft else None,
+                "uptime_s": round(now - self._started_at, 1),
+            }
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    # --- the decode thread -----------------------------------------------------------------------------------------
+
+    def _run(self):
+        with torch.inference_mode():
+            while True:
+                with self._cond:
+                    while not self._stopping and not self._waiting and all(s is None for s in self.slots):
+                        self._cond.wait()
+                    if self._stopping:
+                        break
+                    admitted = self._admit()
+                try:
+                    self._free_cancelled()
+                    for slot_idx in admitted:
+                        self._prefill(slot_idx)
+                    if any(s is not None for s in self.slots):
+                        self._decode_step()
+                except Exception:  # a failed step must not kill the server: fail the requests in flight, keep serving
+                    log.exception("decode step failed; ending the %d requests in flight",
+                                  sum(s is not None for s in self.slots))
+                    for slot_idx, slot in enumerate(self.slots):
+                        if slot is not None:
+                            self._finish(slot_idx, "error")
+        for slot_idx, slot in enumerate(self.slots):
+            if slot is not None:
+                self._finish(slot_idx, "cancelled")
+        with self._cond:
+            while self._waiting:
+                self._waiting.popleft().events.put(Finished("cancelled", 0, 0, 0))
+
+    def _admit(self) -> list[int]:
+        """Moves waiting requests into free slots (lowest first, so the batch stays compact). Holds _cond."""
+        admitted = []
+        while self._waiting and None in self.slots:
+            request = self._waiting.popleft()
+            if request.cancelled:
+                self._counts["cancelled"] += 1
+                request.events.put(Finished("cancelled", len(request.prompt_ids), 0, 0))
+                continue
+            room = self.max_context - len(request.prompt_ids)
+            max_new = min(room, request.sampling.max_new_tokens or room)
+            slot_idx = self.slots.index(None)
+            self.slots[slot_idx] = _Slot(request, max_new, THINKING if request.thinking else ANSWER)
+            admitted.append(slot_idx)
+        return admitted
+
+    def _free_cancelled(self):
+        for slot_idx, slot in enumerate(self.slots):
+            if slot is not None and slot.request.cancelled:
+                self._finish(slot_idx, "cancelled")
+
+    def _prefill(self, slot_idx: int):
+        slot = self.slots[slot_idx]
+        prompt = torch.tensor([slot.request.prompt_ids], device=self.device)
+        logits = self.model(prompt, past_key_values=self.cache.prefill(slot_idx), logits_to_keep=1)["logits"][:, -1]
+        slot.length = prompt.shape[1]
+        self._emit(slot_idx, self._choose_tokens([slot], logits)[0])
+
+    def _decode_step(self):
+        batch = max(i for i, s in enumerate(self.slots) if s is not None) + 1  # free slots below it ride along, masked
+        rows = self.slots[:batch]
+        inputs = torch.tensor([[s.next_input if s else 0] for s in rows], device=self.device)
+        positions = torch.tensor([s.length if s else 0 for s in rows], device=self.device)
+        active = torch.tensor([s is not None for s in rows], device=self.device)
+        view = self.cache.decode(positions)
+        mask = (torch.arange(view.width, device=self.device)[None, :] <= positions[:, None]) & active[:, None]
+        logits = self.model(inputs, attention_mask=mask, position_ids=positions[:, None], past_key_values=view)["logits"]
+        live = [(i, s) for i, s in enumerate(rows) if s is not None]
+        for _, slot in live:
+            slot.length += 1
+        tokens = self._choose_tokens([s for _, s in live], logits[[i for i, _ in live], -1])
+        for (slot_idx, _), token in zip(live, tokens):
+            self._emit(slot_idx, token)
+        with self._cond:
+            self._counts["tokens"] += len(live)
+            self._token_times.append((time.monotonic(), len(live)))
+
+    def _choose_tokens(self, slots: list[_Slot], logits: torch.Tensor) -> list[int]:
+        """Forced tokens where a thinking budget is closing, else drawn with each request's own temperature and top-p."""
+        params = torch.tensor([[s.request.sampling.temperature, s.request.sampling.top_p] for s in slots])
+        sampled = sample_tokens(logits, *params.to(logits.device).unbind(dim=1), generator=self.generator).tolist()
+        chosen = []
+        for slot, token in zip(slots, sampled):
+            if not slot.forced and self._budget_spent(slot):
+                slot.forced.extend(self._closing_for(slot.request.think_budget))
+            chosen.append(slot.forced.popleft() if slot.forced else token)
+        return chosen
+
+    def _closing_for(self, budget: int) -> list[int]:
+        # The closing sentence counts as thinking; with a budget too small to hold it, only </think> is forced.
+        return [*self.closing_ids, self.tokenizer.think_end_id] if budget > len(self.closing_ids) \
+            else [self.tokenizer.think_end_id]
+
+    def _budget_spent(self, slot: _Slot) -> bool:
+        budget = slot.request.think_budget
+        if slot.phase != THINKING or budget is None:
+            return False
+        free_tokens = budget - len(self._closing_for(budget)) + 1  # what the model may think before the closing
+        return slot.thinking_tokens >= free_tokens
+
+    def _emit(self, slot_idx: int, token: int):
+        slot = self.slots[slot_idx]
+        request = slot.request
+        if slot.generated == 0:
+            with self._cond:
+                self._ttft.append(time.monotonic() - request.submitted_at)
+        slot.generated += 1
+        slot.next_input = token
+        request.events.put(TokenEvent(token, slot.phase))
+        if slot.phase == THINKING:
+            if token == self.tokenizer.think_end_id:
+                slot.phase = ANSWER
+            else:
+                slot.thinking_tokens += 1
+        if token == self.tokenizer.eos_id:
+            self._finish(slot_idx, "stop")
+        elif slot.generated >= slot.max_new_tokens or slot.length + 1 >= self.max_context:
+            self._finish(slot_idx, "length")
+
+    def _finish(self, slot_idx: int, reason: str):
+        slot = self.slots[slot_idx]
+        self.slots[slot_idx] = None
+        slot.request.events.put(Finished(reason, len(slot.request.prompt_ids), slot.generated, slot.thinking_tokens))
+        with self._cond:
+            self._counts[{"stop": "completed", "length": "completed"}.get(reason, "failed" if reason == "error"
+                                                                            else "cancelled")] += 1
+
+    def _forget_old_steps(self, now: float):
+        while self._token_times and self._token_times[0][0] < now - self.STATS_WINDOW_S:
+            self._token_times.popleft()

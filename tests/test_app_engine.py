@@ -1,0 +1,175 @@
+"""serving/engine.py and serving/sampling.py: continuous batching over a slot KV cache, per-request sampling, the
+thinking budget, cancellation, the bounded queue."""
+
+import threading
+
+import pytest
+import torch
+
+from model import CortexModel, generate, process_logits, tiny_config
+from serving.engine import (ANSWER, THINKING, Engine, Finished, GenerationRequest, QueueFullError, SamplingParams,
+                            TokenEvent)
+from serving.sampling import next_token_probs, sample_tokens
+from trainer.tokenizer import tiny_tokenizer
+
+from test_app_server import single_torch_thread  # noqa: F401  (an autouse fixture)
+
+GREEDY = SamplingParams(temperature=0.0)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    torch.manual_seed(0)
+    return CortexModel(tiny_config(tokenizer.vocab_size, long_context=True)).eval()
+
+
+@pytest.fixture
+def engine(model, tokenizer):
+    engine = Engine(model, tokenizer, slots=3, max_queue=16, seed=0).start()
+    yield engine
+    engine.stop()
+
+
+def collect(request: GenerationRequest, timeout: float = 30.0) -> tuple[list[TokenEvent], Finished]:
+    events = []
+    while True:
+        event = request.events.get(timeout=timeout)
+        if isinstance(event, Finished):
+            return events, event
+        events.append(event)
+
+
+def test_batched_greedy_decoding_equals_decoding_each_prompt_alone(engine, model, tokenizer):
+    # 7 prompts of different lengths through 3 slots: requests join and leave the batch between steps
+    prompts = [[(7 * i + j) % 500 + 20 for j in range(n)] for i, n in enumerate((3, 17, 9, 30, 4, 1, 12))]
+    max_new = [40, 25, 33, 40, 8, 40, 19]
+    requests = [engine.submit(GenerationRequest(p, SamplingParams(temperature=0.0, max_new_tokens=m), thinking=False))
+                for p, m in zip(prompts, max_new)]
+    for prompt, limit, request in zip(prompts, max_new, requests):
+        events, finished = collect(request)
+        expected = generate(model, prompt, max_new_tokens=limit, stop_token_ids=[tokenizer.eos_id])
+        assert [e.token_id for e in events] == expected
+        assert finished.completion_tokens == len(expected) and finished.prompt_tokens == len(prompt)
+        assert finished.reason == ("stop" if expected[-1] == tokenizer.eos_id else "length")
+        assert all(e.phase == ANSWER for e in events)
+
+
+def test_sampled_neighbours_do_not_change_a_greedy_request(engine):
+    prompt = [40, 41, 42, 43]
+    alone, _ = collect(engine.submit(GenerationRequest(prompt, SamplingParams(temperature=0.0, max_new_tokens=30), False)))
+    noisy = [engine.submit(GenerationRequest([9, 8, 7], SamplingParams(temperature=1.5, top_p=0.9), False))
+             for _ in range(2)]
+    greedy = engine.submit(GenerationRequest(prompt, SamplingParams(temperature=0.0, max_new_tokens=30), False))
+    assert [e.token_id for e in collect(greedy)[0]] == [e.token_id for e in alone]
+    for request in noisy:
+        collect(request)
+
+
+def test_generation_stops_at_the_end_of_the_context(engine):
+    prompt = list(range(100, 100 + engine.max_context - 5))
+    events, finished = collect(engine.submit(GenerationRequest(prompt, SamplingParams(temperature=1.0), False)))
+    assert finished.reason in ("length", "stop") and len(prompt) + len(events) <= engine.max_context
+    with pytest.raises(ValueError, match="context holds"):
+        engine.submit(GenerationRequest(list(range(engine.max_context)), GREEDY, False))
+
+
+@pytest.mark.parametrize("budget", [1, 5, 51, 52, 53, 90])
+def test_no_reply_thinks_longer_than_its_budget(engine, tokenizer, budget):
+    """Thinking tokens are counted exactly; when the budget is spent the closing sentence (when it fits) and </think>
+    are forced, then the answer follows."""
+    closing = engine.closing_ids
+    requests = [engine.submit(GenerationRequest([30 + i, 31, 32], SamplingParams(temperature=1.0, max_new_tokens=budget + 80),
+                                                thinking=True, think_budget=budget)) for i in range(6)]
+    forced_seen = 0
+    for request in requests:
+        events, finished = collect(request)
+        ids = [e.token_id for e in events]
+        thinking = [e.token_id for e in events if e.phase == THINKING and e.token_id != tokenizer.think_end_id]
+        assert len(thinking) <= budget and finished.thinking_tokens == len(thinking)
+        if finished.reason == "stop" and tokenizer.think_end_id not in ids:
+            continue  # ended with </s> while thinking
+        end = ids.index(tokenizer.think_end_id)
+        assert all(e.phase == THINKING for e in events[: end + 1]) and all(e.phase == ANSWER for e in events[end + 1:])
+        if len(thinking) == budget:  # the budget closed the thought
+            forced_seen += 1
+            expected_tail = closing if budget > len(closing) else []
+            assert ids[end - len(expected_tail): end] == expected_tail
+    assert forced_seen >= 1
+
+
+def test_a_cancelled_request_frees_its_slot_for_a_waiting_one(model, tokenizer):
+    engine = Engine(model, tokenizer, slots=1, max_queue=1, seed=0).start()
+    try:
+        running = engine.submit(GenerationRequest([5, 6, 7], SamplingParams(temperature=1.0), False))
+        running.events.get(timeout=30)  # it holds the only slot now
+        waiting = engine.submit(GenerationRequest([5, 6, 7], SamplingParams(temperature=1.0, max_new_tokens=3), False))
+        with pytest.raises(QueueFullError, match="busy"):
+            engine.submit(GenerationRequest([1], GREEDY, False))
+        running.cancel()
+        events, finished = collect(running)
+        assert finished.reason == "cancelled"
+        assert collect(waiting)[1].reason in ("length", "stop")
+        stats = engine.stats()
+        assert stats["cancelled_total"] == 1 and stats["rejected_total"] == 1 and stats["active"] == 0
+    finally:
+        engine.stop()
+
+
+def test_a_failing_step_ends_the_requests_in_flight_and_the_engine_keeps_serving(model, tokenizer):
+    engine = Engine(model, tokenizer, slots=2, seed=0).start()
+    try:
+        bad = engine.submit(GenerationRequest([tokenizer.vocab_size + 10_000], GREEDY, False))  # id outside the table
+        assert collect(bad)[1].reason == "error"
+        good = engine.submit(GenerationRequest([5, 6], SamplingParams(temperature=0.0, max_new_tokens=4), False))
+        assert collect(good)[1].reason in ("length", "stop") and engine.alive
+        assert engine.stats()["failed_total"] == 1
+    finally:
+        engine.stop()
+
+
+def test_requests_from_many_threads(engine):
+    results = []
+
+    def client(i):
+        results.append(collect(engine.submit(GenerationRequest([i + 3, 4], SamplingParams(max_new_tokens=10), False))))
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert len(results) == 8 and all(f.completion_tokens >= 1 for _, f in results)
+    stats = engine.stats()
+    assert stats["tokens_total"] >= 8 and stats["ttft_ms_p50"] is not None and stats["queued"] == 0
+
+
+@pytest.mark.parametrize("scale", [0.5, 8.0])  # flat logits (full sort) and peaked ones (nucleus within the top 64)
+@pytest.mark.parametrize("top_p", [[0.9, 1.0, 0.5, 0.0, 0.99, 0.3], [0.9, 0.95, 0.5, 0.2, 0.99, 0.3], [1.0] * 6])
+def test_per_row_sampling_has_the_distribution_of_process_logits(scale, top_p):
+    torch.manual_seed(0)
+    logits = torch.randn(6, 500) * scale
+    temperature = torch.tensor([0.5, 1.0, 1.3, 0.8, 2.0, 1.0])
+    top_p = torch.tensor(top_p)
+    probs = next_token_probs(logits, temperature, top_p)
+    for row in range(len(logits)):
+        processed = process_logits(logits[row:row + 1], temperature=float(temperature[row]), top_p=float(top_p[row]))
+        assert torch.allclose(probs[row], processed.softmax(dim=-1)[0], atol=1e-6)
+
+
+def test_sampled_tokens_follow_their_distribution_and_greedy_rows_take_the_argmax():
+    torch.manual_seed(1)
+    logits = torch.randn(3, 40) * 2
+    temperature, top_p = torch.tensor([0.0, 1.0, 0.7]), torch.tensor([1.0, 0.8, 1.0])
+    generator = torch.Generator().manual_seed(0)
+    draws = torch.stack([sample_tokens(logits, temperature, top_p, generator) for _ in range(4000)])
+    assert (draws[:, 0] == logits[0].argmax()).all()
+    probs = next_token_probs(logits[1:], temperature[1:], top_p[1:])
+    for row in (1, 2):  # a nucleus drawn from the top candidates, and a full distribution
+        frequency = torch.bincount(draws[:, row], minlength=40).float() / len(draws)
+        assert (frequency[probs[row - 1] == 0] == 0).all()  # nothing outside the nucleus
+        assert (frequency - probs[row - 1]).abs().max() < 0.03

@@ -1,0 +1,402 @@
+"""app.py over HTTP: a real server (werkzeug, port 0) with a tiny random-init Cortex model. The page's SSE protocol,
+the OpenAI API through the real openai client, bad input, concurrency, disconnects, the queue limit, monitoring,
+checkpoint loading and the CLI's offline message."""
+
+import contextlib
+import dataclasses
+import hashlib
+import http.client
+import http.server
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import app as app_module
+from model import CortexModel, load_state_dict_file, save_weights, tiny_config
+from serving.checkpoint import CheckpointError, download_published_checkpoint, load_for_serving
+from serving.engine import THINK_BUDGET_CLOSING, Engine
+from trainer.tokenizer import tiny_tokenizer
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+# --- helpers (also used by test_app_browser.py) ----------------------------------------------------------------------
+
+
+def tiny_model(vocab_size: int, max_context: int = 256) -> CortexModel:
+    torch.manual_seed(0)
+    config = dataclasses.replace(tiny_config(vocab_size), max_position_embeddings=max_context)
+    return CortexModel(config).eval()
+
+
+@contextlib.contextmanager
+def running_server(model, tokenizer, **engine_kwargs):
+    """The app on 127.0.0.1:<free port> in a thread; yields (base url, engine)."""
+    engine = Engine(model, tokenizer, seed=0, **engine_kwargs).start()
+    server = app_module.make_app_server(app_module.create_app(engine, tokenizer, "cortex-tiny"), "127.0.0.1", 0)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.port}", engine
+    finally:
+        server.shutdown()
+        engine.stop()
+
+
+def parse_sse(raw: str) -> list[dict]:
+    """A standard SSE reader: events end at a blank line; their data: lines joined by newlines."""
+    events, data = [], []
+    for line in raw.split("\n"):
+        if line == "":
+            if data:
+                events.append(json.loads("\n".join(data)))
+            data = []
+        elif line.startswith("data:"):
+            data.append(line[5:].removeprefix(" "))
+        else:
+            assert line.startswith(":") or line.startswith("event:"), f"not an SSE line: {line!r}"
+    assert not data, "the stream ended inside an event"
+    return events
+
+
+def post(base: str, path: str, body=None, raw: bytes | None = None, method: str = "POST"):
+    """(status, content type, body text)."""
+    host, port = base.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    conn.request(method, path, body=data, headers={"Content-Type": "application/json"})
+    response = conn.getresponse()
+    text = response.read().decode("utf-8")
+    conn.close()
+    return response.status, response.getheader("Content-Type"), text
+
+
+def open_stream(base: str, path: str, body: dict) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+    host, port = base.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    conn.request("POST", path, body=json.dumps(body), headers={"Content-Type": "application/json"})
+    response = conn.getresponse()
+    assert response.status == 200
+    return conn, response
+
+
+def read_event(response: http.client.HTTPResponse) -> str:
+    lines = []
+    while True:
+        line = response.readline().decode()
+        if line in ("\n", ""):
+            return "".join(lines)
+        lines.append(line)
+
+
+def hang_up(conn: http.client.HTTPConnection, response: http.client.HTTPResponse):
+    response.close()  # the response holds the socket open too
+    conn.close()
+
+
+def wait_for(condition, timeout: float = 10.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+# --- fixtures --------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_torch_thread():
+    """The tiny model gains nothing from intra-op threads, and on a busy 2-core machine their barriers make every
+    forward ~40x slower (the server's own threads compete for the cores too)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def server(tokenizer):
+    with running_server(tiny_model(tokenizer.vocab_size), tokenizer, slots=4, max_queue=8) as (base, engine):
+        yield base, engine
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    openai = pytest.importorskip("openai", reason="the openai package is not installed (pip install openai)")
+    return openai.OpenAI(base_url=f"{server[0]}/v1", api_key="not-needed", max_retries=0)
+
+
+# --- the page's protocol ---------------------------------------------------------------------------------------------
+
+
+def test_api_chat_streams_standard_sse_with_the_original_event_names(server):
+    base, _ = server
+    body = {"history": [{"role": "user", "content": "你好 /think"}], "thinking": True, "uuid": "x",
+            "temperature": 0, "top_p": 0.95, "think_budget_enable": True, "think_budget": 60}
+    status, content_type, raw = post(base, "/api/chat", body)
+    assert status == 200 and content_type.startswith("text/event-stream")
+    assert raw.startswith("data: {") and raw.endswith("\n\n")
+    events = parse_sse(raw)
+    names = [e["event"] for e in events]
+    assert set(names) <= {"thinking_chunk", "answer_chunk", "done"} and names[-1] == "done"
+    assert names[0] == "thinking_chunk" and "answer_chunk" not in names[: names.index("thinking_chunk") + 1]
+    last_thinking = max(i for i, n in enumerate(names) if n == "thinking_chunk")
+    assert all(n != "thinking_chunk" for n in names[last_thinking + 1:])  # thinking, then answer
+    usage = events[-1]["data"]["usage"]
+    assert usage["completion_tokens_details"]["reasoning_tokens"] <= 60
+    if usage["completion_tokens_details"]["reasoning_tokens"] == 60:  # the budget closed the thought
+        thinking = "".join(e["data"] for e in events if e["event"] == "thinking_chunk")
+        assert thinking.endswith(THINK_BUDGET_CLOSING)
+
+    body.update(thinking=False, think_budget_enable=False)
+    events = parse_sse(post(base, "/api/chat", body)[2])
+    assert {e["event"] for e in events} == {"answer_chunk", "done"}
+    assert events[-1]["data"]["usage"]["completion_tokens_details"]["reasoning_tokens"] == 0
+
+
+def test_page_and_cors(server):
+    base, _ = server
+    status, content_type, html = post(base, "/", method="GET")
+    assert status == 200 and "text/html" in content_type and "/static/app.js" in html
+    for asset in ("app.js", "markdown.js", "style.css"):
+        assert post(base, f"/static/{asset}", method="GET")[0] == 200
+    host, port = base.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port))
+    conn.request("OPTIONS", "/api/chat")
+    response = conn.getresponse()
+    assert response.status in (200, 204) and response.getheader("Access-Control-Allow-Origin") == "*"
+    conn.close()
+
+
+# --- the OpenAI API with the real client -----------------------------------------------------------------------------
+
+
+def test_openai_client_models_and_completions_stream_and_not(client, server):
+    assert [m.id for m in client.models.list()] == ["cortex-tiny"]
+    kwargs = dict(model="cortex-tiny", messages=[{"role": "user", "content": "What is 2+2?"}], temperature=0,
+                  max_tokens=120, extra_body={"thinking": True, "think_budget": 60})
+    whole = client.chat.completions.create(**kwargs)
+    message = whole.choices[0].message
+    reasoning = message.model_extra["reasoning_content"] or ""
+    assert whole.object == "chat.completion" and isinstance(message.content, str)
+    assert whole.usage.completion_tokens_details.reasoning_tokens <= 60
+    assert whole.usage.total_tokens == whole.usage.prompt_tokens + whole.usage.completion_tokens
+    assert whole.choices[0].finish_reason in ("stop", "length")
+
+    deltas = {"reasoning_content": "", "content": ""}
+    chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs))
+    for chunk in chunks:
+        for choice in chunk.choices:
+            deltas["content"] += choice.delta.content or ""
+            deltas["reasoning_content"] += (choice.delta.model_extra or {}).get("reasoning_content") or ""
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens and not chunks[-1].choices
+    assert chunks[-2].choices[0].finish_reason == whole.choices[0].finish_reason
+    # greedy: the stream carries exactly the same reply as the whole response
+    assert deltas == {"reasoning_content": reasoning, "content": message.content}
+
+    no_think = client.chat.completions.create(**{**kwargs, "extra_body": {"thinking": False}})
+    assert no_think.usage.completion_tokens_details.reasoning_tokens == 0
+    assert not no_think.choices[0].message.model_extra.get("reasoning_content")
+
+
+def test_openai_errors_come_back_as_api_errors(client):
+    import openai
+
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        client.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}], temperature=3)
+    with pytest.raises(openai.BadRequestError, match="last message"):
+        client.chat.completions.create(model="m", messages=[{"role": "assistant", "content": "x"}])
+
+
+# --- bad input -------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path, raw, status, message", [
+    ("/api/chat", b"{not json", 400, "not valid JSON"),
+    ("/api/chat", b"\xff\xfe{}", 400, "not valid UTF-8"),
+    ("/api/chat", b'{"history": null}', 400, "must be an array"),
+    ("/api/chat", b'{"history": [{"role": "user", "content": "hi"}], "temperature": NaN}', 400, "must be a number"),
+    ("/api/chat", b'{"history": [{"role": "user", "content": "hi"}], "think_budget_enable": true, "think_budget": 0}',
+     400, "think_budget"),
+    ("/api/chat", json.dumps({"history": [{"role": "user", "content": "x" * (2 << 20)}]}).encode(), 413, "larger than"),
+    ("/api/chat", json.dumps({"history": [{"role": "user", "content": "word " * 3000}]}).encode(), 400, "too long"),
+    ("/v1/chat/completions", b'{"messages": "hi"}', 400, "must be an array"),
+    ("/v1/chat/completions", b"[]", 400, "JSON object"),
+])
+def test_bad_input_gets_a_clear_4xx_json_error_and_the_server_stays_up(server, path, raw, status, message):
+    base, _ = server
+    got_status, content_type, text = post(base, path, raw=raw)
+    assert got_status == status and content_type == "application/json"
+    body = json.loads(text)
+    error = body["error"]["message"] if path.startswith("/v1/") else body["data"]
+    assert message in error and "Traceback" not in text
+    assert post(base, "/health", method="GET")[0] == 200
+
+
+def test_unknown_routes_and_methods_are_json_errors(server):
+    base, _ = server
+    status, content_type, text = post(base, "/nope", method="GET")
+    assert status == 404 and content_type == "application/json" and json.loads(text)["event"] == "error"
+    status, _, text = post(base, "/api/chat", method="GET")
+    assert status == 405 and json.loads(text)["event"] == "error"
+
+
+# --- concurrency, disconnects, the queue limit -----------------------------------------------------------------------
+
+
+def test_simultaneous_streams_get_the_reply_each_would_get_alone(client):
+    prompts = [f"Tell me about the number {i}." for i in range(6)]
+    request = dict(model="m", temperature=0, max_tokens=40, extra_body={"thinking": False})
+    alone = [client.chat.completions.create(messages=[{"role": "user", "content": p}], **request).choices[0].message.content
+             for p in prompts]
+    together = [None] * len(prompts)
+
+    def stream(i):
+        chunks = client.chat.completions.create(messages=[{"role": "user", "content": prompts[i]}], stream=True, **request)
+        together[i] = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(len(prompts))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert together == alone
+
+
+def test_a_disconnected_client_frees_its_slot_and_a_full_queue_answers_503(tokenizer):
+    model = tiny_model(tokenizer.vocab_size, max_context=4096)  # long replies keep the slots busy
+    with running_server(model, tokenizer, slots=2, max_queue=1) as (base, engine):
+        body = {"history": [{"role": "user", "content": "go"}], "thinking": False, "temperature": 0}  # greedy: no early </s>
+        first, second = open_stream(base, "/api/chat", body), open_stream(base, "/api/chat", body)
+        for _, response in (first, second):
+            assert read_event(response).startswith("data: ")
+        queued_conn = http.client.HTTPConnection(*base.removeprefix("http://").split(":"), timeout=60)
+        queued_conn.request("POST", "/api/chat", body=json.dumps(body))  # no free slot: it waits in the queue
+        wait_for(lambda: engine.stats()["queued"] == 1)
+        status, content_type, text = post(base, "/api/chat", body)
+        assert status == 503 and content_type == "application/json" and "busy" in json.loads(text)["data"]
+
+        hang_up(*first)  # the client goes away: its slot goes to the queued request
+        queued = queued_conn.getresponse()
+        assert queued.status == 200 and read_event(queued).startswith("data: ")
+        stats = engine.stats()
+        assert stats["cancelled_total"] == 1 and stats["active"] == 2 and stats["queued"] == 0
+        assert stats["rejected_total"] == 1
+        hang_up(*second)
+        hang_up(queued_conn, queued)
+        wait_for(lambda: engine.stats()["active"] == 0)
+        assert engine.stats()["cancelled_total"] == 3
+
+
+def test_health_and_stats(server):
+    base, _ = server
+    health = json.loads(post(base, "/health", method="GET")[2])
+    assert health == {"status": "ok", "model": "cortex-tiny", "max_context": 256, "slots": 4}
+    post(base, "/api/chat", {"history": [{"role": "user", "content": "hi"}], "thinking": False})
+    stats = json.loads(post(base, "/stats", method="GET")[2])
+    assert stats["tokens_total"] > 0 and stats["ttft_ms_p50"] > 0 and stats["tokens_per_s"] > 0
+    assert {"queued", "active", "slots", "requests_total", "rejected_total"} <= set(stats)
+
+
+# --- checkpoints and the command line --------------------------------------------------------------------------------
+
+
+def write_run_dir(path: Path, model: CortexModel, tokenizer_name: str = "tiny") -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    save_weights(model, path / "model.safetensors")
+    (path / "model_config.json").write_text(json.dumps(dataclasses.asdict(model.config)))
+    (path / "stage.json").write_text(json.dumps({"stage": "mix", "train_config": {"tokenizer": tokenizer_name}}))
+    return path
+
+
+def test_checkpoints_load_from_a_run_dir_or_a_weights_file(tmp_path, tokenizer):
+    model = tiny_model(tokenizer.vocab_size)
+    run_dir = write_run_dir(tmp_path / "runs" / "mix", model)
+    served = load_for_serving(run_dir)  # the tokenizer comes from stage.json
+    assert served.tokenizer.token_dir == tokenizer.token_dir and served.name == "cortex-mix"
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():  # same outputs: the RoPE buffers (not in the file) are rebuilt too
+        assert torch.equal(served.model(ids)["logits"], model(ids)["logits"])
+
+    save_weights(model, tmp_path / "runs" / "mix" / "copy.bin")  # a .bin next to model_config.json uses it
+    assert torch.equal(load_for_serving(run_dir / "copy.bin", "tiny").model.embed_tokens.weight, model.embed_tokens.weight)
+
+    lone = save_weights(model, tmp_path / "lone.bin")  # read as the published 0.6B model: a clear mismatch
+    with pytest.raises(CheckpointError, match="model_config.json"):
+        load_for_serving(lone, "tiny")
+    with pytest.raises(CheckpointError, match="has no model.safetensors"):
+        load_for_serving(tmp_path)
+    with pytest.raises(CheckpointError, match="not found"):
+        load_for_serving(tmp_path / "missing.safetensors", "tiny")
+    small_vocab = write_run_dir(tmp_path / "small", CortexModel(tiny_config(100)))
+    with pytest.raises(CheckpointError, match="do not belong together"):
+        load_for_serving(small_vocab)
+
+
+class FakeModelScope(http.server.BaseHTTPRequestHandler):
+    """The three requests modelscope makes for snapshot_download (dependencies.md section 4)."""
+    files: dict[str, bytes] = {}
+
+    def do_GET(self):
+        if "/repo/files" in self.path:
+            listing = [{"Path": n, "Name": n, "Type": "blob", "Size": len(d), "Sha256": hashlib.sha256(d).hexdigest()}
+                       for n, d in self.files.items()]
+            self._send(200, json.dumps({"Code": 200, "Success": True, "Data": {"Files": listing, "TotalCount": len(listing)}}).encode(),
+                       "application/json")
+        elif "FilePath=" in self.path:
+            self._send(200, self.files[self.path.split("FilePath=")[1].split("&")[0]], "application/octet-stream")
+        else:
+            self._send(404, b'{"Code": 404, "Message": "not here"}', "application/json")
+
+    def _send(self, status, data, content_type):
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_the_published_checkpoint_is_downloaded_from_modelscope(tmp_path, monkeypatch, tokenizer):
+    pytest.importorskip("modelscope")
+    model = tiny_model(tokenizer.vocab_size)
+    published = save_weights(model, tmp_path / "published.bin").read_bytes()
+    FakeModelScope.files = {"dpo.bin": published, "other.bin": b"not wanted"}
+    hub = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeModelScope)
+    threading.Thread(target=hub.serve_forever, daemon=True).start()
+    monkeypatch.setenv("MODELSCOPE_ENDPOINT", f"http://127.0.0.1:{hub.server_address[1]}")
+    monkeypatch.setenv("MODELSCOPE_CACHE", str(tmp_path / "cache"))
+    try:
+        dest = download_published_checkpoint(tmp_path / "serve" / "dpo.bin")
+    finally:
+        hub.shutdown()
+    assert dest.read_bytes() == published and not (tmp_path / "serve" / "other.bin").exists()
+    assert torch.equal(load_state_dict_file(dest)["lm_head.weight"], model.lm_head.weight)
+
+
+def test_cli_without_checkpoint_offline_explains_what_to_do(tmp_path):
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        closed_port = probe.getsockname()[1]
+    env = {**os.environ, "MODELSCOPE_ENDPOINT": f"http://127.0.0.1:{closed_port}", "MODELSCOPE_CACHE": str(tmp_path / "c"),
+           "MODELSCOPE_REPO_TREE_PAGE_MAX_ATTEMPTS": "1", "PYTHONPATH": str(REPO_ROOT)}  # fail fast, not after retries
+    result = subprocess.run([sys.executable, str(REPO_ROOT / "app.py"), "--checkpoint", str(tmp_path / "dpo.bin")],
+                            capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "downloading dpo.bin from ModelScope (qibin0506/Cortex-2.5.1) failed" in result.stderr
+    assert "put it at ./dpo.bin" in result.stderr and "train one" in result.stderr
