@@ -1,10 +1,6 @@
 """DPO: the loss against hand-computed values, the response mask, the frozen reference, and a short stage run."""
 import math
-import os
-import subprocess
-import sys
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,13 +10,12 @@ from safetensors.torch import load_file
 import utils
 from model import CortexModel, save_weights
 from trainer.backend import build_backend
-from trainer.cli import get_tokenizer
+from trainer.cli import build_task, get_tokenizer
 from trainer.data import SpecialIds, dpo_batch
 from trainer.dpo import DPOTask, dpo_losses, response_mask
+from trainer.loop import run_stage
 from trainer.metrics import read_metrics
 from trainer.tasks import frozen_reference_model
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def test_sigmoid_loss_with_and_without_label_smoothing_and_ipo():
@@ -105,16 +100,14 @@ def test_the_reference_is_the_stages_starting_weights_frozen(tmp_path):
         frozen_reference_model(replace(config, init_from=None), backend)
 
 
-def test_train_dpo_script_runs_and_learns_preferences(tmp_path):
+def test_dpo_stage_runs_and_learns_preferences(tmp_path):
     config = utils.stage_config("dpo", preset="tiny")
     init = tmp_path / "init.safetensors"
     torch.manual_seed(0)
     save_weights(CortexModel(config.model), init)
-    env = {**os.environ, "CORTEX_PRESET": "tiny", "CORTEX_RUN_DIR": str(tmp_path / "runs"), "OMP_NUM_THREADS": "2"}
-    result = subprocess.run([sys.executable, "train_dpo.py", "--max-steps", "6", "--eval-every-steps", "3",
-                             "--init-from", str(init)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    run = tmp_path / "runs" / "dpo"
+    config = replace(config, run_root=str(tmp_path), init_from=str(init), max_steps=6, eval_every_steps=3,
+                     data=replace(config.data, max_eval_batches=2))
+    run = run_stage(config, lambda c: build_task(c, utils.data_files(c)))
     steps = read_metrics(run / "metrics.jsonl")
     assert len(steps) == 6
     for key in ("dpo_loss", "nll_loss", "aux_loss", "reward_chosen", "reward_rejected", "reward_margin",

@@ -2,6 +2,7 @@
 end-to-end runs of the stage (one device and DeepSpeed ZeRO-3 in-process)."""
 import faulthandler
 import math
+import socket
 from dataclasses import replace
 
 import pytest
@@ -238,10 +239,14 @@ def test_grpo_stage_runs_with_one_reward_call_per_rollout_and_inner_updates_in_t
 
 def test_grpo_under_deepspeed_zero3_with_a_reference_model(tmp_path, init_weights, monkeypatch):
     pytest.importorskip("deepspeed")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
     for name, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-                        "MASTER_PORT": "29533"}.items():
+                        "MASTER_PORT": str(port)}.items():
         monkeypatch.setenv(name, value)  # removed again after the test, so later tests do not pick DeepSpeed
-    config = tiny_grpo(tmp_path, init_weights, max_steps=2, backend="deepspeed",
+    # with a reference model (beta > 0), bnpo, and each rollout split into 2 accumulation micro-batches
+    config = tiny_grpo(tmp_path, init_weights, max_steps=2, backend="deepspeed", grad_accum_steps=2,
                        deepspeed=DeepSpeedConfig(zero_stage=3), grpo={"beta": 0.1, "loss_type": "bnpo"})
     faulthandler.dump_traceback_later(240, exit=True)  # a hang (e.g. mismatched ZeRO-3 gathers) fails loudly
     try:

@@ -257,6 +257,7 @@ class DeepSpeedBackend(Backend):
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                                  config=self.deepspeed_config(), dist_init_required=False)
         self.module = self.engine.module
+        self._generation_copy: torch.nn.Module | None = None  # ZeRO-3 generation (see generation_model)
 
     def deepspeed_config(self) -> dict:
         c, ds = self.config, self.config.deepspeed
@@ -335,11 +336,21 @@ class DeepSpeedBackend(Backend):
         was_training = self.module.training
         self.module.eval()
         try:
-            if self.config.deepspeed.zero_stage == 3:
-                with deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None):
-                    yield self.module
-            else:
+            if self.config.deepspeed.zero_stage != 3:
                 yield self.module
+                return
+            # ZeRO-3: gather the shards once, then generate with a plain copy of the network. The engine's module keeps
+            # DeepSpeed's hooks, which gather and release parameters collectively in every forward: ranks that generate
+            # different numbers of tokens (different prompts, sampling) would make different collective calls and hang.
+            with deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None):
+                if self._generation_copy is None:
+                    with torch.random.fork_rng(devices=[]):  # building it must not move the training RNG
+                        self._generation_copy = type(self.module)(self.module.config)
+                    self._generation_copy.requires_grad_(False).eval()
+                self._generation_copy.load_state_dict({k: v.detach() for k, v in self.module.state_dict().items()},
+                                                      strict=True)
+                self._generation_copy.to(self.device, next(self.module.parameters()).dtype)
+            yield self._generation_copy
         finally:
             self.module.train(was_training)
 

@@ -36,7 +36,8 @@ def response_mask(input_ids: torch.Tensor, labels: torch.Tensor, assistant_id: i
     return keep[:, 1:].float()
 
 
-def sequence_log_probs(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def sequence_log_probs(logits: torch.Tensor, input_ids: torch.Tensor,
+                       mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of the response tokens' log-probs (B,), number of response tokens (B,)); logits (B, T, V), mask (B, T-1)."""
     logps = token_log_probs(logits[:, :-1], input_ids[:, 1:])
     return (logps * mask).sum(dim=-1), mask.sum(dim=-1)

@@ -70,7 +70,8 @@ def k3_kl(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
     return d.exp() - d - 1.0
 
 
-def loss_numerator(token_loss: torch.Tensor, mask: torch.Tensor, row_weight: torch.Tensor, loss_type: str) -> torch.Tensor:
+def loss_numerator(token_loss: torch.Tensor, mask: torch.Tensor, row_weight: torch.Tensor,
+                   loss_type: str) -> torch.Tensor:
     """The rows' share of the aggregated loss before normalisation: grpo sums each row's token mean, bnpo and dr_grpo
     sum all tokens. row_weight (N,) is 0 for completions left out (skipped zero-std groups), else 1."""
     per_row = (token_loss * mask).sum(dim=-1)
@@ -143,9 +144,11 @@ class GRPOTask(Task):
         super().__init__(config, tokenizer, data_files)
         self.grpo = g = config.grpo or GRPOConfig()
         if g.group_size < 2:
-            raise ValueError(f"grpo.group_size must be >= 2 (advantages compare completions of one prompt), got {g.group_size}")
+            raise ValueError(f"grpo.group_size must be >= 2 (advantages compare completions of one prompt), "
+                             f"got {g.group_size}")
         if g.importance_sampling_level not in LEVELS:
-            raise ValueError(f"grpo.importance_sampling_level must be one of {LEVELS}, got {g.importance_sampling_level!r}")
+            raise ValueError(f"grpo.importance_sampling_level must be one of {LEVELS}, "
+                             f"got {g.importance_sampling_level!r}")
         if g.loss_type not in LOSS_TYPES:
             raise ValueError(f"grpo.loss_type must be one of {LOSS_TYPES}, got {g.loss_type!r}")
         if g.grpo_steps < 1 or g.temperature <= 0 or g.clip_eps_low < 0 or g.clip_eps_high < 0 or g.beta < 0:
@@ -164,7 +167,8 @@ class GRPOTask(Task):
         limit = self.config.data.max_seq_len - self.grpo.max_new_tokens
         if longest > limit:
             raise ValueError(f"{path} ({split}): a prompt has {longest} tokens, more than data.max_seq_len - "
-                             f"grpo.max_new_tokens = {limit}: raise max_seq_len, lower max_new_tokens or drop long prompts")
+                             f"grpo.max_new_tokens = {limit}: raise max_seq_len, lower max_new_tokens or drop "
+                             f"long prompts")
         return dataset
 
     # --- rollout ---
@@ -185,7 +189,8 @@ class GRPOTask(Task):
     def _rewards(self, samples: list[Sample], device) -> torch.Tensor:
         rewards = self.reward_fn(samples)
         if len(rewards) != len(samples):
-            raise ValueError(f"reward function {self.grpo.reward!r} returned {len(rewards)} rewards for {len(samples)} completions")
+            raise ValueError(f"reward function {self.grpo.reward!r} returned {len(rewards)} rewards for "
+                             f"{len(samples)} completions")
         rewards = torch.tensor([float(r) for r in rewards], device=device)
         if not torch.isfinite(rewards).all():
             raise ValueError(f"reward function {self.grpo.reward!r} returned a non-finite reward: {rewards.tolist()}")
@@ -220,7 +225,7 @@ class GRPOTask(Task):
         rewards = self._rewards(self._samples(rows, seqs, [a for a in answers for _ in range(g.group_size)]),
                                 backend.device)
         seqs["advantages"], zero_std = group_advantages(rewards, g.group_size, g.advantage_eps)
-        skip = zero_std.repeat_interleave(g.group_size) if g.skip_zero_std_groups else torch.zeros_like(rewards, dtype=torch.bool)
+        skip = zero_std.repeat_interleave(g.group_size) & g.skip_zero_std_groups
         seqs["row_weight"] = (~skip).float()
         lengths = seqs["completion_mask"].sum(dim=-1)
         seqs["rollout_metrics"] = {
@@ -236,7 +241,7 @@ class GRPOTask(Task):
 
     def micro_batches(self, batch: dict, backend) -> Iterator[dict]:
         rollout = self.rollout(batch["prompts"], batch["answers"], backend)
-        rows = rollout["input_ids"].shape[0] // self.config.grad_accum_steps  # whole groups: micro_batch_size % accum == 0
+        rows = rollout["input_ids"].shape[0] // self.config.grad_accum_steps  # whole groups (checked in __init__)
         chunks = [{k: v[i:i + rows] if isinstance(v, torch.Tensor) and v.dim() > 0 else v for k, v in rollout.items()}
                   for i in range(0, rollout["input_ids"].shape[0], rows)]
         for _ in range(self.grpo.grpo_steps):

@@ -4,8 +4,8 @@ A reward function is any callable
 
     reward_fn(samples: Sequence[Sample]) -> list[float]       # len(result) == len(samples)
 
-where each Sample holds the decoded prompt, the decoded completion (special tokens kept, so the <think>/<answer> tags are
-visible; padding removed), the gold answer string of the prompt and whether the completion was cut off at
+where each Sample holds the decoded prompt, the decoded completion (special tokens kept, so the <think>/<answer> tags
+are visible; padding removed), the gold answer string of the prompt and whether the completion was cut off at
 max_new_tokens without its </s>. It is called once per rollout, on every rank, for that rank's completions.
 GRPOConfig.reward names it: a key of REWARDS, or "package.module:function" for one of your own.
 """
