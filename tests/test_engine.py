@@ -165,8 +165,20 @@ def _poisoned(config, nan_calls):
                                                     nan_calls=nan_calls))
 
 
-def test_a_nonfinite_loss_skips_its_step_and_is_counted(tmp_path):
-    out = _poisoned(tiny("pretrain_stage0", tmp_path, max_steps=6, eval_every_steps=0), lambda n: n == 3)
+def _poison_third(n: int) -> bool:
+    return n == 3
+
+
+@pytest.mark.parametrize("backend", ["single", "deepspeed"])
+def test_a_nonfinite_loss_skips_its_step_and_is_counted(tmp_path, backend):
+    config = tiny("pretrain_stage0", tmp_path, max_steps=6, eval_every_steps=0, backend=backend)
+    # DeepSpeed runs in its own process: it keeps process-group state that a later in-process run would trip over.
+    code = ("import pickle; from tests.test_engine import _poisoned, _poison_third; "
+            f"_poisoned(pickle.loads({pickle.dumps(config)!r}), _poison_third)")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=script_env(tmp_path), capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    out = tmp_path / "pretrain_stage0"
     steps = read_metrics(out / "metrics.jsonl")
     assert [s.get("skipped_nonfinite", False) for s in steps] == [False, True, False, False, False, False]
     assert steps[-1]["nonfinite_total"] == 1

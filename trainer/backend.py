@@ -89,13 +89,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _ensure_dist_env() -> None:
-    """A plain `python3 train_x.py` with the deepspeed backend: a one-process group without MPI discovery."""
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("LOCAL_RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+def _ensure_dist_env() -> list[str]:
+    """A plain `python3 train_x.py` with the deepspeed backend: a one-process group without MPI discovery.
+    Returns the variables it set, so close() can take them back."""
+    defaults = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(_free_port())}
+    added = [k for k in defaults if k not in os.environ]
+    for key in added:
+        os.environ[key] = defaults[key]
+    return added
 
 
 class Backend:
@@ -239,7 +241,7 @@ class DeepSpeedBackend(Backend):
 
         # torch 2.13 deprecates the collective names DeepSpeed still calls, once per call: keep the log readable.
         warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed\.", category=FutureWarning)
-        _ensure_dist_env()
+        self._env_added = _ensure_dist_env()
         if device.type == "cpu":
             _skip_deepspeed_cpu_shm_build()
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
@@ -291,6 +293,11 @@ class DeepSpeedBackend(Backend):
     def forward(self, **batch):
         return self.engine(**batch)
 
+    def close(self) -> None:
+        super().close()
+        for key in self._env_added:  # a later run in this process must not think it was launched distributed
+            os.environ.pop(key, None)
+
     def backward(self, loss: torch.Tensor | None) -> None:
         if loss is None:
             # A skipped (non-finite) micro-batch still has to take part in DeepSpeed's bookkeeping and gradient
@@ -301,8 +308,10 @@ class DeepSpeedBackend(Backend):
     def step(self, lr: float, skip: bool = False) -> StepResult | None:
         boundary = self.engine.is_gradient_accumulation_boundary()
         if boundary:
+            # DeepSpeed always steps at the boundary. A group with a non-finite loss is skipped with lr 0: AdamW then
+            # leaves the weights as they are (its decoupled weight decay is scaled by lr too).
             for group in self.optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = 0.0 if skip else lr
         self.engine.step()
         if not boundary:
             return None
