@@ -13,10 +13,14 @@ evens out load from other processes.
 
 import json
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: model/ and tests/llm_reference.py
 
 from model import CortexModel, ModelConfig, MoEConfig, RoPEConfig, generate
 
@@ -51,31 +55,11 @@ def reference_model(config: ModelConfig, state_dict):
     """The reference LlmModel with the same config and weights, or None when llm_model is not installed."""
     try:
         import llm_model
+
+        from tests.llm_reference import reference_config
     except ImportError:
         return None
-    moe = config.moe_config
-    ref = llm_model.LlmModel(
-        llm_model.ModelConfig(
-            vocab_size=config.vocab_size,
-            hidden_size=config.hidden_size,
-            intermediate_size=config.intermediate_size,
-            num_hidden_layers=config.num_hidden_layers,
-            num_attention_heads=config.num_attention_heads,
-            num_key_value_heads=config.num_key_value_heads,
-            max_position_embeddings=config.max_position_embeddings,
-            attention_dropout=config.attention_dropout,
-            rope_config=llm_model.RoPEConfig(rope_type="default", rope_theta=config.rope_config.rope_theta),
-            moe_config=llm_model.MoEConfig(
-                intermediate_size=moe.intermediate_size,
-                n_dense_layer=moe.n_dense_layer,
-                num_experts_per_tok=moe.num_experts_per_tok,
-                n_shared_experts=moe.n_shared_experts,
-                n_routed_experts=moe.n_routed_experts,
-                seq_aux=moe.seq_aux,
-                norm_topk_prob=moe.norm_topk_prob,
-            ),
-        )
-    )
+    ref = llm_model.LlmModel(reference_config(config))
     ref.load_state_dict(state_dict, strict=True)
     return ref
 

@@ -73,13 +73,13 @@ def _decode(
     *,
     max_new_tokens: int,
     pad_token_id: int,
-    stop_token_ids: Sequence[int],
-    temperature: float | None,
-    top_k: int | None,
-    top_p: float | None,
-    repetition_penalty: float,
-    suppress_token_ids: Sequence[int],
-    generator: torch.Generator | None,
+    stop_token_ids: Sequence[int] = (),
+    temperature: float | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    repetition_penalty: float = 1.0,
+    suppress_token_ids: Sequence[int] = (),
+    generator: torch.Generator | None = None,
 ) -> Iterator[torch.Tensor]:
     """Yields the next token of every row (B,) per step."""
     if max_new_tokens < 1:
@@ -132,33 +132,13 @@ def _decode(
         model.train(was_training)
 
 
-def generate_stream(
-    model: nn.Module,
-    prompt_ids: Sequence[int],
-    *,
-    max_new_tokens: int,
-    stop_token_ids: Sequence[int] = (),
-    temperature: float | None = None,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    repetition_penalty: float = 1.0,
-    suppress_token_ids: Sequence[int] = (),
-    generator: torch.Generator | None = None,
-) -> Iterator[int]:
-    """Yield new token ids one at a time for a single prompt; a stop token is yielded last."""
-    for tokens in _decode(
-        model,
-        [prompt_ids],
-        max_new_tokens=max_new_tokens,
-        pad_token_id=0,  # never emitted: a single row stops as soon as it finishes
-        stop_token_ids=stop_token_ids,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        repetition_penalty=repetition_penalty,
-        suppress_token_ids=suppress_token_ids,
-        generator=generator,
-    ):
+def generate_stream(model: nn.Module, prompt_ids: Sequence[int], *, max_new_tokens: int, **sampling) -> Iterator[int]:
+    """Yield new token ids one at a time for a single prompt; a stop token is yielded last.
+
+    sampling: stop_token_ids=(), temperature=None (None or 0: greedy), top_k=None, top_p=None, repetition_penalty=1.0,
+    suppress_token_ids=(), generator=None (seed it for reproducible samples)."""
+    # pad_token_id is never emitted: a single row stops as soon as it finishes
+    for tokens in _decode(model, [prompt_ids], max_new_tokens=max_new_tokens, pad_token_id=0, **sampling):
         yield int(tokens[0])
 
 
@@ -168,34 +148,12 @@ def generate(model: nn.Module, prompt_ids: Sequence[int], **kwargs) -> list[int]
 
 
 def batch_generate(
-    model: nn.Module,
-    prompts: Sequence[Sequence[int]],
-    *,
-    max_new_tokens: int,
-    pad_token_id: int,
-    stop_token_ids: Sequence[int] = (),
-    temperature: float | None = None,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    repetition_penalty: float = 1.0,
-    suppress_token_ids: Sequence[int] = (),
-    generator: torch.Generator | None = None,
+    model: nn.Module, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, pad_token_id: int, **sampling
 ) -> torch.Tensor:
-    """Generate for several prompts at once (left-padded, per-row positions, one KV cache).
+    """Generate for several prompts at once (left-padded, per-row positions, one KV cache); sampling as in
+    generate_stream.
 
     Returns the completions (B, L), L <= max_new_tokens: each row's tokens up to and including its stop token, then
     pad_token_id."""
-    steps = _decode(
-        model,
-        prompts,
-        max_new_tokens=max_new_tokens,
-        pad_token_id=pad_token_id,
-        stop_token_ids=stop_token_ids,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        repetition_penalty=repetition_penalty,
-        suppress_token_ids=suppress_token_ids,
-        generator=generator,
-    )
+    steps = _decode(model, prompts, max_new_tokens=max_new_tokens, pad_token_id=pad_token_id, **sampling)
     return torch.stack(list(steps), dim=1)

@@ -6,37 +6,14 @@ The reference's state dict must load strictly into ours and give the same logits
 import pytest
 import torch
 
-from model import CortexModel, KVCache, ModelConfig, cortex_2_5_config, tiny_config
+from model import CortexModel, KVCache, cortex_2_5_config, tiny_config
 from model.rope import RotaryEmbedding
 
 llm_model = pytest.importorskip("llm_model")
 
+from tests.llm_reference import reference_config  # noqa: E402  (needs llm_model)
+
 VOCAB = 100
-
-
-def reference_config(config: ModelConfig):
-    moe = config.moe_config
-    return llm_model.ModelConfig(
-        vocab_size=config.vocab_size,
-        hidden_size=config.hidden_size,
-        intermediate_size=config.intermediate_size,
-        num_hidden_layers=config.num_hidden_layers,
-        num_attention_heads=config.num_attention_heads,
-        num_key_value_heads=config.num_key_value_heads,
-        max_position_embeddings=config.max_position_embeddings,
-        original_max_position_embeddings=config.original_max_position_embeddings,
-        attention_dropout=config.attention_dropout,
-        rope_config=llm_model.RoPEConfig(rope_type=config.rope_config.rope_type, rope_theta=config.rope_config.rope_theta),
-        moe_config=llm_model.MoEConfig(
-            intermediate_size=moe.intermediate_size,
-            n_dense_layer=moe.n_dense_layer,
-            num_experts_per_tok=moe.num_experts_per_tok,
-            n_shared_experts=moe.n_shared_experts,
-            n_routed_experts=moe.n_routed_experts,
-            seq_aux=moe.seq_aux,
-            norm_topk_prob=moe.norm_topk_prob,
-        ),
-    )
 
 
 def model_pair(long_context: bool, seed: int = 0, seq_aux: bool = True):
