@@ -43,8 +43,8 @@ def bench(preset: str, steps: int, warmup: int, micro_batch_size: int | None, pr
               {"input_ids": input_ids, "position_ids": position_ids, "doc_boundary_mask": doc_mask}.items()}
 
     def step():
-        out = backend.forward(**inputs)
-        loss = lm_loss(out["logits"], inputs["input_ids"]) + config.aux_loss_coef * out["aux_loss"]
+        lm, out = lm_loss(backend.forward, inputs, inputs["input_ids"])
+        loss = lm + config.aux_loss_coef * out["aux_loss"]
         backend.backward(loss)
         backend.step(1e-4)
         return loss.detach()

@@ -5,6 +5,7 @@ from torch import nn
 
 from .attention import Attention
 from .config import ModelConfig
+from .head import LMHead
 from .kv_cache import KVCache
 from .masks import attention_dtype, build_attention_bias
 from .mlp import MLP
@@ -41,7 +42,7 @@ class CortexModel(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, idx) for idx in range(config.num_hidden_layers))
         self.head_norm = RMSNorm(config.hidden_size)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = LMHead(config.hidden_size, config.vocab_size)
         self.apply(self._init_weights)
 
     @staticmethod
@@ -59,6 +60,9 @@ class CortexModel(nn.Module):
         past_key_values: KVCache | None = None,
         use_cache: bool = False,
         logits_to_keep: int = 0,
+        targets: torch.Tensor | None = None,
+        sum_target_log_probs: bool = False,
+        return_entropy: bool = False,
     ) -> dict:
         """
         input_ids: (B, T) new tokens.
@@ -69,9 +73,17 @@ class CortexModel(nn.Module):
             additive float form (0 = may attend, negative = blocked). Causality is always added on top.
         past_key_values: a KVCache, used and updated whenever given; use_cache=True creates one if none is given.
         logits_to_keep: 0 = logits for all T positions, k > 0 = only the last k.
+        targets: (B, T or k) token ids to score instead of returning logits (-100 = not scored): position t scores
+            targets[:, t], so for next-token prediction pass the inputs shifted left. Computed in chunks of positions
+            without materialising the (B, T, V) logits (model/head.py).
+        sum_target_log_probs: return the sum of the target log-probs (0-d) rather than one per position, which lets
+            backward skip recomputing logits (use it for a cross-entropy loss).
+        return_entropy: also return each kept position's entropy (no gradient), with targets.
 
-        Returns {'logits': (B, T or k, V), 'aux_loss': sum of the MoE layers' aux losses (0-d fp32) in training mode,
-        None in eval mode or without MoE, 'past_key_values': the cache or None}.
+        Returns {'logits': (B, T or k, V), or None with targets, 'aux_loss': sum of the MoE layers' aux losses (0-d
+        fp32) in training mode, None in eval mode or without MoE, 'past_key_values': the cache or None}, and with
+        targets 'target_log_probs' ((B, T or k) fp32, 0 where not scored, or their sum) and 'entropy' ((B, T or k) fp32
+        or None).
         """
         batch, new_len = input_ids.shape
         if use_cache and past_key_values is None:
@@ -96,5 +108,9 @@ class CortexModel(nn.Module):
 
         if logits_to_keep > 0:
             x = x[:, -logits_to_keep:]  # the norm is per position, so slicing first saves work
-        logits = self.lm_head(self.head_norm(x))
-        return {"logits": logits, "aux_loss": aux_loss, "past_key_values": past_key_values}
+        x = self.head_norm(x)
+        out = {"aux_loss": aux_loss, "past_key_values": past_key_values}
+        if targets is None:
+            return out | {"logits": self.lm_head(x)}
+        log_probs, entropy = self.lm_head(x, targets, sum_target_log_probs, return_entropy)
+        return out | {"logits": None, "target_log_probs": log_probs, "entropy": entropy}

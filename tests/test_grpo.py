@@ -112,7 +112,7 @@ def test_rollout_sequences_mask_truncation_and_left_padded_scoring_match_unpadde
 
     torch.manual_seed(0)
     model = CortexModel(tiny_config(64)).eval()
-    _, _, logps = completion_forward(model, seqs)
+    _, logps = completion_forward(model, seqs)
     for row, prompt in enumerate([[3, 4, 5, 6], [7, 8]]):
         n = int(seqs["completion_mask"][row].sum())
         ids = torch.tensor([prompt + completions[row, :n].tolist()])
@@ -129,13 +129,13 @@ def test_one_update_makes_the_better_completion_more_likely_and_the_worse_less()
         torch.manual_seed(0)
         model = CortexModel(tiny_config(64))
         with torch.no_grad():
-            before = (completion_forward(model, seqs)[2] * mask).sum(-1)
-        logps = completion_forward(model, seqs)[2]
+            before = (completion_forward(model, seqs)[1] * mask).sum(-1)
+        logps = completion_forward(model, seqs)[1]
         loss = clipped_policy_loss(importance_ratio(logps, logps.detach(), mask, level), advantages, 3e-4, 4e-4)
         aggregate(loss, mask, "grpo", max_new_tokens=3).backward()
         torch.optim.SGD(model.parameters(), lr=0.05).step()
         with torch.no_grad():
-            after = (completion_forward(model, seqs)[2] * mask).sum(-1)
+            after = (completion_forward(model, seqs)[1] * mask).sum(-1)
         assert after[0] > before[0] and after[1] < before[1], level
 
 

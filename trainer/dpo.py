@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from trainer.config import DPOConfig
 from trainer.data import IGNORE_INDEX
-from trainer.tasks import LossOutput, Task, frozen_reference_model, policy_autocast, token_log_probs
+from trainer.tasks import LossOutput, Task, frozen_reference_model, next_token_targets, policy_autocast
 
 LOSS_TYPES = ("sigmoid", "ipo")
 
@@ -36,11 +36,13 @@ def response_mask(input_ids: torch.Tensor, labels: torch.Tensor, assistant_id: i
     return keep[:, 1:].float()
 
 
-def sequence_log_probs(logits: torch.Tensor, input_ids: torch.Tensor,
-                       mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of the response tokens' log-probs (B,), number of response tokens (B,)); logits (B, T, V), mask (B, T-1)."""
-    logps = token_log_probs(logits[:, :-1], input_ids[:, 1:])
-    return (logps * mask).sum(dim=-1), mask.sum(dim=-1)
+def sequence_log_probs(forward, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                       mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """(sum of the response tokens' log-probs (B,), number of response tokens (B,), the model output);
+    mask (B, T-1) marks the response targets input_ids[:, 1:]."""
+    targets = next_token_targets(input_ids.masked_fill(F.pad(mask, (1, 0)) == 0, IGNORE_INDEX))
+    out = forward(input_ids=input_ids, attention_mask=attention_mask, targets=targets)
+    return out["target_log_probs"].sum(dim=-1), mask.sum(dim=-1), out
 
 
 def dpo_losses(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
@@ -84,8 +86,7 @@ class DPOTask(Task):
             self._reference = frozen_reference_model(self.config, backend)
         input_ids, attention_mask, mask = self._pairs(batch)
         with policy_autocast(backend):
-            logits = self._reference(input_ids=input_ids, attention_mask=attention_mask)["logits"]
-        sums, _ = sequence_log_probs(logits, input_ids, mask)
+            sums, _, _ = sequence_log_probs(self._reference, input_ids, attention_mask, mask)
         chosen, rejected = sums.chunk(2)
         return {**batch, "ref_chosen_logps": chosen, "ref_rejected_logps": rejected}
 
@@ -97,8 +98,7 @@ class DPOTask(Task):
             raise KeyError("a DPO batch needs the reference log-probs: pass it through DPOTask.with_reference first")
         d = self.dpo
         input_ids, attention_mask, mask = self._pairs(batch)
-        out = forward(input_ids=input_ids, attention_mask=attention_mask)
-        sums, counts = sequence_log_probs(out["logits"], input_ids, mask)
+        sums, counts, out = sequence_log_probs(forward, input_ids, attention_mask, mask)
         chosen, rejected = sums.chunk(2)
         losses, delta = dpo_losses(chosen, rejected, batch["ref_chosen_logps"], batch["ref_rejected_logps"], d.beta,
                                    d.label_smoothing, d.loss_type)

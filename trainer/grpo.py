@@ -22,11 +22,13 @@ import time
 from typing import Iterator
 
 import torch
+import torch.nn.functional as F
 
 from model import batch_generate, left_pad
 from trainer.config import GRPOConfig
+from trainer.data import IGNORE_INDEX
 from trainer.rewards import RewardFn, Sample, exact_match_reward, resolve_reward
-from trainer.tasks import LossOutput, Task, frozen_reference_model, policy_autocast, token_log_probs
+from trainer.tasks import LossOutput, Task, frozen_reference_model, policy_autocast
 
 LEVELS = ("seq", "token")
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo")
@@ -105,11 +107,6 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (values * mask).sum() / mask.sum().clamp(min=1)
 
 
-def token_entropy(logits: torch.Tensor) -> torch.Tensor:
-    log_probs = logits.float().log_softmax(dim=-1)
-    return -(log_probs.exp() * log_probs).sum(dim=-1)
-
-
 def rollout_sequences(prompts: list[list[int]], completions: torch.Tensor, eos_id: int, pad_id: int) -> dict:
     """[left-padded prompt | completion] rows for scoring. The completion mask keeps each row's tokens up to and
     including its first </s> (a sampled <pad> is a real token; what follows </s> is filler); position ids count real
@@ -123,14 +120,17 @@ def rollout_sequences(prompts: list[list[int]], completions: torch.Tensor, eos_i
             "completion_mask": completion_mask.float(), "truncated": ~is_eos.any(dim=-1)}
 
 
-def completion_forward(forward, batch: dict) -> tuple[dict, torch.Tensor, torch.Tensor]:
-    """One forward over [prompt | completion] -> (model output, logits (N, L, V) predicting the completion tokens,
-    their log-probs (N, L) in fp32)."""
+def completion_forward(forward, batch: dict, with_entropy: bool = False) -> tuple[dict, torch.Tensor]:
+    """One forward over [prompt | completion] -> (model output, log-probs (N, L) fp32 of the completion tokens).
+    The output's 'entropy' (N, L), when asked for, is that of each completion position's distribution."""
     completion_ids = batch["completion_ids"]
+    targets = F.pad(completion_ids, (0, 1), value=IGNORE_INDEX)  # the last position predicts past the completion
     out = forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                  position_ids=batch["position_ids"], logits_to_keep=completion_ids.shape[1] + 1)
-    logits = out["logits"][:, :-1]
-    return out, logits, token_log_probs(logits, completion_ids)
+                  position_ids=batch["position_ids"], logits_to_keep=completion_ids.shape[1] + 1, targets=targets,
+                  return_entropy=with_entropy)
+    if with_entropy:
+        out["entropy"] = out["entropy"][:, :-1]
+    return out, out["target_log_probs"][:, :-1]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -207,7 +207,7 @@ class GRPOTask(Task):
                                          top_p=g.top_p)
             seconds = time.perf_counter() - start
             seqs = rollout_sequences(prompts, completions, tok.eos_id, tok.pad_id)
-            old_logps = completion_forward(model, seqs)[2] if score else None
+            old_logps = completion_forward(model, seqs)[1] if score else None
         return seqs, old_logps, seconds
 
     @torch.no_grad()
@@ -221,7 +221,7 @@ class GRPOTask(Task):
             if self._reference is None:
                 self._reference = frozen_reference_model(self.config, backend)
             with policy_autocast(backend):
-                seqs["ref_logps"] = completion_forward(self._reference, seqs)[2]
+                seqs["ref_logps"] = completion_forward(self._reference, seqs)[1]
         rewards = self._rewards(self._samples(rows, seqs, [a for a in answers for _ in range(g.group_size)]),
                                 backend.device)
         seqs["advantages"], zero_std = group_advantages(rewards, g.group_size, g.advantage_eps)
@@ -250,7 +250,7 @@ class GRPOTask(Task):
     # --- loss ---
     def loss(self, forward, batch: dict) -> LossOutput:
         g = self.grpo
-        out, logits, logps = completion_forward(forward, batch)
+        out, logps = completion_forward(forward, batch, with_entropy=True)
         mask, advantages = batch["completion_mask"], batch["advantages"]
         ratio = importance_ratio(logps, batch["old_logps"], mask, g.importance_sampling_level)
         token_loss = clipped_policy_loss(ratio, advantages, g.clip_eps_low, g.clip_eps_high)
@@ -271,7 +271,7 @@ class GRPOTask(Task):
                 "clip_low": masked_mean(((ratio < 1 - g.clip_eps_low) & (a < 0)).float(), mask),
                 "clip_high": masked_mean(((ratio > 1 + g.clip_eps_high) & (a > 0)).float(), mask),
                 "approx_kl": masked_mean(log_ratio.exp() - 1 - log_ratio, mask),  # k3 of KL(old || current)
-                "entropy": masked_mean(token_entropy(logits), mask),
+                "entropy": masked_mean(out["entropy"], mask),
                 **batch["rollout_metrics"]}
         return LossOutput(total, metrics, int(batch["attention_mask"].sum()))
 

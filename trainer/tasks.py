@@ -31,18 +31,17 @@ class LossOutput:
     num_tokens: int = 0                             # tokens processed (for tokens/s and MFU)
 
 
-def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Next-token cross entropy: position t predicts labels[t+1]; IGNORE_INDEX labels do not count.
-    A token mean over the micro-batch, computed in fp32."""
-    shift_logits = logits[:, :-1, :].float()
-    shift_labels = labels[:, 1:]
-    return F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
-                           ignore_index=IGNORE_INDEX)
+def next_token_targets(labels: torch.Tensor) -> torch.Tensor:
+    """(B, T) labels -> (B, T) targets: position t predicts labels[t+1]; the last position predicts nothing."""
+    return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
 
 
-def token_log_probs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits)[target] per position, in fp32: logits (..., V), targets (...) -> (...)."""
-    return torch.gather(logits.float().log_softmax(dim=-1), -1, targets.unsqueeze(-1)).squeeze(-1)
+def lm_loss(forward, inputs: dict, labels: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """Next-token cross entropy, a token mean over the micro-batch (IGNORE_INDEX labels do not count), computed in fp32
+    by the model's chunked head without the (B, T, V) logits. Returns (loss, the model output)."""
+    targets = next_token_targets(labels)
+    out = forward(**inputs, targets=targets, sum_target_log_probs=True)
+    return -out["target_log_probs"] / (targets != IGNORE_INDEX).sum().clamp(min=1), out
 
 
 def policy_autocast(backend):
@@ -128,8 +127,7 @@ class LanguageModelingTask(Task):
         self.shuffle = kind == "sft"  # pretrain shards are already document-shuffled; windows stay in file order
 
     def loss(self, forward, batch):
-        out = forward(**model_inputs(batch))
-        lm = lm_loss(out["logits"], batch["labels"])
+        lm, out = lm_loss(forward, model_inputs(batch), batch["labels"])
         aux = out.get("aux_loss")
         total = lm + self.config.aux_loss_coef * aux if aux is not None else lm
         metrics = {"lm_loss": lm.detach(), "aux_loss": (aux if aux is not None else torch.zeros(())).detach()}

@@ -1,0 +1,148 @@
+"""The output head: logits, or log-probabilities of given target tokens computed in chunks of positions.
+
+Scoring targets is what training (cross entropy, GRPO and DPO log-probs) and evaluation need, and it does not need the
+(N, V) logits: with Cortex's 46957-token vocabulary they are the largest tensors of a step (8 x 2048 positions: 3 GB in
+fp32, and as much again for their gradient). `target_log_probs` projects a chunk of positions at a time and keeps only
+what the result and its gradient need, so memory no longer grows with N x V and the logits never leave a cache-sized
+chunk.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IGNORE_INDEX = -100  # a target that is not scored: log-prob 0, no gradient
+CHUNK_ELEMENTS = 1 << 23  # logits per chunk (8M: 32 MB in fp32); a chunk is CHUNK_ELEMENTS // vocab_size positions
+
+
+def chunk_positions(vocab_size: int) -> int:
+    return max(1, CHUNK_ELEMENTS // vocab_size)
+
+
+def _matmul_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype the projection computes in: autocast's when it is on (as nn.Linear would), else the weight's."""
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return torch.promote_types(hidden.dtype, weight.dtype)
+
+
+def _accumulate(total: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """total += a @ b, in total's dtype (fp32) whatever the dtype of a and b."""
+    if a.dtype == total.dtype:
+        total.addmm_(a, b)
+    else:
+        total += (a @ b).to(total.dtype)
+
+
+class _TargetLogProbs(torch.autograd.Function):
+    """hidden (N, H), weight (V, H), targets (N,) -> log-probs (N,) fp32 (or their sum when `summed`), entropy (N,).
+
+    Per chunk of positions: logits, their log-sum-exp, the target's logit. The gradient of log p_t with respect to the
+    logits is onehot(t) - softmax. When only the sum of the log-probs is wanted (the cross-entropy loss), the upstream
+    gradient is one scalar, so the chunk's gradients are formed right away from the logits at hand and scaled in
+    backward (three projections in all, as the plain path). Per-position log-probs get any upstream gradient, so
+    backward recomputes each chunk's logits (four projections)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, compute_dtype, summed, with_entropy, precompute):
+        hidden_c, weight_c = hidden.to(compute_dtype), weight.to(compute_dtype)
+        scored = targets != IGNORE_INDEX
+        safe_targets = targets.clamp(min=0)
+        row_grad = scored.float()  # the upstream gradient of sum(log-probs), per position
+        grad_hidden = torch.empty_like(hidden) if precompute else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if precompute else None
+        num_positions = hidden.shape[0]
+        log_sum_exp = torch.empty(num_positions, dtype=torch.float32, device=hidden.device)
+        target_logits = torch.empty_like(log_sum_exp)
+        entropy = torch.empty_like(log_sum_exp) if with_entropy else log_sum_exp.new_empty(0)
+        step = chunk_positions(weight.shape[0])
+        for start in range(0, num_positions, step):
+            rows = slice(start, start + step)
+            logits = (hidden_c[rows] @ weight_c.t()).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            log_sum_exp[rows] = lse
+            target_logits[rows] = logits.gather(1, safe_targets[rows, None]).squeeze(1)
+            if with_entropy or precompute:
+                probs = logits.sub(lse[:, None]).exp_()
+                if with_entropy:  # H = lse - sum_v p_v * logit_v
+                    entropy[rows] = lse - (probs * logits).sum(dim=-1)
+                if precompute:
+                    grad_logits = _grad_logits(probs, safe_targets[rows], row_grad[rows]).to(compute_dtype)
+                    grad_hidden[rows] = grad_logits @ weight_c
+                    _accumulate(grad_weight, grad_logits.t(), hidden_c[rows])
+        log_probs = torch.where(scored, target_logits - log_sum_exp, 0.0)
+        ctx.mark_non_differentiable(entropy)
+        ctx.precompute = precompute
+        if precompute:
+            ctx.save_for_backward(grad_hidden, grad_weight)
+            ctx.weight_dtype = weight.dtype
+            return log_probs.sum(), entropy
+        ctx.save_for_backward(hidden, targets, log_sum_exp)
+        # The weight is kept as the Parameter object, not saved as a tensor: under DeepSpeed ZeRO-3 its storage is
+        # released after forward and gathered again before this module's backward, and backward must see that one.
+        ctx.weight, ctx.compute_dtype = weight, compute_dtype
+        return (log_probs.sum() if summed else log_probs), entropy
+
+    @staticmethod
+    def backward(ctx, grad_output, _grad_entropy):
+        if ctx.precompute:  # gradients formed in forward, for an upstream gradient of 1
+            grad_hidden, grad_weight = ctx.saved_tensors
+            return grad_hidden * grad_output, (grad_weight * grad_output).to(ctx.weight_dtype), None, None, None, None, None
+        hidden, targets, log_sum_exp = ctx.saved_tensors
+        weight, compute_dtype = ctx.weight, ctx.compute_dtype
+        hidden_c, weight_c = hidden.to(compute_dtype), weight.to(compute_dtype)
+        row_grad = torch.where(targets != IGNORE_INDEX, grad_output, 0.0).float()
+        safe_targets = targets.clamp(min=0)
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32)
+        step = chunk_positions(weight.shape[0])
+        for start in range(0, hidden.shape[0], step):
+            rows = slice(start, start + step)
+            probs = (hidden_c[rows] @ weight_c.t()).float().sub_(log_sum_exp[rows, None]).exp_()
+            grad_logits = _grad_logits(probs, safe_targets[rows], row_grad[rows]).to(compute_dtype)
+            grad_hidden[rows] = grad_logits @ weight_c
+            _accumulate(grad_weight, grad_logits.t(), hidden_c[rows])
+        return grad_hidden, grad_weight.to(weight.dtype), None, None, None, None, None
+
+
+def _grad_logits(probs: torch.Tensor, targets: torch.Tensor, row_grad: torch.Tensor) -> torch.Tensor:
+    """d(sum_r g_r log p_r[t_r]) / d logits = g_r (onehot(t_r) - p_r), written over probs (c, V)."""
+    grad = probs.mul_(-row_grad[:, None])
+    return grad.scatter_add_(1, targets[:, None], row_grad[:, None])
+
+
+def target_log_probs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, summed: bool = False,
+                     with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log softmax(hidden @ weight.T)[target] per position, without materialising all logits.
+
+    hidden (..., H), weight (V, H), targets (...) long with IGNORE_INDEX for unscored positions.
+    Returns (log-probs (...) fp32, 0 where ignored, or their sum (0-d) when summed; the entropy of each position's
+    distribution (...) fp32, without gradient, when with_entropy, else None)."""
+    if targets.shape != hidden.shape[:-1]:
+        raise ValueError(f"targets has shape {tuple(targets.shape)}, expected {tuple(hidden.shape[:-1])} (one per position)")
+    compute_dtype = _matmul_dtype(hidden, weight)
+    # For a sum, gradients are formed in forward, so only when they will be wanted
+    precompute = summed and torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    with torch.autocast(hidden.device.type, enabled=False):  # the function casts for itself
+        log_probs, entropy = _TargetLogProbs.apply(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1),
+                                                   compute_dtype, summed, with_entropy, precompute)
+    if not summed:
+        log_probs = log_probs.view(targets.shape)
+    return log_probs, entropy.view(targets.shape) if with_entropy else None
+
+
+class LMHead(nn.Linear):
+    """The vocabulary projection (state-dict key `lm_head.weight`, no bias).
+
+    head(x) gives logits; head(x, targets, ...) gives target log-probs (see target_log_probs). Both run through this module's forward so that
+    DeepSpeed ZeRO-3, which gathers a module's parameters around its forward, sees the weight in use."""
+
+    def __init__(self, hidden_size: int, vocab_size: int):
+        super().__init__(hidden_size, vocab_size, bias=False)
+
+    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None, summed: bool = False,
+                with_entropy: bool = False):
+        if targets is None:
+            return F.linear(x, self.weight)
+        return target_log_probs(x, self.weight, targets, summed, with_entropy)

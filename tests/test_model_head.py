@@ -1,0 +1,103 @@
+"""The chunked target-scoring head equals log_softmax over full logits, in value and gradient."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import model.head as head
+from model import CortexModel, tiny_config
+from model.head import IGNORE_INDEX, target_log_probs
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    # 5 positions per chunk for a 64-token vocabulary, so every test crosses chunk boundaries (and a ragged last one)
+    monkeypatch.setattr(head, "CHUNK_ELEMENTS", 5 * 64)
+
+
+def _plain(hidden, weight, targets):
+    log_probs = F.linear(hidden, weight).float().log_softmax(-1)
+    picked = log_probs.gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1)
+    entropy = -(log_probs.exp() * log_probs).sum(-1)
+    return torch.where(targets == IGNORE_INDEX, 0.0, picked), entropy
+
+
+def _inputs(dtype=torch.float32):
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(3, 7, 16, generator=gen, dtype=dtype).requires_grad_()
+    weight = torch.randn(64, 16, generator=gen, dtype=dtype).requires_grad_()
+    targets = torch.randint(0, 64, (3, 7), generator=gen)
+    targets[0, :2] = IGNORE_INDEX
+    targets[2, -1] = IGNORE_INDEX
+    return hidden, weight, targets
+
+
+def _grads(loss, *tensors):
+    return torch.autograd.grad(loss, tensors)
+
+
+@pytest.mark.parametrize("summed", [False, True])
+def test_log_probs_entropy_and_gradients_equal_the_full_logits_path(small_chunks, summed):
+    hidden, weight, targets = _inputs()
+    expected, expected_entropy = _plain(hidden, weight, targets)
+    log_probs, entropy = target_log_probs(hidden, weight, targets, summed=summed, with_entropy=True)
+    assert torch.allclose(entropy, expected_entropy, atol=1e-5) and not entropy.requires_grad
+    if summed:
+        assert log_probs.shape == () and torch.allclose(log_probs, expected.sum(), atol=1e-4)
+        upstream, expected_loss = -0.37, -0.37 * expected.sum()
+        ours = _grads(upstream * log_probs, hidden, weight)
+    else:
+        assert log_probs.shape == (3, 7) and torch.allclose(log_probs, expected, atol=1e-5)
+        assert (log_probs[targets == IGNORE_INDEX] == 0).all()
+        upstream = torch.randn(3, 7, generator=torch.Generator().manual_seed(1))  # any per-position gradient
+        expected_loss = (upstream * expected).sum()
+        ours = _grads((upstream * log_probs).sum(), hidden, weight)
+    for got, want in zip(ours, _grads(expected_loss, hidden, weight)):
+        assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_no_gradients_are_formed_without_autograd(small_chunks):
+    hidden, weight, targets = _inputs()
+    with torch.no_grad():
+        total, _ = target_log_probs(hidden, weight, targets, summed=True)
+    assert not total.requires_grad
+    assert torch.allclose(total, _plain(hidden, weight, targets)[0].sum(), atol=1e-4)
+
+
+def test_autocast_projects_in_bf16_and_scores_in_fp32(small_chunks):
+    hidden, weight, targets = _inputs()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        log_probs, _ = target_log_probs(hidden, weight, targets)
+        logits = F.linear(hidden, weight)  # what nn.Linear gives under autocast
+    assert log_probs.dtype == torch.float32
+    expected = logits.float().log_softmax(-1).gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1)
+    assert torch.allclose(log_probs, torch.where(targets == IGNORE_INDEX, 0.0, expected), atol=1e-5)
+    grad_weight, = _grads(log_probs.sum(), weight)
+    assert grad_weight.dtype == torch.float32
+
+
+def test_a_bf16_model_gets_bf16_gradients(small_chunks):
+    hidden, weight, targets = _inputs(torch.bfloat16)
+    total, _ = target_log_probs(hidden, weight, targets, summed=True)
+    grad_hidden, grad_weight = _grads(total, hidden, weight)
+    assert total.dtype == torch.float32 and grad_hidden.dtype == grad_weight.dtype == torch.bfloat16
+
+
+def test_target_shape_must_match_the_positions():
+    hidden, weight, targets = _inputs()
+    with pytest.raises(ValueError, match=r"targets has shape \(3, 6\), expected \(3, 7\)"):
+        target_log_probs(hidden, weight, targets[:, :6])
+
+
+def test_model_scores_targets_like_its_logits(small_chunks):
+    torch.manual_seed(0)
+    model = CortexModel(tiny_config(64)).train()
+    ids = torch.randint(0, 64, (2, 9))
+    targets = F.pad(ids[:, 1:], (0, 1), value=IGNORE_INDEX)
+    full = model(ids)
+    scored = model(ids, targets=targets, return_entropy=True)
+    assert scored["logits"] is None and torch.equal(scored["aux_loss"], full["aux_loss"])
+    expected = F.cross_entropy(full["logits"][:, :-1].reshape(-1, 64), ids[:, 1:].reshape(-1), reduction="none")
+    assert torch.allclose(-scored["target_log_probs"][:, :-1].reshape(-1), expected, atol=1e-5)
+    kept = model(ids, logits_to_keep=3, targets=targets[:, -3:], sum_target_log_probs=True)["target_log_probs"]
+    assert torch.allclose(kept, scored["target_log_probs"][:, -3:].sum(), atol=1e-5)
