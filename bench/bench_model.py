@@ -3,9 +3,10 @@
     python bench/bench_model.py            # prints one JSON line
 
 Config: the real vocabulary (46957), hidden 256, 4 layers (layer 0 dense), 4 heads / 2 KV heads, 8 routed experts top-2
-+ 1 shared. Train step = forward + cross-entropy (+ 0.001 aux) + backward on a 4 x 256 batch, attention dropout 0.
-"Body" = the same step with logits for the last position only (no 46957-way projection and cross-entropy, which are
-identical work in both models). Decode = batch 1, 16-token prompt, 256 new greedy tokens with a KV cache (ours:
++ 1 shared. Train step = forward + cross-entropy (+ 0.001 aux) + backward on a 4 x 256 batch, attention dropout 0, each
+model computing its loss the way its trainer does: ours scores the targets with the chunked head (model/head.py, as
+trainer/tasks.py does), the reference materialises the (4, 256, 46957) logits for F.cross_entropy.
+"Body" = the same step with logits for the last position only (no 46957-way projection and cross-entropy). Decode = batch 1, 16-token prompt, 256 new greedy tokens with a KV cache (ours:
 model.generate with its fixed-size cache; reference: a plain loop over LlmModel with its own KVCache). Both models hold
 the same weights and are timed in alternating rounds; figures are medians, ratios the median of per-round ratios, which
 evens out load from other processes.
@@ -67,8 +68,13 @@ def reference_model(config: ModelConfig, state_dict):
 def train_step_seconds(model, input_ids, labels) -> float:
     model.train()
     start = time.perf_counter()
-    out = model(input_ids)
-    loss = F.cross_entropy(out["logits"].view(-1, VOCAB), labels.view(-1)) + 0.001 * out["aux_loss"]
+    if isinstance(model, CortexModel):
+        out = model(input_ids, targets=labels, sum_target_log_probs=True)
+        cross_entropy = -out["target_log_probs"] / (labels != -100).sum()
+    else:
+        out = model(input_ids)
+        cross_entropy = F.cross_entropy(out["logits"].view(-1, VOCAB), labels.view(-1))
+    loss = cross_entropy + 0.001 * out["aux_loss"]
     loss.backward()
     elapsed = time.perf_counter() - start
     model.zero_grad(set_to_none=True)

@@ -49,7 +49,7 @@ def process_logits(
 def select_tokens(logits: torch.Tensor, temperature: float | None, generator: torch.Generator | None) -> torch.Tensor:
     """Processed logits (B, V) -> token ids (B,): argmax when greedy, else a draw from softmax(logits)."""
     if not temperature:
-        return logits.argmax(dim=-1)
+        return logits.max(dim=-1).indices  # the first maximum, like argmax, and faster on CPU
     return torch.multinomial(logits.softmax(dim=-1), num_samples=1, generator=generator).squeeze(1)
 
 

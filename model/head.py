@@ -60,13 +60,16 @@ class _TargetLogProbs(torch.autograd.Function):
         for start in range(0, num_positions, step):
             rows = slice(start, start + step)
             logits = (hidden_c[rows] @ weight_c.t()).float()
-            lse = torch.logsumexp(logits, dim=-1)
-            log_sum_exp[rows] = lse
             target_logits[rows] = logits.gather(1, safe_targets[rows, None]).squeeze(1)
+            # log-sum-exp and softmax from one exp pass, in place unless the entropy still needs the logits
+            row_max = logits.amax(dim=-1, keepdim=True)
+            exp = (logits - row_max if with_entropy else logits.sub_(row_max)).exp_()
+            sum_exp = exp.sum(dim=-1, keepdim=True)
+            log_sum_exp[rows] = (row_max + sum_exp.log()).squeeze(1)
             if with_entropy or precompute:
-                probs = logits.sub(lse[:, None]).exp_()
+                probs = exp.div_(sum_exp)
                 if with_entropy:  # H = lse - sum_v p_v * logit_v
-                    entropy[rows] = lse - (probs * logits).sum(dim=-1)
+                    entropy[rows] = log_sum_exp[rows] - (probs * logits).sum(dim=-1)
                 if precompute:
                     grad_logits = _grad_logits(probs, safe_targets[rows], row_grad[rows]).to(compute_dtype)
                     grad_hidden[rows] = grad_logits @ weight_c

@@ -62,15 +62,17 @@ class MoE(nn.Module):
     def _run_experts(self, flat: torch.Tensor, expert_idx: torch.Tensor) -> torch.Tensor:
         """Sort the N*K (token, expert) assignments by expert, run each expert once on its contiguous slice, unsort."""
         num_tokens, top_k = expert_idx.shape
-        assignments = expert_idx.reshape(-1)
-        order = assignments.argsort(stable=True)
-        counts = torch.bincount(assignments, minlength=self.num_experts).tolist()
-        tokens = flat.index_select(0, order // top_k)
         # With autograd on, or with DeepSpeed ZeRO-3 partitioned parameters (they carry `ds_id`), every expert is called,
         # even on zero rows: ZeRO-3 gathers each expert's parameters collectively, so all ranks must make the same calls
         # or they hang, and DDP expects a gradient for every parameter. Otherwise (plain inference) empty experts are
         # skipped, which matters when decoding one token at a time.
         call_every_expert = torch.is_grad_enabled() or hasattr(self.gate.weight, "ds_id")
+        if num_tokens == 1 and not call_every_expert:  # one-row decoding: just the K chosen experts, nothing to sort
+            return torch.cat([self.experts[e](flat) for e in expert_idx[0].tolist()]).view(1, top_k, -1)
+        assignments = expert_idx.reshape(-1)
+        order = assignments.argsort(stable=True)
+        counts = torch.bincount(assignments, minlength=self.num_experts).tolist()
+        tokens = flat.index_select(0, order // top_k)
         outputs = [
             expert(chunk)
             for expert, chunk, count in zip(self.experts, tokens.split(counts), counts)
