@@ -44,3 +44,31 @@ def test_smart_train_returns_the_child_exit_status(tmp_path):
     assert "args ['--flag', 'x']" in result.stdout and "run command:" in result.stdout
     missing = subprocess.run([sys.executable, "-m", "trainer.launch", str(tmp_path / "nope.py")], capture_output=True, text=True)
     assert missing.returncode != 0 and "not found" in missing.stderr
+
+
+def test_a_torchrun_rank_runs_the_script_like_python_and_keeps_its_exit_status(tmp_path):
+    """`python -m trainer.launch --run-rank SCRIPT` (how smart_train starts torchrun ranks) behaves like
+    `python SCRIPT`: argv and import path, atexit functions and threads on success, traceback or sys.exit status."""
+    (tmp_path / "helper_module.py").write_text("VALUE = 'imported next to the script'\n")
+    ok = tmp_path / "ok.py"
+    ok.write_text(
+        "import atexit, sys, threading, time\n"
+        "import helper_module\n"
+        "print('argv', sys.argv, helper_module.VALUE)\n"
+        "atexit.register(lambda: print('atexit ran', flush=True))\n"
+        "threading.Thread(target=lambda: (time.sleep(0.2), print('thread finished', flush=True))).start()\n"
+    )
+    result = subprocess.run([sys.executable, "-m", "trainer.launch", "--run-rank", str(ok), "--a", "1"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert f"argv ['{ok}', '--a', '1'] imported next to the script" in result.stdout
+    assert "thread finished" in result.stdout and "atexit ran" in result.stdout
+
+    raises = tmp_path / "raises.py"
+    raises.write_text("raise RuntimeError('boom')\n")
+    result = subprocess.run([sys.executable, "-m", "trainer.launch", "--run-rank", str(raises)], capture_output=True,
+                            text=True)
+    assert result.returncode == 1 and "RuntimeError: boom" in result.stderr
+    exits = tmp_path / "exits.py"
+    exits.write_text("import sys\nsys.exit(3)\n")
+    assert subprocess.run([sys.executable, "-m", "trainer.launch", "--run-rank", str(exits)]).returncode == 3

@@ -147,6 +147,8 @@ class Backend:
 
     def close(self) -> None:
         if dist.is_available() and dist.is_initialized():
+            # Every rank is past its last collective before any rank moves on: a rank started by smart_train then
+            # ends its process at once (trainer/launch.py run_rank), and no peer may still be waiting on it.
             dist.barrier()
             dist.destroy_process_group()
 

@@ -8,12 +8,18 @@ Launcher flags (everything between the script and `--`) go to the launcher: with
 that is the `deepspeed` launcher (`--include`, `--exclude`, `--num_gpus`, `--num_nodes`, `--hostfile`, `--master_port`, ...).
 Otherwise the DeepSpeed process-count flags are translated for torchrun (several processes, e.g. on CPU with gloo)
 or the script runs in this process's interpreter. The exit status is the child's.
+
+torchrun starts each rank as `python -m trainer.launch --run-rank SCRIPT [script args]` (see run_rank): the rank runs
+the script and then ends without the interpreter's final teardown, which could otherwise abort a rank that had
+completed its stage.
 """
 from __future__ import annotations
 
 import argparse
+import atexit
 import importlib.util
 import os
+import runpy
 import shlex
 import shutil
 import subprocess
@@ -21,6 +27,9 @@ import sys
 from dataclasses import dataclass, field
 
 import torch
+
+
+RUN_RANK = "--run-rank"
 
 
 @dataclass
@@ -88,12 +97,48 @@ def plan_launch(script: str, launcher_args: list[str], script_args: list[str], u
         if flags.master_port:
             cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={nproc}",
                    "--master_addr=127.0.0.1", f"--master_port={flags.master_port}"]
-        return LaunchPlan([*cmd, script, *script_args], env)
+        return LaunchPlan([*cmd, "-m", "trainer.launch", RUN_RANK, script, *script_args], env)
     return LaunchPlan([sys.executable, script, *script_args], env)
 
 
+def run_rank(script: str, script_args: list[str]) -> None:
+    """One rank of a torchrun launch: run the script as `python SCRIPT` would; when it succeeds, the process then ends
+    as the interpreter ends one (non-daemon threads joined, atexit functions run, output flushed) minus the final
+    teardown.
+
+    Why: the process groups' C++ worker threads (gloo's pt_gloo_runloop) outlive the run: destroy_process_group() does
+    not free groups that DeepSpeed (engine, optimizer, every parameter's ds_process_group, caches) and
+    torch.distributed.nn still reference. Such a thread frees each finished collective's tensors itself, and when
+    Python has dropped a tensor first, it needs the GIL to free the tensor's Python object. During the interpreter's
+    teardown Python ends a thread that asks for the GIL with pthread_exit, here inside a noexcept destructor:
+    std::terminate ("terminate called without an active exception", SIGABRT) on a rank that had completed its stage.
+    Without the teardown there is no race. Every rank has passed its last collective by then (Backend.close ends with
+    a barrier), so no peer waits on this one.
+    An exception or sys.exit in the script takes the normal way out (traceback, its exit status)."""
+    succeeded = False
+
+    def end_before_teardown():
+        if succeeded:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
+
+    atexit.register(end_before_teardown)  # registered first, so it runs after every atexit function the script adds
+    sys.argv = [script, *script_args]
+    sys.path[0] = os.path.dirname(os.path.abspath(script))  # its imports resolve as under `python SCRIPT`
+    runpy.run_path(script, run_name="__main__")
+    succeeded = True
+
+
 def main(argv: list[str] | None = None) -> int:
-    script, launcher_args, script_args = split_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == [RUN_RANK]:
+        if len(argv) < 2:
+            raise SystemExit(f"usage: python -m trainer.launch {RUN_RANK} SCRIPT.py [script args] "
+                             f"(how smart_train starts each rank under torchrun)")
+        run_rank(argv[1], argv[2:])
+        return 0
+    script, launcher_args, script_args = split_args(argv)
     if not os.path.isfile(script):
         raise SystemExit(f"smart_train: script {script!r} not found (run it from the repository root, e.g. "
                          f"`smart_train train_pretrain_stage0.py`)")
