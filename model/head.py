@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 IGNORE_INDEX = -100  # a target that is not scored: log-prob 0, no gradient
-CHUNK_ELEMENTS = 1 << 23  # logits per chunk (8M: 32 MB in fp32); a chunk is CHUNK_ELEMENTS // vocab_size positions
+CHUNK_ELEMENTS = 1 << 24  # logits per chunk (16M: 64 MB in fp32); a chunk is CHUNK_ELEMENTS // vocab_size positions
 
 
 def chunk_positions(vocab_size: int) -> int:
@@ -27,12 +27,32 @@ def _matmul_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     return torch.promote_types(hidden.dtype, weight.dtype)
 
 
-def _accumulate(total: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """total += a @ b, in total's dtype (fp32) whatever the dtype of a and b."""
-    if a.dtype == total.dtype:
-        total.addmm_(a, b)
+def _project(hidden_rows: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """A chunk's logits, written into `out`, an fp32 buffer reused for every chunk: a fresh tens-of-MB tensor per chunk
+    would cost its page faults each time."""
+    if hidden_rows.dtype == out.dtype:
+        return torch.mm(hidden_rows, weight.t(), out=out)
+    return out.copy_(hidden_rows @ weight.t())
+
+
+def _matmul_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool) -> None:
+    """out = a @ b, or out += a @ b, in out's dtype whatever the dtype of a and b."""
+    if a.dtype != out.dtype:
+        product = (a @ b).to(out.dtype)
+        out.add_(product) if accumulate else out.copy_(product)
+    elif accumulate:
+        out.addmm_(a, b)
     else:
-        total += (a @ b).to(total.dtype)
+        torch.mm(a, b, out=out)
+
+
+def _chunk_gradients(probs, targets, row_grad, hidden_rows, weight, grad_hidden_rows, grad_weight, first: bool) -> None:
+    """From a chunk's softmax: the gradient of sum_r g_r log p_r[t_r] for its hidden rows (written) and for the weight
+    (accumulated over chunks); probs (c, V) is overwritten."""
+    grad_logits = probs.mul_(-row_grad[:, None]).scatter_add_(1, targets[:, None], row_grad[:, None])  # g (onehot - p)
+    grad_logits = grad_logits.to(weight.dtype)
+    _matmul_into(grad_hidden_rows, grad_logits, weight, accumulate=False)
+    _matmul_into(grad_weight, grad_logits.t(), hidden_rows, accumulate=not first)
 
 
 class _TargetLogProbs(torch.autograd.Function):
@@ -50,20 +70,23 @@ class _TargetLogProbs(torch.autograd.Function):
         scored = targets != IGNORE_INDEX
         safe_targets = targets.clamp(min=0)
         row_grad = scored.float()  # the upstream gradient of sum(log-probs), per position
+        num_positions, vocab_size = hidden.shape[0], weight.shape[0]
         grad_hidden = torch.empty_like(hidden) if precompute else None
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if precompute else None
-        num_positions = hidden.shape[0]
+        grad_weight = torch.empty_like(weight, dtype=torch.float32) if precompute else None
         log_sum_exp = torch.empty(num_positions, dtype=torch.float32, device=hidden.device)
         target_logits = torch.empty_like(log_sum_exp)
         entropy = torch.empty_like(log_sum_exp) if with_entropy else log_sum_exp.new_empty(0)
-        step = chunk_positions(weight.shape[0])
+        step = min(chunk_positions(vocab_size), num_positions)
+        logits_buffer = log_sum_exp.new_empty(step, vocab_size)
+        exp_buffer = torch.empty_like(logits_buffer) if with_entropy else None
         for start in range(0, num_positions, step):
             rows = slice(start, start + step)
-            logits = (hidden_c[rows] @ weight_c.t()).float()
+            logits = _project(hidden_c[rows], weight_c, logits_buffer[: len(target_logits[rows])])
             target_logits[rows] = logits.gather(1, safe_targets[rows, None]).squeeze(1)
             # log-sum-exp and softmax from one exp pass, in place unless the entropy still needs the logits
             row_max = logits.amax(dim=-1, keepdim=True)
-            exp = (logits - row_max if with_entropy else logits.sub_(row_max)).exp_()
+            exp = (torch.sub(logits, row_max, out=exp_buffer[: len(logits)]) if with_entropy
+                   else logits.sub_(row_max)).exp_()
             sum_exp = exp.sum(dim=-1, keepdim=True)
             log_sum_exp[rows] = (row_max + sum_exp.log()).squeeze(1)
             if with_entropy or precompute:
@@ -71,9 +94,8 @@ class _TargetLogProbs(torch.autograd.Function):
                 if with_entropy:  # H = lse - sum_v p_v * logit_v
                     entropy[rows] = log_sum_exp[rows] - (probs * logits).sum(dim=-1)
                 if precompute:
-                    grad_logits = _grad_logits(probs, safe_targets[rows], row_grad[rows]).to(compute_dtype)
-                    grad_hidden[rows] = grad_logits @ weight_c
-                    _accumulate(grad_weight, grad_logits.t(), hidden_c[rows])
+                    _chunk_gradients(probs, safe_targets[rows], row_grad[rows], hidden_c[rows], weight_c,
+                                     grad_hidden[rows], grad_weight, first=start == 0)
         log_probs = torch.where(scored, target_logits - log_sum_exp, 0.0)
         ctx.mark_non_differentiable(entropy)
         ctx.precompute = precompute
@@ -98,21 +120,17 @@ class _TargetLogProbs(torch.autograd.Function):
         row_grad = torch.where(targets != IGNORE_INDEX, grad_output, 0.0).float()
         safe_targets = targets.clamp(min=0)
         grad_hidden = torch.empty_like(hidden)
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32)
-        step = chunk_positions(weight.shape[0])
-        for start in range(0, hidden.shape[0], step):
+        grad_weight = torch.empty_like(weight, dtype=torch.float32)
+        num_positions, vocab_size = hidden.shape[0], weight.shape[0]
+        step = min(chunk_positions(vocab_size), num_positions)
+        logits_buffer = log_sum_exp.new_empty(step, vocab_size)
+        for start in range(0, num_positions, step):
             rows = slice(start, start + step)
-            probs = (hidden_c[rows] @ weight_c.t()).float().sub_(log_sum_exp[rows, None]).exp_()
-            grad_logits = _grad_logits(probs, safe_targets[rows], row_grad[rows]).to(compute_dtype)
-            grad_hidden[rows] = grad_logits @ weight_c
-            _accumulate(grad_weight, grad_logits.t(), hidden_c[rows])
+            logits = _project(hidden_c[rows], weight_c, logits_buffer[: len(log_sum_exp[rows])])
+            probs = logits.sub_(log_sum_exp[rows, None]).exp_()
+            _chunk_gradients(probs, safe_targets[rows], row_grad[rows], hidden_c[rows], weight_c, grad_hidden[rows],
+                             grad_weight, first=start == 0)
         return grad_hidden, grad_weight.to(weight.dtype), None, None, None, None, None
-
-
-def _grad_logits(probs: torch.Tensor, targets: torch.Tensor, row_grad: torch.Tensor) -> torch.Tensor:
-    """d(sum_r g_r log p_r[t_r]) / d logits = g_r (onehot(t_r) - p_r), written over probs (c, V)."""
-    grad = probs.mul_(-row_grad[:, None])
-    return grad.scatter_add_(1, targets[:, None], row_grad[:, None])
 
 
 def target_log_probs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, summed: bool = False,
