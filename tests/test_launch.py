@@ -20,7 +20,8 @@ def test_deepspeed_launcher_gets_every_launcher_flag():
     plan = plan_launch("train_cot.py", ["--include", "localhost:1,2", "--master_port", "29600"], ["--max-steps", "3"],
                        use_deepspeed=True)
     assert Path(plan.command[0]).name == "deepspeed"
-    assert plan.command[1:] == ["--include", "localhost:1,2", "--master_port", "29600", "train_cot.py", "--max-steps", "3"]
+    assert plan.command[1:] == ["--include", "localhost:1,2", "--master_port", "29600", "--module", "--no_local_rank",
+                                "trainer.launch", "--run-rank", "train_cot.py", "--max-steps", "3"]
 
 
 def test_without_deepspeed_gpus_flags_are_translated_for_torchrun_or_python():

@@ -9,8 +9,8 @@ that is the `deepspeed` launcher (`--include`, `--exclude`, `--num_gpus`, `--num
 Otherwise the DeepSpeed process-count flags are translated for torchrun (several processes, e.g. on CPU with gloo)
 or the script runs in this process's interpreter. The exit status is the child's.
 
-torchrun starts each rank as `python -m trainer.launch --run-rank SCRIPT [script args]` (see run_rank): the rank runs
-the script and then ends without the interpreter's final teardown, which could otherwise abort a rank that had
+Both launchers start each rank as `python -m trainer.launch --run-rank SCRIPT [script args]` (see run_rank): the rank
+runs the script and then ends without the interpreter's final teardown, which could otherwise abort a rank that had
 completed its stage.
 """
 from __future__ import annotations
@@ -80,7 +80,9 @@ def _devices_from_include(include: str) -> list[str]:
 def plan_launch(script: str, launcher_args: list[str], script_args: list[str], use_deepspeed: bool) -> LaunchPlan:
     if use_deepspeed:
         deepspeed_bin = shutil.which("deepspeed") or os.path.join(os.path.dirname(sys.executable), "deepspeed")
-        return LaunchPlan([deepspeed_bin, *launcher_args, script, *script_args])
+        # Ranks as `python -u -m trainer.launch --run-rank SCRIPT` (see run_rank); LOCAL_RANK comes in the environment
+        return LaunchPlan([deepspeed_bin, *launcher_args, "--module", "--no_local_rank", "trainer.launch", RUN_RANK,
+                           script, *script_args])
 
     flags = _parse_ds_flags(launcher_args)
     env: dict[str, str] = {}
