@@ -3,8 +3,9 @@
 Scoring targets is what training (cross entropy, GRPO and DPO log-probs) and evaluation need, and it does not need the
 (N, V) logits: with Cortex's 46957-token vocabulary they are the largest tensors of a step (8 x 2048 positions: 3 GB in
 fp32, and as much again for their gradient). `target_log_probs` projects a chunk of positions at a time and keeps only
-what the result and its gradient need, so memory no longer grows with N x V and the logits never leave a cache-sized
-chunk.
+what the result and its gradient need, so memory no longer grows with N x V and no pass re-reads logits from the whole
+step. For a summed score (the cross-entropy loss) the gradients are formed in forward, which holds one weight-sized fp32
+gradient until backward.
 """
 
 import torch
@@ -156,8 +157,9 @@ def target_log_probs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.
 class LMHead(nn.Linear):
     """The vocabulary projection (state-dict key `lm_head.weight`, no bias).
 
-    head(x) gives logits; head(x, targets, ...) gives target log-probs (see target_log_probs). Both run through this module's forward so that
-    DeepSpeed ZeRO-3, which gathers a module's parameters around its forward, sees the weight in use."""
+    head(x) gives logits; head(x, targets, ...) gives target log-probs (see target_log_probs). Both run through this
+    module's forward so that DeepSpeed ZeRO-3, which gathers a module's parameters around its forward, sees the weight
+    in use."""
 
     def __init__(self, hidden_size: int, vocab_size: int):
         super().__init__(hidden_size, vocab_size, bias=False)
