@@ -19,9 +19,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from model.head import IGNORE_INDEX  # the label value the model's head does not score (and the loss ignores)
 from trainer.token_files import RaggedTokens, TokenFileError, load_collection, load_stream, token_dtype
 
-IGNORE_INDEX = -100  # label value the loss ignores
 ROLES = ("system", "user", "assistant")
 TASKS = ("pretrain", "sft", "dpo", "grpo")
 Split = Literal["all", "train", "eval"]
