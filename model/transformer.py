@@ -86,6 +86,8 @@ class CortexModel(nn.Module):
         or None).
         """
         batch, new_len = input_ids.shape
+        if targets is None and (sum_target_log_probs or return_entropy):
+            raise ValueError("sum_target_log_probs and return_entropy apply to scored targets: pass targets=... too")
         if use_cache and past_key_values is None:
             past_key_values = KVCache()
         past_len = past_key_values.get_seq_len() if past_key_values is not None else 0

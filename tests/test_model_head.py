@@ -83,10 +83,13 @@ def test_a_bf16_model_gets_bf16_gradients(small_chunks):
     assert total.dtype == torch.float32 and grad_hidden.dtype == grad_weight.dtype == torch.bfloat16
 
 
-def test_target_shape_must_match_the_positions():
+def test_target_shape_must_match_the_positions_and_scoring_options_need_targets():
     hidden, weight, targets = _inputs()
     with pytest.raises(ValueError, match=r"targets has shape \(3, 6\), expected \(3, 7\)"):
         target_log_probs(hidden, weight, targets[:, :6])
+    model = CortexModel(tiny_config(64))
+    with pytest.raises(ValueError, match="pass targets"):
+        model(torch.zeros(1, 4, dtype=torch.long), return_entropy=True)
 
 
 def test_model_scores_targets_like_its_logits(small_chunks):
