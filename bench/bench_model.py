@@ -16,6 +16,7 @@ import json
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -23,32 +24,24 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: model/ and tests/llm_reference.py
 
-from model import CortexModel, ModelConfig, MoEConfig, RoPEConfig, generate
+from model import CortexModel, ModelConfig, cortex_2_5_config, generate
 
 VOCAB, BATCH, SEQ_LEN, PROMPT_LEN, NEW_TOKENS = 46957, 4, 256, 16, 256
 TRAIN_ROUNDS, DECODE_ROUNDS = 5, 5
 
 
 def bench_config() -> ModelConfig:
-    return ModelConfig(
-        vocab_size=VOCAB,
+    """Cortex 2.5's structure and vocabulary at a CPU-sized width and depth."""
+    cortex = cortex_2_5_config()
+    return replace(
+        cortex,
         hidden_size=256,
         intermediate_size=768,
         num_hidden_layers=4,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=512,
         attention_dropout=0.0,
-        rope_config=RoPEConfig(rope_type="default", rope_theta=1e6),
-        moe_config=MoEConfig(
-            intermediate_size=384,
-            n_dense_layer=1,
-            num_experts_per_tok=2,
-            n_shared_experts=1,
-            n_routed_experts=8,
-            seq_aux=True,
-            norm_topk_prob=True,
-        ),
+        moe_config=replace(cortex.moe_config, intermediate_size=384),
     )
 
 

@@ -4,7 +4,7 @@ A config written for the reference (`ModelConfig(vocab_size=..., moe_config=MoEC
 network here, with the same state-dict keys and shapes.
 """
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 
 
 @dataclass(kw_only=True)
@@ -156,7 +156,9 @@ def cortex_2_5_dense_config(long_context: bool = False) -> ModelConfig:
 
 def tiny_config(vocab_size: int, long_context: bool = False) -> ModelConfig:
     """A tiny MoE config with the Cortex structure (dense layer 0, shared + routed experts) for tests and CPU runs."""
-    return ModelConfig(
+    cortex = cortex_2_5_config(long_context)
+    return replace(
+        cortex,
         vocab_size=vocab_size,
         hidden_size=64,
         intermediate_size=128,
@@ -166,16 +168,7 @@ def tiny_config(vocab_size: int, long_context: bool = False) -> ModelConfig:
         max_position_embeddings=256 if long_context else 128,
         original_max_position_embeddings=128 if long_context else None,
         attention_dropout=0.0,
-        rope_config=RoPEConfig(rope_type="yarn" if long_context else "default", rope_theta=1e6),
-        moe_config=MoEConfig(
-            intermediate_size=32,
-            n_dense_layer=1,
-            num_experts_per_tok=2,
-            n_shared_experts=1,
-            n_routed_experts=4,
-            seq_aux=True,
-            norm_topk_prob=True,
-        ),
+        moe_config=replace(cortex.moe_config, intermediate_size=32, n_routed_experts=4),
     )
 
 
