@@ -28,32 +28,44 @@ def _matmul_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     return torch.promote_types(hidden.dtype, weight.dtype)
 
 
-def _project(hidden_rows: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """A chunk's logits, written into `out`, an fp32 buffer reused for every chunk: a fresh tens-of-MB tensor per chunk
-    would cost its page faults each time."""
-    if hidden_rows.dtype == out.dtype:
-        return torch.mm(hidden_rows, weight.t(), out=out)
-    return out.copy_(hidden_rows @ weight.t())
+class _ChunkBuffers:
+    """Scratch tensors reused by every chunk: a fresh tens-of-MB tensor per chunk would cost its page faults each time.
 
+    logits: fp32 (chunk, V), where softmax and gradients are formed. When the projection computes in a lower precision
+    (bf16/fp16 weights or autocast), `low` (chunk, V) receives the matrix products and the gradient cast for the next
+    ones, and `weight_product` (V, H) each chunk's weight gradient before it is added to the fp32 sum."""
 
-def _matmul_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool) -> None:
-    """out = a @ b, or out += a @ b, in out's dtype whatever the dtype of a and b."""
-    if a.dtype != out.dtype:
-        product = (a @ b).to(out.dtype)
-        out.add_(product) if accumulate else out.copy_(product)
-    elif accumulate:
-        out.addmm_(a, b)
-    else:
-        torch.mm(a, b, out=out)
+    def __init__(self, step: int, weight: torch.Tensor, with_weight_grad: bool):
+        vocab_size = weight.shape[0]
+        self.logits = torch.empty(step, vocab_size, dtype=torch.float32, device=weight.device)
+        low_precision = weight.dtype != torch.float32
+        self.low = torch.empty(step, vocab_size, dtype=weight.dtype, device=weight.device) if low_precision else None
+        self.weight_product = torch.empty_like(weight) if low_precision and with_weight_grad else None
 
+    def project(self, hidden_rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """fp32 logits of a chunk (a view of the buffer)."""
+        logits = self.logits[: len(hidden_rows)]
+        if self.low is None:
+            return torch.mm(hidden_rows, weight.t(), out=logits)
+        return logits.copy_(torch.mm(hidden_rows, weight.t(), out=self.low[: len(hidden_rows)]))
 
-def _chunk_gradients(probs, targets, row_grad, hidden_rows, weight, grad_hidden_rows, grad_weight, first: bool) -> None:
-    """From a chunk's softmax: the gradient of sum_r g_r log p_r[t_r] for its hidden rows (written) and for the weight
-    (accumulated over chunks); probs (c, V) is overwritten."""
-    grad_logits = probs.mul_(-row_grad[:, None]).scatter_add_(1, targets[:, None], row_grad[:, None])  # g (onehot - p)
-    grad_logits = grad_logits.to(weight.dtype)
-    _matmul_into(grad_hidden_rows, grad_logits, weight, accumulate=False)
-    _matmul_into(grad_weight, grad_logits.t(), hidden_rows, accumulate=not first)
+    def gradients(self, probs, targets, row_grad, hidden_rows, weight, grad_hidden_rows, grad_weight, first: bool):
+        """From a chunk's softmax: the gradient of sum_r g_r log p_r[t_r] for its hidden rows (written) and for the
+        weight (accumulated over chunks, fp32); probs (c, V) is overwritten."""
+        grad_logits = probs.mul_(-row_grad[:, None]).scatter_add_(1, targets[:, None], row_grad[:, None])  # g (onehot - p)
+        if self.low is not None:
+            grad_logits = self.low[: len(grad_logits)].copy_(grad_logits)
+        if grad_hidden_rows.dtype == grad_logits.dtype:
+            torch.mm(grad_logits, weight, out=grad_hidden_rows)
+        else:  # fp32 hidden under autocast: a small (c, H) product
+            grad_hidden_rows.copy_(grad_logits @ weight)
+        if self.weight_product is not None:
+            product = torch.mm(grad_logits.t(), hidden_rows, out=self.weight_product)
+            grad_weight.copy_(product) if first else grad_weight.add_(product)
+        elif first:
+            torch.mm(grad_logits.t(), hidden_rows, out=grad_weight)
+        else:
+            grad_weight.addmm_(grad_logits.t(), hidden_rows)
 
 
 class _TargetLogProbs(torch.autograd.Function):
@@ -78,11 +90,11 @@ class _TargetLogProbs(torch.autograd.Function):
         target_logits = torch.empty_like(log_sum_exp)
         entropy = torch.empty_like(log_sum_exp) if with_entropy else log_sum_exp.new_empty(0)
         step = min(chunk_positions(vocab_size), num_positions)
-        logits_buffer = log_sum_exp.new_empty(step, vocab_size)
-        exp_buffer = torch.empty_like(logits_buffer) if with_entropy else None
+        buffers = _ChunkBuffers(step, weight_c, with_weight_grad=precompute)
+        exp_buffer = torch.empty_like(buffers.logits) if with_entropy else None
         for start in range(0, num_positions, step):
             rows = slice(start, start + step)
-            logits = _project(hidden_c[rows], weight_c, logits_buffer[: len(target_logits[rows])])
+            logits = buffers.project(hidden_c[rows], weight_c)
             target_logits[rows] = logits.gather(1, safe_targets[rows, None]).squeeze(1)
             # log-sum-exp and softmax from one exp pass, in place unless the entropy still needs the logits
             row_max = logits.amax(dim=-1, keepdim=True)
@@ -95,8 +107,8 @@ class _TargetLogProbs(torch.autograd.Function):
                 if with_entropy:  # H = lse - sum_v p_v * logit_v
                     entropy[rows] = log_sum_exp[rows] - (probs * logits).sum(dim=-1)
                 if precompute:
-                    _chunk_gradients(probs, safe_targets[rows], row_grad[rows], hidden_c[rows], weight_c,
-                                     grad_hidden[rows], grad_weight, first=start == 0)
+                    buffers.gradients(probs, safe_targets[rows], row_grad[rows], hidden_c[rows], weight_c,
+                                      grad_hidden[rows], grad_weight, first=start == 0)
         log_probs = torch.where(scored, target_logits - log_sum_exp, 0.0)
         ctx.mark_non_differentiable(entropy)
         ctx.precompute = precompute
@@ -114,7 +126,8 @@ class _TargetLogProbs(torch.autograd.Function):
     def backward(ctx, grad_output, _grad_entropy):
         if ctx.precompute:  # gradients formed in forward, for an upstream gradient of 1
             grad_hidden, grad_weight = ctx.saved_tensors
-            return grad_hidden * grad_output, (grad_weight * grad_output).to(ctx.weight_dtype), None, None, None, None, None
+            scaled_weight_grad = torch.mul(grad_weight, grad_output, out=torch.empty_like(grad_weight, dtype=ctx.weight_dtype))
+            return grad_hidden * grad_output, scaled_weight_grad, None, None, None, None, None
         hidden, targets, log_sum_exp = ctx.saved_tensors
         weight, compute_dtype = ctx.weight, ctx.compute_dtype
         hidden_c, weight_c = hidden.to(compute_dtype), weight.to(compute_dtype)
@@ -124,13 +137,13 @@ class _TargetLogProbs(torch.autograd.Function):
         grad_weight = torch.empty_like(weight, dtype=torch.float32)
         num_positions, vocab_size = hidden.shape[0], weight.shape[0]
         step = min(chunk_positions(vocab_size), num_positions)
-        logits_buffer = log_sum_exp.new_empty(step, vocab_size)
+        buffers = _ChunkBuffers(step, weight_c, with_weight_grad=True)
         for start in range(0, num_positions, step):
             rows = slice(start, start + step)
-            logits = _project(hidden_c[rows], weight_c, logits_buffer[: len(log_sum_exp[rows])])
+            logits = buffers.project(hidden_c[rows], weight_c)
             probs = logits.sub_(log_sum_exp[rows, None]).exp_()
-            _chunk_gradients(probs, safe_targets[rows], row_grad[rows], hidden_c[rows], weight_c, grad_hidden[rows],
-                             grad_weight, first=start == 0)
+            buffers.gradients(probs, safe_targets[rows], row_grad[rows], hidden_c[rows], weight_c, grad_hidden[rows],
+                              grad_weight, first=start == 0)
         return grad_hidden, grad_weight.to(weight.dtype), None, None, None, None, None
 
 

@@ -76,11 +76,23 @@ def test_autocast_projects_in_bf16_and_scores_in_fp32(small_chunks):
     assert grad_weight.dtype == torch.float32
 
 
-def test_a_bf16_model_gets_bf16_gradients(small_chunks):
+@pytest.mark.parametrize("summed", [False, True])
+def test_a_bf16_model_scores_in_fp32_and_gets_the_plain_paths_bf16_gradients(small_chunks, summed):
     hidden, weight, targets = _inputs(torch.bfloat16)
-    total, _ = target_log_probs(hidden, weight, targets, summed=True)
-    grad_hidden, grad_weight = _grads(total, hidden, weight)
-    assert total.dtype == torch.float32 and grad_hidden.dtype == grad_weight.dtype == torch.bfloat16
+    expected, _ = _plain(hidden, weight, targets)  # bf16 logits, scored in fp32
+    upstream = torch.randn(3, 7, generator=torch.Generator().manual_seed(1))
+    log_probs, _ = target_log_probs(hidden, weight, targets, summed=summed)
+    assert log_probs.dtype == torch.float32
+    if summed:
+        assert torch.allclose(log_probs, expected.sum(), atol=1e-3)
+        ours, want = _grads(-log_probs, hidden, weight), _grads(-expected.sum(), hidden, weight)
+    else:
+        assert torch.allclose(log_probs, expected, atol=1e-5)
+        ours, want = _grads((upstream * log_probs).sum(), hidden, weight), _grads((upstream * expected).sum(), hidden, weight)
+    for got, wanted in zip(ours, want):
+        assert got.dtype == torch.bfloat16
+        # one bf16 rounding of each gradient apart (the plain path rounds its logits' gradient to bf16 as well)
+        assert (got.float() - wanted.float()).norm() <= 1e-2 * wanted.float().norm()
 
 
 def test_target_shape_must_match_the_positions_and_scoring_options_need_targets():
