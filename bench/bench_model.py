@@ -6,10 +6,12 @@ Config: the real vocabulary (46957), hidden 256, 4 layers (layer 0 dense), 4 hea
 + 1 shared. Train step = forward + cross-entropy (+ 0.001 aux) + backward on a 4 x 256 batch, attention dropout 0, each
 model computing its loss the way its trainer does: ours scores the targets with the chunked head (model/head.py, as
 trainer/tasks.py does), the reference materialises the (4, 256, 46957) logits for F.cross_entropy.
-"Body" = the same step with logits for the last position only (no 46957-way projection and cross-entropy). Decode = batch 1, 16-token prompt, 256 new greedy tokens with a KV cache (ours:
-model.generate with its fixed-size cache; reference: a plain loop over LlmModel with its own KVCache). Both models hold
-the same weights and are timed in alternating rounds; figures are medians, ratios the median of per-round ratios, which
-evens out load from other processes.
+"Body" = the same step with logits for the last position only (no 46957-way projection and cross-entropy).
+Decode = batch 1, 16-token prompt, 256 new greedy tokens with a KV cache: ours is model.generate with compile=True (each
+token one torch.compile'd step, model/compiled_decode.py; its compilation happens in the warm-up run) and, as
+"ours_eager", without; the reference is a plain loop over LlmModel with its own KVCache. Both models hold the same
+weights and are timed in alternating rounds; figures are medians, ratios the median of per-round ratios, which evens
+out load from other processes.
 """
 
 import json
@@ -87,9 +89,9 @@ def body_step_seconds(model, input_ids, labels) -> float:
     return elapsed
 
 
-def our_decode_seconds(model, prompt) -> float:
+def our_decode_seconds(model, prompt, compile: bool) -> float:
     start = time.perf_counter()
-    tokens = generate(model, prompt, max_new_tokens=NEW_TOKENS)
+    tokens = generate(model, prompt, max_new_tokens=NEW_TOKENS, compile=compile)
     elapsed = time.perf_counter() - start
     assert len(tokens) == NEW_TOKENS
     return elapsed
@@ -133,10 +135,11 @@ def main():
     models = {"ours": ours} | ({"reference": ref} if ref is not None else {})
     train = timed_rounds(models, lambda model: train_step_seconds(model, input_ids, labels), TRAIN_ROUNDS)
     body = timed_rounds(models, lambda model: body_step_seconds(model, input_ids, labels), TRAIN_ROUNDS)
-    decoders = {"ours": (our_decode_seconds, ours)} | (
-        {"reference": (reference_decode_seconds, ref)} if ref is not None else {}
-    )
-    decode = timed_rounds(decoders, lambda decoder: decoder[0](decoder[1], prompt), DECODE_ROUNDS)
+    decoders = {
+        "ours": lambda: our_decode_seconds(ours, prompt, compile=True),
+        "ours_eager": lambda: our_decode_seconds(ours, prompt, compile=False),
+    } | ({"reference": lambda: reference_decode_seconds(ref, prompt)} if ref is not None else {})
+    decode = timed_rounds(decoders, lambda decoder: decoder(), DECODE_ROUNDS)
 
     tokens = BATCH * SEQ_LEN
     result = {
@@ -152,6 +155,8 @@ def main():
     if ref is not None:  # median over rounds of the per-round ratio: robust to load that changes between rounds
         for key, times in (("train_tokens_per_s", train), ("train_body_tokens_per_s", body), ("decode_tokens_per_s", decode)):
             result[key]["ratio"] = round(statistics.median(r / o for o, r in zip(times["ours"], times["reference"])), 2)
+        result["decode_tokens_per_s"]["ratio_eager"] = round(
+            statistics.median(r / o for o, r in zip(decode["ours_eager"], decode["reference"])), 2)
     print(json.dumps(result))
 
 

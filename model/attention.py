@@ -51,9 +51,10 @@ class Attention(nn.Module):
             k, v = cache.update(k, v, self.layer_idx)
         # Query head h reads KV head h // group (a contiguous group). enable_gqa does that without materialising repeated
         # K/V, but on CUDA only the flash and math kernels support it and flash takes no mask: with a mask, K/V are
-        # repeated so that the memory-efficient kernel stays eligible instead of the math one.
+        # repeated there so that the memory-efficient kernel stays eligible instead of the math one. (The CPU kernel
+        # takes both.)
         enable_gqa = self.num_kv_heads != self.num_heads
-        if enable_gqa and attn_bias is not None:
+        if enable_gqa and attn_bias is not None and q.device.type != "cpu":
             group = self.num_heads // self.num_kv_heads
             k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
             enable_gqa = False

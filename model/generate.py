@@ -11,6 +11,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
+from .compiled_decode import CompiledDecoder
 from .kv_cache import KVCache
 
 
@@ -80,6 +81,7 @@ def _decode(
     repetition_penalty: float = 1.0,
     suppress_token_ids: Sequence[int] = (),
     generator: torch.Generator | None = None,
+    compile: bool = False,
 ) -> Iterator[torch.Tensor]:
     """Yields the next token of every row (B,) per step."""
     if max_new_tokens < 1:
@@ -106,6 +108,7 @@ def _decode(
         logits = model(input_ids, attention_mask=attention_mask, position_ids=position_ids, past_key_values=cache,
                        logits_to_keep=1)["logits"][:, -1]
         next_position = position_ids[:, -1:] + 1
+        decoder = CompiledDecoder(model, cache, attention_mask) if compile else None
         for step in range(max_new_tokens):
             logits = process_logits(
                 logits,
@@ -123,10 +126,13 @@ def _decode(
                 return
             if seen_tokens is not None:
                 seen_tokens[torch.arange(batch, device=device), tokens] = True
-            if attention_mask is not None:
-                attention_mask = torch.cat((attention_mask, attention_mask.new_ones(batch, 1)), dim=1)
-            logits = model(tokens[:, None], attention_mask=attention_mask, position_ids=next_position,
-                           past_key_values=cache)["logits"][:, -1]
+            if decoder is not None:
+                logits = decoder.step(tokens, next_position)
+            else:
+                if attention_mask is not None:
+                    attention_mask = torch.cat((attention_mask, attention_mask.new_ones(batch, 1)), dim=1)
+                logits = model(tokens[:, None], attention_mask=attention_mask, position_ids=next_position,
+                               past_key_values=cache)["logits"][:, -1]
             next_position = next_position + 1
     finally:
         model.train(was_training)
@@ -136,7 +142,8 @@ def generate_stream(model: nn.Module, prompt_ids: Sequence[int], *, max_new_toke
     """Yield new token ids one at a time for a single prompt; a stop token is yielded last.
 
     sampling: stop_token_ids=(), temperature=None (None or 0: greedy), top_k=None, top_p=None, repetition_penalty=1.0,
-    suppress_token_ids=(), generator=None (seed it for reproducible samples)."""
+    suppress_token_ids=(), generator=None (seed it for reproducible samples), compile=False (True: decode each token
+    with one torch.compile'd step, see model/compiled_decode.py; the first call of a new shape compiles)."""
     # pad_token_id is never emitted: a single row stops as soon as it finishes
     for tokens in _decode(model, [prompt_ids], max_new_tokens=max_new_tokens, pad_token_id=0, **sampling):
         yield int(tokens[0])

@@ -37,8 +37,9 @@ class KVCache:
                 self.lengths.append(key.shape[-2])
                 return key, value
             batch, heads, _, head_dim = key.shape
-            self.keys.append(key.new_empty(batch, heads, self.max_length, head_dim))
-            self.values.append(value.new_empty(batch, heads, self.max_length, head_dim))
+            # zeros, not empty: a compiled decode step reads the whole buffer (masked), and 0 x NaN garbage is NaN
+            self.keys.append(key.new_zeros(batch, heads, self.max_length, head_dim))
+            self.values.append(value.new_zeros(batch, heads, self.max_length, head_dim))
             self.lengths.append(0)
 
         start = self.lengths[layer_idx]

@@ -25,6 +25,117 @@ class Router(nn.Module):
         return logits.softmax(dim=-1, dtype=torch.float32)
 
 
+class RoutedExperts(nn.Module):
+    """The E routed SwiGLU experts as three stacked weights: gate_proj and up_proj (E, I, H), down_proj (E, H, I).
+
+    One module rather than E: DeepSpeed ZeRO-3 gathers all experts around one forward call that every rank makes,
+    whatever its tokens, and DDP sees one parameter that always gets a gradient, so experts without tokens are simply
+    skipped. A decode step can also pick its rows' experts by index (`gathered`), with no Python loop over experts, which
+    lets it compile into one graph. The state dict keeps the published per-expert keys (`{e}.gate_proj.weight`, ...)."""
+
+    WEIGHTS = ("gate_proj", "up_proj", "down_proj")
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.num_experts = num_experts
+        self.gate_proj = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size))
+        self.up_proj = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Each expert's weights initialised as E separate nn.Linear layers would be, in the same order (so a seeded
+        model draws the same numbers as the reference's per-expert layers)."""
+        for expert in range(self.num_experts):
+            for weight in (self.gate_proj, self.up_proj, self.down_proj):
+                nn.init.kaiming_uniform_(weight[expert], a=math.sqrt(5))
+
+    def normal_init_(self, std: float) -> None:
+        """N(0, std) expert by expert: what CortexModel gives every Linear."""
+        for expert in range(self.num_experts):
+            for weight in (self.gate_proj, self.up_proj, self.down_proj):
+                nn.init.normal_(weight[expert], mean=0.0, std=std)
+
+    def forward(self, tokens: torch.Tensor, counts: list[int] | None = None,
+                expert_ids: list[int] | None = None) -> torch.Tensor:
+        """tokens (N, H) sorted by expert, counts[e] rows for expert e -> their outputs (N, H) in the same order.
+        Or, for one-row decoding: tokens (1, H) and its expert_ids -> (len(expert_ids), H), one row per listed expert."""
+        if torch.is_grad_enabled():
+            # unbind: per-expert views whose gradients come back as one stacked tensor (indexing each expert would
+            # give every expert's backward a zero-filled gradient of the whole stack)
+            gates, ups, downs = self.gate_proj.unbind(0), self.up_proj.unbind(0), self.down_proj.unbind(0)
+        else:  # without autograd, index just the experts used
+            gates, ups, downs = self.gate_proj, self.up_proj, self.down_proj
+
+        def expert_mlp(expert: int, x: torch.Tensor) -> torch.Tensor:
+            return F.linear(F.silu(F.linear(x, gates[expert])) * F.linear(x, ups[expert]), downs[expert])
+
+        if expert_ids is not None:
+            return torch.cat([expert_mlp(expert, tokens) for expert in expert_ids])
+        outputs = [expert_mlp(expert, chunk) for expert, (chunk, count) in enumerate(zip(tokens.split(counts), counts))
+                   if count]
+        return torch.cat(outputs) if outputs else tokens.new_empty(0, self.down_proj.shape[1])
+
+    def gathered(self, rows: torch.Tensor, expert_idx: torch.Tensor) -> torch.Tensor:
+        """rows (N, H), expert_idx (N, K) -> each row through each of its K experts (N, K, H), the experts' weights
+        picked by index: no data-dependent control flow (for decoding a few rows at a time)."""
+        num_rows, top_k = expert_idx.shape
+        idx = expert_idx.reshape(-1)
+        inputs = rows.repeat_interleave(top_k, dim=0).unsqueeze(-1)  # (N*K, H, 1)
+        gate = torch.bmm(self.gate_proj[idx], inputs)
+        up = torch.bmm(self.up_proj[idx], inputs)
+        return torch.bmm(self.down_proj[idx], F.silu(gate) * up).view(num_rows, top_k, -1)
+
+    def _holds_zero3_shards(self) -> bool:
+        """Under DeepSpeed ZeRO-3, outside a gather, the parameters are empty placeholders for this rank's shard
+        (`ds_shape` keeps the real shape); DeepSpeed's own checkpoints then go by parameter name."""
+        return hasattr(self.gate_proj, "ds_id") and tuple(self.gate_proj.shape) != tuple(self.gate_proj.ds_shape)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        if self._holds_zero3_shards():
+            return super()._save_to_state_dict(destination, prefix, keep_vars)
+        per_weight = [getattr(self, name).unbind(0) for name in self.WEIGHTS]
+        for expert in range(self.num_experts):  # the published order: expert by expert
+            for name, weights in zip(self.WEIGHTS, per_weight):
+                destination[f"{prefix}{expert}.{name}.weight"] = weights[expert] if keep_vars else weights[expert].detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        if self._holds_zero3_shards():
+            return super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                                 unexpected_keys, error_msgs)
+        expected = set()
+        for name in self.WEIGHTS:
+            stacked = getattr(self, name)
+            for expert in range(self.num_experts):
+                key = f"{prefix}{expert}.{name}.weight"
+                expected.add(key)
+                if key not in state_dict:
+                    missing_keys.append(key)
+                elif state_dict[key].shape != stacked.shape[1:]:
+                    error_msgs.append(f"size mismatch for {key}: copying a param with shape {tuple(state_dict[key].shape)} "
+                                      f"from checkpoint, the shape in current model is {tuple(stacked.shape[1:])}.")
+                else:
+                    with torch.no_grad():
+                        stacked[expert].copy_(state_dict[key])
+        if strict:
+            unexpected_keys.extend(k for k in state_dict if k.startswith(prefix) and k not in expected)
+
+
+def unstack_expert_weights(named_tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Tensors named as parameters (`layers.1.mlp.experts.gate_proj`, stacked (E, ...)) -> state-dict keys
+    (`layers.1.mlp.experts.{e}.gate_proj.weight`), for code that collects weights by parameter name (DeepSpeed)."""
+    out = {}
+    for name, tensor in named_tensors.items():
+        module_path, _, weight_name = name.rpartition(".")
+        if module_path.endswith("mlp.experts") and weight_name in RoutedExperts.WEIGHTS:
+            for expert, weight in enumerate(tensor.unbind(0)):
+                out[f"{module_path}.{expert}.{weight_name}.weight"] = weight
+        else:
+            out[name] = tensor
+    return out
+
+
 class MoE(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -34,14 +145,17 @@ class MoE(nn.Module):
         self.norm_topk_prob = moe.norm_topk_prob
         self.routed_scaling_factor = moe.routed_scaling_factor
         self.seq_aux = moe.seq_aux
-        self.experts = nn.ModuleList(MLP(config.hidden_size, moe.intermediate_size) for _ in range(moe.n_routed_experts))
+        self.experts = RoutedExperts(moe.n_routed_experts, config.hidden_size, moe.intermediate_size)
         self.gate = Router(config.hidden_size, moe.n_routed_experts)
         self.shared_experts = (
             MLP(config.hidden_size, moe.intermediate_size * moe.n_shared_experts) if moe.n_shared_experts else None
         )
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """x (B, T, H) -> (output (B, T, H), aux loss (0-d fp32) in training mode else None)."""
+    def forward(self, x: torch.Tensor, gather_experts: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x (B, T, H) -> (output (B, T, H), aux loss (0-d fp32) in training mode else None).
+
+        gather_experts: run each token's experts with weights picked by index (RoutedExperts.gathered) instead of
+        sorting tokens by expert; for a few rows at a time, as in compiled decoding."""
         batch, seq_len, hidden = x.shape
         flat = x.reshape(-1, hidden)
         scores = self.gate(flat)
@@ -50,7 +164,10 @@ class MoE(nn.Module):
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         weights = weights * self.routed_scaling_factor
 
-        routed = self._run_experts(flat, expert_idx)  # (N, K, H) in the experts' output dtype
+        if gather_experts:
+            routed = self.experts.gathered(flat, expert_idx)
+        else:
+            routed = self._run_sorted(flat, expert_idx)  # (N, K, H) in the experts' output dtype
         # Weighted sum in fp32 (the weights are fp32), then back to the experts' dtype: well defined under autocast too
         out = (routed.float() * weights.unsqueeze(-1)).sum(dim=1).to(routed.dtype)
         out = out.view(batch, seq_len, hidden)
@@ -59,26 +176,15 @@ class MoE(nn.Module):
         aux_loss = self._aux_loss(scores, expert_idx, batch, seq_len) if self.training else None
         return out, aux_loss
 
-    def _run_experts(self, flat: torch.Tensor, expert_idx: torch.Tensor) -> torch.Tensor:
+    def _run_sorted(self, flat: torch.Tensor, expert_idx: torch.Tensor) -> torch.Tensor:
         """Sort the N*K (token, expert) assignments by expert, run each expert once on its contiguous slice, unsort."""
         num_tokens, top_k = expert_idx.shape
-        # With autograd on, or with DeepSpeed ZeRO-3 partitioned parameters (they carry `ds_id`), every expert is called,
-        # even on zero rows: ZeRO-3 gathers each expert's parameters collectively, so all ranks must make the same calls
-        # or they hang, and DDP expects a gradient for every parameter. Otherwise (plain inference) empty experts are
-        # skipped, which matters when decoding one token at a time.
-        call_every_expert = torch.is_grad_enabled() or hasattr(self.gate.weight, "ds_id")
-        if num_tokens == 1 and not call_every_expert:  # one-row decoding: just the K chosen experts, nothing to sort
-            return torch.cat([self.experts[e](flat) for e in expert_idx[0].tolist()]).view(1, top_k, -1)
+        if num_tokens == 1:  # one-row decoding: just its K experts, nothing to sort
+            return self.experts(flat, expert_ids=expert_idx[0].tolist()).view(1, top_k, -1)
         assignments = expert_idx.reshape(-1)
         order = assignments.argsort(stable=True)
         counts = torch.bincount(assignments, minlength=self.num_experts).tolist()
-        tokens = flat.index_select(0, order // top_k)
-        outputs = [
-            expert(chunk)
-            for expert, chunk, count in zip(self.experts, tokens.split(counts), counts)
-            if count or call_every_expert
-        ]
-        sorted_out = torch.cat(outputs)
+        sorted_out = self.experts(flat.index_select(0, order // top_k), counts)
         unsorted = sorted_out.new_empty(sorted_out.shape).index_copy_(0, order, sorted_out)
         return unsorted.view(num_tokens, top_k, -1)
 

@@ -9,7 +9,7 @@ from .head import LMHead
 from .kv_cache import KVCache
 from .masks import attention_dtype, build_attention_bias
 from .mlp import MLP
-from .moe import MoE
+from .moe import MoE, RoutedExperts
 from .norm import RMSNorm
 from .rope import RotaryEmbedding
 
@@ -25,10 +25,10 @@ class DecoderLayer(nn.Module):
         self.is_moe = config.is_moe_layer(layer_idx)
         self.mlp = MoE(config) if self.is_moe else MLP(config.hidden_size, config.intermediate_size)
 
-    def forward(self, x, cos, signed_sin, attn_bias, is_causal, cache):
+    def forward(self, x, cos, signed_sin, attn_bias, is_causal, cache, gather_experts: bool = False):
         h = self.attn(self.attn_norm(x), cos, signed_sin, attn_bias, is_causal, cache) + x
         if self.is_moe:
-            ffn_out, aux_loss = self.mlp(self.mlp_norm(h))
+            ffn_out, aux_loss = self.mlp(self.mlp_norm(h), gather_experts)
         else:
             ffn_out, aux_loss = self.mlp(self.mlp_norm(h)), None
         return ffn_out + h, aux_loss
@@ -47,9 +47,12 @@ class CortexModel(nn.Module):
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
-        # N(0, 0.02) for every Linear and Embedding; norms stay 1 and the router keeps its kaiming-uniform init
+        # N(0, 0.02) for every Linear, Embedding and routed expert; norms stay 1 and the router keeps its
+        # kaiming-uniform init
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        elif isinstance(module, RoutedExperts):
+            module.normal_init_(std=0.02)
 
     def forward(
         self,

@@ -87,8 +87,21 @@ def save_weights(model_or_state_dict: nn.Module | dict[str, torch.Tensor], path:
     state_dict = model_or_state_dict.state_dict() if isinstance(model_or_state_dict, nn.Module) else model_or_state_dict
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: _standalone(v) for k, v in state_dict.items()}
     if path.suffix == ".safetensors":
-        safetensors.torch.save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, str(path))
+        safetensors.torch.save_file(tensors, str(path))
     else:
-        torch.save({k: v.detach().cpu() for k, v in state_dict.items()}, path)
+        torch.save(tensors, path)
     return path
+
+
+def _standalone(tensor: torch.Tensor) -> torch.Tensor:
+    """A contiguous CPU tensor that owns its storage. The routed experts' state-dict entries are views of stacked
+    weights: copied, each is written once and on its own (safetensors refuses tensors that share memory, and torch.save
+    would write the whole stack for any view of it)."""
+    tensor = tensor.detach().cpu()
+    if tensor.is_contiguous() and tensor.storage_offset() == 0 and (
+        tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
+    ):
+        return tensor
+    return tensor.clone(memory_format=torch.contiguous_format)

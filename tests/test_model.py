@@ -18,7 +18,7 @@ from model import (
     count_parameters,
     tiny_config,
 )
-from model.moe import MoE
+from model.moe import MoE, unstack_expert_weights
 from model.rope import RotaryEmbedding, rope_inv_freq
 
 VOCAB = 101
@@ -118,7 +118,7 @@ def test_tiny_config_has_the_cortex_structure():
     assert not model.layers[0].is_moe
     for layer in model.layers[1:]:
         assert layer.is_moe and layer.mlp.shared_experts is not None
-        assert len(layer.mlp.experts) == 4 and layer.mlp.top_k == 2
+        assert layer.mlp.experts.num_experts == 4 and layer.mlp.top_k == 2
 
 
 def test_config_errors_are_clear():
@@ -349,11 +349,17 @@ def test_aux_loss_on_a_hand_computed_example(seq_aux):
     assert moe.eval()(x)[1] is None
 
 
-def test_moe_output_equals_a_per_token_loop():
+@pytest.mark.parametrize("gather_experts", [False, True])
+def test_moe_output_equals_a_per_token_loop(gather_experts):
     torch.manual_seed(0)
     moe = MoE(tiny_config(VOCAB)).eval()
     x = torch.randn(2, 5, 64)
-    out, _ = moe(x)
+    out, _ = moe(x, gather_experts=gather_experts)
+    stacks = moe.experts
+
+    def expert(e, v):
+        return F.linear(F.silu(F.linear(v, stacks.gate_proj[e])) * F.linear(v, stacks.up_proj[e]), stacks.down_proj[e])
+
     expected = torch.zeros_like(x)
     for b in range(2):
         for t in range(5):
@@ -361,7 +367,7 @@ def test_moe_output_equals_a_per_token_loop():
             weights, experts = scores.topk(2)
             weights = weights / weights.sum()
             for w, e in zip(weights, experts):
-                expected[b, t] += w * moe.experts[int(e)](x[b, t])
+                expected[b, t] += w * expert(int(e), x[b, t])
             expected[b, t] += moe.shared_experts(x[b, t])
     torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-5)
 
@@ -377,18 +383,21 @@ def test_model_aux_loss_is_the_unscaled_sum_over_moe_layers():
     assert 0.9 < per_layer[0].item() < 4.0  # ~1 for a balanced router, E at worst
 
 
-def test_gradients_reach_the_router_and_every_expert_is_called_even_without_tokens():
+def test_gradients_reach_the_router_and_the_experts_module_runs_in_every_moe_layer():
+    # ZeRO-3 gathers the experts around the experts module's forward, so every rank must call it, whatever its tokens
     model = tiny_model().train()
-    calls = {}
-    for name, module in model.named_modules():
-        if ".experts." in name and name.count(".") == 4:
-            module.register_forward_hook(lambda m, a, o, name=name: calls.__setitem__(name, calls.get(name, 0) + 1))
+    calls = []
+    for layer in model.layers[1:]:
+        layer.mlp.experts.register_forward_hook(lambda module, args, output: calls.append(module))
     out = model(torch.randint(0, VOCAB, (1, 1)))  # one token reaches only 2 of the 4 experts per layer
-    assert len(calls) == 8 and set(calls.values()) == {1}
+    assert len(calls) == 2
     (out["logits"].sum() + out["aux_loss"]).backward()
     for layer in model.layers[1:]:
         assert layer.mlp.gate.weight.grad.abs().sum() > 0
-        assert all(p.grad is not None for p in layer.mlp.experts.parameters())
+        per_expert = [layer.mlp.experts.gate_proj.grad[e].abs().sum().item() for e in range(4)]
+        assert sum(g > 0 for g in per_expert) == 2  # exactly the token's 2 experts get a gradient, the others zero
+        for weight in (layer.mlp.experts.up_proj, layer.mlp.experts.down_proj):
+            assert sum(weight.grad[e].abs().sum().item() > 0 for e in range(4)) == 2
 
 
 # ---------------------------------------------------------------- mixed precision
@@ -428,19 +437,26 @@ def test_config_round_trips_through_a_plain_dict():
         ModelConfig.from_dict(tiny_config(VOCAB).to_dict() | {"head_dim": 64})
 
 
-def test_inference_skips_experts_without_tokens_unless_parameters_are_zero3_partitioned():
+def test_parameters_named_by_deepspeed_map_to_the_published_keys():
+    model = tiny_model()
+    by_parameter_name = {name: param.detach() for name, param in model.named_parameters()}
+    assert "layers.1.mlp.experts.gate_proj" in by_parameter_name  # stacked (experts, intermediate, hidden)
+    state = model.state_dict()
+    converted = unstack_expert_weights(by_parameter_name)
+    assert set(converted) == set(state) and all(torch.equal(converted[k], state[k]) for k in state)
+
+
+def test_the_experts_module_is_called_once_per_moe_layer_in_inference_too():
+    # one call per layer on every rank, whatever the tokens: what DeepSpeed ZeRO-3's parameter gathering needs
     model = tiny_model().eval()
     calls = []
     for layer in model.layers[1:]:
-        for expert in layer.mlp.experts:
-            expert.register_forward_hook(lambda m, a, o: calls.append(a[0].shape[0]))
-    ids = torch.randint(0, VOCAB, (1, 1))
+        layer.mlp.experts.register_forward_hook(
+            lambda module, args, kwargs, output: calls.append((len(args[0]), kwargs.get("expert_ids"))), with_kwargs=True
+        )
     with torch.no_grad():
-        model(ids)
-    assert len(calls) == 4 and all(calls)  # 2 layers x top-2, no empty calls
-    calls.clear()
-    for layer in model.layers[1:]:
-        layer.mlp.gate.weight.ds_id = 0  # what DeepSpeed ZeRO-3 sets on the parameters it partitions
-    with torch.no_grad():
-        model(ids)
-    assert len(calls) == 8 and calls.count(0) == 4
+        model(torch.randint(0, VOCAB, (1, 1)))  # one row: its 2 experts by id
+        assert len(calls) == 2 and all(rows == 1 and len(ids) == 2 for rows, ids in calls)
+        calls.clear()
+        model(torch.randint(0, VOCAB, (2, 3)))  # sorted by expert: 6 tokens x top-2 rows
+        assert len(calls) == 2 and all(rows == 12 and ids is None for rows, ids in calls)

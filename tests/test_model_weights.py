@@ -31,6 +31,18 @@ def test_published_format_is_a_plain_state_dict_loadable_by_torch(tmp_path):
     assert isinstance(state, dict) and len(state) == len(make_model(0).state_dict())
 
 
+def test_each_expert_weight_is_written_on_its_own(tmp_path):
+    # the routed experts' state-dict entries are views of stacked weights: a file holds each one once, by itself
+    model = make_model(0)
+    key = "layers.1.mlp.experts.2.up_proj.weight"
+    one = {key: model.state_dict()[key]}
+    assert one[key].untyped_storage().nbytes() > one[key].numel() * 4  # a view of the (experts, ...) stack
+    for name in ("one.bin", "one.safetensors"):
+        loaded = load_state_dict_file(save_weights(one, tmp_path / name))[key]
+        assert torch.equal(loaded, one[key]) and loaded.untyped_storage().nbytes() == loaded.numel() * 4
+    assert (tmp_path / "one.bin").stat().st_size < 2 * one[key].numel() * 4
+
+
 def test_mismatches_are_listed_not_silently_skipped(tmp_path):
     state = make_model(0).state_dict()
     state.pop("layers.1.mlp.gate.weight")

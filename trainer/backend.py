@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from model.moe import unstack_expert_weights
 from trainer.config import TrainConfig
 
 
@@ -338,7 +339,7 @@ class DeepSpeedBackend(Backend):
         for name, param in self.module.named_parameters():
             full = safe_get_full_fp32_param(param)  # None when DeepSpeed keeps no separate master copy (fp32 ZeRO-0)
             state[name] = (full if full is not None else param.detach()).to("cpu", torch.float32).clone()
-        return state
+        return unstack_expert_weights(state)  # parameter names -> the state-dict keys of the published checkpoints
 
     @contextlib.contextmanager
     def generation_model(self):
