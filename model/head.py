@@ -8,6 +8,9 @@ step. For a summed score (the cross-entropy loss) the gradients are formed in fo
 gradient until backward.
 """
 
+import math
+import threading
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -28,19 +31,36 @@ def _matmul_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     return torch.promote_types(hidden.dtype, weight.dtype)
 
 
+_cpu_scratch = threading.local()
+
+
+def _scratch(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An uninitialised buffer for use within one call. On CPU it is kept for the next call: a fresh buffer of tens of
+    MB comes from the OS as new pages (glibc maps allocations over 32 MB anew each time), and faulting them in costs
+    about as much as a pass over them (64 MB: ~15 ms here). CUDA's caching allocator already reuses its blocks."""
+    if device.type != "cpu":
+        return torch.empty(shape, dtype=dtype, device=device)
+    kept = getattr(_cpu_scratch, name, None)
+    if kept is None or kept.dtype != dtype or kept.numel() < math.prod(shape):
+        kept = torch.empty(math.prod(shape), dtype=dtype)
+        setattr(_cpu_scratch, name, kept)
+    return kept[: math.prod(shape)].view(shape)
+
+
 class _ChunkBuffers:
-    """Scratch tensors reused by every chunk: a fresh tens-of-MB tensor per chunk would cost its page faults each time.
+    """Scratch tensors reused by every chunk (and, on CPU, by later calls; see _scratch).
 
     logits: fp32 (chunk, V), where softmax and gradients are formed. When the projection computes in a lower precision
     (bf16/fp16 weights or autocast), `low` (chunk, V) receives the matrix products and the gradient cast for the next
     ones, and `weight_product` (V, H) each chunk's weight gradient before it is added to the fp32 sum."""
 
     def __init__(self, step: int, weight: torch.Tensor, with_weight_grad: bool):
-        vocab_size = weight.shape[0]
-        self.logits = torch.empty(step, vocab_size, dtype=torch.float32, device=weight.device)
+        vocab_size, device = weight.shape[0], weight.device
+        self.logits = _scratch("logits", (step, vocab_size), torch.float32, device)
         low_precision = weight.dtype != torch.float32
-        self.low = torch.empty(step, vocab_size, dtype=weight.dtype, device=weight.device) if low_precision else None
-        self.weight_product = torch.empty_like(weight) if low_precision and with_weight_grad else None
+        self.low = _scratch("low", (step, vocab_size), weight.dtype, device) if low_precision else None
+        self.weight_product = (_scratch("weight_product", tuple(weight.shape), weight.dtype, device)
+                               if low_precision and with_weight_grad else None)
 
     def project(self, hidden_rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """fp32 logits of a chunk (a view of the buffer)."""
@@ -91,7 +111,7 @@ class _TargetLogProbs(torch.autograd.Function):
         entropy = torch.empty_like(log_sum_exp) if with_entropy else log_sum_exp.new_empty(0)
         step = min(chunk_positions(vocab_size), num_positions)
         buffers = _ChunkBuffers(step, weight_c, with_weight_grad=precompute)
-        exp_buffer = torch.empty_like(buffers.logits) if with_entropy else None
+        exp_buffer = _scratch("exp", tuple(buffers.logits.shape), torch.float32, hidden.device) if with_entropy else None
         for start in range(0, num_positions, step):
             rows = slice(start, start + step)
             logits = buffers.project(hidden_c[rows], weight_c)
@@ -111,7 +131,7 @@ class _TargetLogProbs(torch.autograd.Function):
                                       grad_hidden[rows], grad_weight, first=start == 0)
         log_probs = torch.where(scored, target_logits - log_sum_exp, 0.0)
         ctx.mark_non_differentiable(entropy)
-        ctx.precompute = precompute
+        ctx.precompute, ctx.backward_done = precompute, False
         if precompute:
             ctx.save_for_backward(grad_hidden, grad_weight)
             ctx.weight_dtype = weight.dtype
@@ -124,10 +144,18 @@ class _TargetLogProbs(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output, _grad_entropy):
-        if ctx.precompute:  # gradients formed in forward, for an upstream gradient of 1
+        if ctx.precompute:  # gradients formed in forward for an upstream gradient of 1, scaled in place
+            if ctx.backward_done:
+                raise RuntimeError("a summed target log-prob (sum_target_log_probs=True) can be backpropagated only once "
+                                   "(its gradients are scaled in place): recompute it instead of retain_graph=True")
+            ctx.backward_done = True
             grad_hidden, grad_weight = ctx.saved_tensors
-            scaled_weight_grad = torch.mul(grad_weight, grad_output, out=torch.empty_like(grad_weight, dtype=ctx.weight_dtype))
-            return grad_hidden * grad_output, scaled_weight_grad, None, None, None, None, None
+            if grad_weight.dtype == ctx.weight_dtype:
+                scaled_weight_grad = grad_weight.mul_(grad_output)
+            else:
+                scaled_weight_grad = torch.mul(grad_weight, grad_output,
+                                               out=torch.empty_like(grad_weight, dtype=ctx.weight_dtype))
+            return grad_hidden.mul_(grad_output), scaled_weight_grad, None, None, None, None, None
         hidden, targets, log_sum_exp = ctx.saved_tensors
         weight, compute_dtype = ctx.weight, ctx.compute_dtype
         hidden_c, weight_c = hidden.to(compute_dtype), weight.to(compute_dtype)

@@ -116,3 +116,11 @@ def test_model_scores_targets_like_its_logits(small_chunks):
     assert torch.allclose(-scored["target_log_probs"][:, :-1].reshape(-1), expected, atol=1e-5)
     kept = model(ids, logits_to_keep=3, targets=targets[:, -3:], sum_target_log_probs=True)["target_log_probs"]
     assert torch.allclose(kept, scored["target_log_probs"][:, -3:].sum(), atol=1e-5)
+
+
+def test_a_summed_score_is_backpropagated_once():
+    hidden, weight, targets = _inputs()
+    total, _ = target_log_probs(hidden, weight, targets, summed=True)
+    total.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backpropagated only once"):
+        total.backward()
