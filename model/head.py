@@ -52,15 +52,19 @@ class _ChunkBuffers:
 
     logits: fp32 (chunk, V), where softmax and gradients are formed. When the projection computes in a lower precision
     (bf16/fp16 weights or autocast), `low` (chunk, V) receives the matrix products and the gradient cast for the next
-    ones, and `weight_product` (V, H) each chunk's weight gradient before it is added to the fp32 sum."""
+    ones, and `weight_product` (V, H) each chunk's weight gradient, which is added to the fp32 sum through an fp32 copy
+    (`weight_product_fp32`): elementwise ops that mix dtypes are several times slower on CPU than a copy and a same-dtype
+    op."""
 
     def __init__(self, step: int, weight: torch.Tensor, with_weight_grad: bool):
         vocab_size, device = weight.shape[0], weight.device
         self.logits = _scratch("logits", (step, vocab_size), torch.float32, device)
         low_precision = weight.dtype != torch.float32
         self.low = _scratch("low", (step, vocab_size), weight.dtype, device) if low_precision else None
-        self.weight_product = (_scratch("weight_product", tuple(weight.shape), weight.dtype, device)
-                               if low_precision and with_weight_grad else None)
+        self.weight_product = self.weight_product_fp32 = None
+        if low_precision and with_weight_grad:
+            self.weight_product = _scratch("weight_product", tuple(weight.shape), weight.dtype, device)
+            self.weight_product_fp32 = _scratch("weight_product_fp32", tuple(weight.shape), torch.float32, device)
 
     def project(self, hidden_rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """fp32 logits of a chunk (a view of the buffer)."""
@@ -81,7 +85,7 @@ class _ChunkBuffers:
             grad_hidden_rows.copy_(grad_logits @ weight)
         if self.weight_product is not None:
             product = torch.mm(grad_logits.t(), hidden_rows, out=self.weight_product)
-            grad_weight.copy_(product) if first else grad_weight.add_(product)
+            grad_weight.copy_(product) if first else grad_weight.add_(self.weight_product_fp32.copy_(product))
         elif first:
             torch.mm(grad_logits.t(), hidden_rows, out=grad_weight)
         else:
@@ -150,11 +154,7 @@ class _TargetLogProbs(torch.autograd.Function):
                                    "(its gradients are scaled in place): recompute it instead of retain_graph=True")
             ctx.backward_done = True
             grad_hidden, grad_weight = ctx.saved_tensors
-            if grad_weight.dtype == ctx.weight_dtype:
-                scaled_weight_grad = grad_weight.mul_(grad_output)
-            else:
-                scaled_weight_grad = torch.mul(grad_weight, grad_output,
-                                               out=torch.empty_like(grad_weight, dtype=ctx.weight_dtype))
+            scaled_weight_grad = grad_weight.mul_(grad_output).to(ctx.weight_dtype)
             return grad_hidden.mul_(grad_output), scaled_weight_grad, None, None, None, None, None
         hidden, targets, log_sum_exp = ctx.saved_tensors
         weight, compute_dtype = ctx.weight, ctx.compute_dtype
