@@ -216,12 +216,16 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--slots", type=int, default=8, help="requests decoded together (KV cache rows)")
     parser.add_argument("--max-queue", type=int, default=32, help="requests waiting for a slot before 503s")
     parser.add_argument("--seed", type=int, help="sampling seed (default: random)")
+    parser.add_argument("--compile", action="store_true",
+                        help="decode with a torch.compile'd step (faster per token; compiles at start, needs a C++ "
+                             "compiler on CPU or Triton on CUDA)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     try:
         served = load_for_serving(args.checkpoint, args.tokenizer, args.device, args.dtype)
-        engine = Engine(served.model, served.tokenizer, slots=args.slots, max_queue=args.max_queue, seed=args.seed)
+        engine = Engine(served.model, served.tokenizer, slots=args.slots, max_queue=args.max_queue, seed=args.seed,
+                        compile=args.compile)
         server = make_app_server(create_app(engine, served.tokenizer, served.name), args.host, args.port)
     except (CheckpointError, TokenizerFilesError, ValueError) as err:
         sys.exit(f"error: {err}")

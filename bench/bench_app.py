@@ -4,6 +4,7 @@ streaming clients (continuous batching should make N clients several times faste
     python bench/bench_app.py                  # tiny model, 1 vs 8 clients; prints one JSON line
     python bench/bench_app.py --model small --clients 8 --requests 6 --max-tokens 128
     python bench/bench_app.py --checkpoint runs/mix    # a trained stage run dir instead of a random-init model
+    python bench/bench_app.py --compile                # the server decodes with its torch.compile'd step
 
 Without --checkpoint it writes a random-init model (tiny: tiny_config with the tiny BPE tokenizer's 2048 ids; small:
 hidden 256, 4 layers, 8 experts) as a stage run dir. Its output layer is scaled up so that next-token distributions
@@ -59,10 +60,11 @@ def write_run_dir(path: Path, config: ModelConfig):
     (path / "stage.json").write_text(json.dumps({"stage": "bench", "train_config": {"tokenizer": "tiny"}}))
 
 
-def start_server(run_dir: Path, slots: int, threads: int) -> tuple[subprocess.Popen, int]:
+def start_server(run_dir: Path, slots: int, threads: int, compile: bool) -> tuple[subprocess.Popen, int]:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(REPO_ROOT)}
     server = subprocess.Popen([sys.executable, str(REPO_ROOT / "app.py"), "--checkpoint", str(run_dir), "--port", "0",
-                               "--slots", str(slots), "--device", "cpu", "--seed", "0"],
+                               "--slots", str(slots), "--device", "cpu", "--seed", "0",
+                               *(["--compile"] if compile else [])],
                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
     line = server.stdout.readline()  # "Cortex chat (...) on http://127.0.0.1:PORT"
     if " on http://" not in line:
@@ -127,6 +129,7 @@ def main():
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the server (OMP_NUM_THREADS)")
     parser.add_argument("--rounds", type=int, default=3, help="alternating 1-client and N-client rounds; medians are "
                                                               "reported, which evens out load from other processes")
+    parser.add_argument("--compile", action="store_true", help="start the server with --compile")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -136,7 +139,7 @@ def main():
         else:
             run_dir, config = Path(tmp), model_config(args.model, tiny_tokenizer().vocab_size)
             write_run_dir(run_dir, config)
-        server, port = start_server(run_dir, slots=args.clients, threads=args.threads)
+        server, port = start_server(run_dir, slots=args.clients, threads=args.threads, compile=args.compile)
         try:
             stream_once(port, "warm up", 8)
             rounds = [(run_round(port, 1, args.requests, args.max_tokens),
@@ -147,7 +150,7 @@ def main():
     print(json.dumps({
         "bench": "app", "model": str(args.checkpoint or args.model), "hidden_size": config.hidden_size,
         "layers": config.num_hidden_layers, "vocab": config.vocab_size, "device": "cpu",
-        "server_threads": args.threads, "max_tokens": args.max_tokens, "rounds": args.rounds,
+        "server_threads": args.threads, "compile": args.compile, "max_tokens": args.max_tokens, "rounds": args.rounds,
         "single": median_round([r[0] for r in rounds]), "concurrent": median_round([r[1] for r in rounds]),
         "aggregate_speedup": round(statistics.median(c["aggregate_tokens_per_s"] / s["aggregate_tokens_per_s"]
                                                      for s, c in rounds), 2),

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from model import CortexModel
+from model.compiled_decode import compiled_decode_step
 from serving.sampling import sample_tokens
 from trainer.tokenizer import Tokenizer
 
@@ -160,7 +161,9 @@ class Engine:
     """The decode thread. `submit` from any thread; `stats` for monitoring; `stop` to end the thread."""
 
     def __init__(self, model: CortexModel, tokenizer: Tokenizer, *, slots: int = 8, max_queue: int = 32,
-                 max_context: int | None = None, seed: int | None = None):
+                 max_context: int | None = None, seed: int | None = None, compile: bool = False):
+        """compile: decode with one torch.compile'd graph per step (model/compiled_decode.py); it is compiled here,
+        before serving, which takes seconds to minutes for the full model on a CPU."""
         if slots < 1 or max_queue < 0:
             raise ValueError(f"need slots >= 1 and max_queue >= 0, got slots={slots}, max_queue={max_queue}")
         self.model = model.eval()
@@ -168,11 +171,16 @@ class Engine:
         self.max_context = max_context or model.config.max_position_embeddings
         self.slots: list[_Slot | None] = [None] * slots
         self.max_queue = max_queue
-        self.cache = SlotKVCache(model, slots, self.max_context)
+        # A compiled step reads views of the cache up to some width: one spare position keeps every such view
+        # non-contiguous alike, or the full-width view would be compiled again for its different strides.
+        self.cache = SlotKVCache(model, slots, self.max_context + (1 if compile else 0))
         self.device = model.lm_head.weight.device
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(seed if seed is not None else torch.seed())
         self.closing_ids = tokenizer.encode(THINK_BUDGET_CLOSING)
+        self.compiled_step = compiled_decode_step(self.model) if compile else None
+        if self.compiled_step is not None:
+            self._warm_up_compiled_step()
 
         self._waiting: deque[GenerationRequest] = deque()
         self._cond = threading.Condition()
@@ -300,18 +308,48 @@ class Engine:
         inputs = torch.tensor([[s.next_input if s else 0] for s in rows], device=self.device)
         positions = torch.tensor([s.length if s else 0 for s in rows], device=self.device)
         active = torch.tensor([s is not None for s in rows], device=self.device)
-        view = self.cache.decode(positions)
-        mask = (torch.arange(view.width, device=self.device)[None, :] <= positions[:, None]) & active[:, None]
-        logits = self.model(inputs, attention_mask=mask, position_ids=positions[:, None], past_key_values=view)["logits"]
+        if self.compiled_step is not None:
+            logits = self._compiled_logits(inputs[:, 0], positions, active)
+        else:
+            view = self.cache.decode(positions)
+            mask = (torch.arange(view.width, device=self.device)[None, :] <= positions[:, None]) & active[:, None]
+            logits = self.model(inputs, attention_mask=mask, position_ids=positions[:, None],
+                                past_key_values=view)["logits"][:, -1]
         live = [(i, s) for i, s in enumerate(rows) if s is not None]
         for _, slot in live:
             slot.length += 1
-        tokens = self._choose_tokens([s for _, s in live], logits[[i for i, _ in live], -1])
+        tokens = self._choose_tokens([s for _, s in live], logits[[i for i, _ in live]])
         for (slot_idx, _), token in zip(live, tokens):
             self._emit(slot_idx, token)
         with self._cond:
             self._counts["tokens"] += len(live)
             self._token_times.append((time.monotonic(), len(live)))
+
+    COMPILED_WIDTH_STEP = 64  # the compiled step reads the cache up to a multiple of this: few distinct shapes
+
+    def _compiled_logits(self, tokens: torch.Tensor, positions: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+        """One token for each of the first B slots at its own position (free slots ride along, fully masked) -> (B, V)."""
+        batch, step = len(tokens), self.COMPILED_WIDTH_STEP
+        width = min(self.max_context, (int(positions.max()) // step + 1) * step)
+        allowed = (torch.arange(width, device=self.device)[None, :] <= positions[:, None]) & active[:, None]
+        dtype = self.cache.keys[0].dtype
+        bias = torch.zeros(batch, 1, 1, width, dtype=dtype, device=self.device)
+        bias.masked_fill_(~allowed[:, None, None, :], torch.finfo(dtype).min)
+        keys = [k[:batch, :, :width] for k in self.cache.keys]
+        values = [v[:batch, :, :width] for v in self.cache.values]
+        return self.compiled_step(tokens, positions[:, None], positions, bias, keys, values)
+
+    def _warm_up_compiled_step(self):
+        """Compile before serving every graph torch.compile will want: the first call makes a graph for its exact
+        shape, a second shape makes it dynamic, and a batch of one row always gets graphs of its own (sizes 0 and 1
+        are never dynamic). So: one row at two widths, then two rows. Writes at positions 0 and one step in, of two
+        slots, which a prefill overwrites before use."""
+        step = self.COMPILED_WIDTH_STEP
+        with torch.inference_mode():
+            for batch, position in ((1, 0), (1, step), (min(2, len(self.slots)), 0)):
+                tokens = torch.zeros(batch, dtype=torch.long, device=self.device)
+                positions = torch.full((batch,), min(position, self.max_context - 1), device=self.device)
+                self._compiled_logits(tokens, positions, torch.ones(batch, dtype=torch.bool, device=self.device))
 
     def _choose_tokens(self, slots: list[_Slot], logits: torch.Tensor) -> list[int]:
         """Forced tokens where a thinking budget is closing, else drawn with each request's own temperature and top-p."""

@@ -28,9 +28,10 @@ def model(tokenizer):
     return CortexModel(tiny_config(tokenizer.vocab_size, long_context=True)).eval()
 
 
-@pytest.fixture
-def engine(model, tokenizer):
-    engine = Engine(model, tokenizer, slots=3, max_queue=16, seed=0).start()
+@pytest.fixture(params=[False, True], ids=["eager", "compiled"])
+def engine(request, model, tokenizer):
+    # compiled: each decode step is one torch.compile'd graph (model/compiled_decode.py); the same tokens are expected
+    engine = Engine(model, tokenizer, slots=3, max_queue=16, seed=0, compile=request.param).start()
     yield engine
     engine.stop()
 
