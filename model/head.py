@@ -23,7 +23,7 @@ def chunk_positions(vocab_size: int) -> int:
     return max(1, CHUNK_ELEMENTS // vocab_size)
 
 
-def _matmul_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+def matmul_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     """The dtype the projection computes in: autocast's when it is on (as nn.Linear would), else the weight's."""
     device_type = hidden.device.type
     if torch.is_autocast_enabled(device_type):
@@ -184,7 +184,7 @@ def target_log_probs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.
     distribution (...) fp32, without gradient, when with_entropy, else None)."""
     if targets.shape != hidden.shape[:-1]:
         raise ValueError(f"targets has shape {tuple(targets.shape)}, expected {tuple(hidden.shape[:-1])} (one per position)")
-    compute_dtype = _matmul_dtype(hidden, weight)
+    compute_dtype = matmul_dtype(hidden, weight)
     # For a sum, gradients are formed in forward, so only when they will be wanted
     precompute = summed and torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     with torch.autocast(hidden.device.type, enabled=False):  # the function casts for itself

@@ -18,7 +18,7 @@ from model import (
     count_parameters,
     tiny_config,
 )
-from model.moe import MoE, unstack_expert_weights
+from model.moe import MoE, RoutedExperts, unstack_expert_weights
 from model.rope import RotaryEmbedding, rope_inv_freq
 
 VOCAB = 101
@@ -435,6 +435,38 @@ def test_config_round_trips_through_a_plain_dict():
         assert ModelConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
     with pytest.raises(ValueError, match="unknown ModelConfig fields \\['head_dim'\\]"):
         ModelConfig.from_dict(tiny_config(VOCAB).to_dict() | {"head_dim": 64})
+
+
+@pytest.mark.parametrize("precision", ["fp32", "autocast-bf16", "bf16"])
+def test_the_experts_training_path_has_the_gradients_of_per_expert_linear_layers(precision):
+    torch.manual_seed(0)
+    experts = RoutedExperts(4, 16, 8)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    experts.to(dtype)
+    counts = [3, 0, 5, 2]  # expert 1 has no tokens
+    tokens = torch.randn(10, 16, dtype=dtype, requires_grad=True)
+    upstream = torch.randn(10, 16)
+    weights = [experts.gate_proj, experts.up_proj, experts.down_proj]
+
+    def per_expert_linear_layers():
+        outs = [F.linear(F.silu(F.linear(chunk, g)) * F.linear(chunk, u), d)
+                for chunk, g, u, d in zip(tokens.split(counts), *(w.unbind(0) for w in weights))]
+        return torch.cat(outs)
+
+    results = []
+    for run in (experts.forward, per_expert_linear_layers):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "autocast-bf16"):
+            out = run(tokens, counts) if run == experts.forward else run()
+        grads = torch.autograd.grad((out.float() * upstream).sum(), [tokens, *weights])
+        results.append((out, grads))
+    (ours, our_grads), (plain, plain_grads) = results
+    assert ours.dtype == plain.dtype
+    tol = 1e-6 if precision == "fp32" else 2e-2
+    torch.testing.assert_close(ours.float(), plain.float(), atol=tol, rtol=tol)
+    for got, want in zip(our_grads, plain_grads):
+        assert got.dtype == want.dtype
+        assert (got.float() - want.float()).norm() <= tol * want.float().norm()
+    assert our_grads[1][1].abs().sum() == 0  # the expert without tokens
 
 
 def test_parameters_named_by_deepspeed_map_to_the_published_keys():
