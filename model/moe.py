@@ -1,5 +1,6 @@
 """Mixture-of-experts feed-forward block: fp32 softmax router, top-k routed SwiGLU experts, always-on shared expert."""
 
+import itertools
 import math
 
 import torch
@@ -33,23 +34,24 @@ class _SortedExpertsSwiGLU(torch.autograd.Function):
     Backward writes each expert's weight gradients straight into one stacked gradient per weight. Autograd over
     per-expert views (unbind) would stack E separate gradients instead: one more copy of every expert weight's gradient
     per layer (at Cortex's size, 3 x 25 MB per layer, a third more time for the experts on a CPU). Saves only the
-    tokens and the two projections; the activation is recomputed."""
+    tokens and the two projections (written in place per slice); the activation is recomputed."""
 
     @staticmethod
     def forward(ctx, tokens, gate, up, down, counts, compute_dtype):
         x = tokens.to(compute_dtype)
-        gate_outs, up_outs, outs = [], [], []
-        for expert, chunk in _used_slices(x, counts):
-            gate_out = chunk @ gate[expert].to(compute_dtype).t()
-            up_out = chunk @ up[expert].to(compute_dtype).t()
-            outs.append((F.silu(gate_out) * up_out) @ down[expert].to(compute_dtype).t())
-            gate_outs.append(gate_out)
-            up_outs.append(up_out)
-        ctx.save_for_backward(tokens, torch.cat(gate_outs), torch.cat(up_outs))
+        intermediate = gate.shape[1]
+        gate_outs = x.new_empty(len(x), intermediate)  # every slice's projections, kept for backward
+        up_outs = x.new_empty(len(x), intermediate)
+        out = x.new_empty(len(x), down.shape[1])
+        for expert, rows in _used_rows(counts):
+            torch.mm(x[rows], gate[expert].to(compute_dtype).t(), out=gate_outs[rows])
+            torch.mm(x[rows], up[expert].to(compute_dtype).t(), out=up_outs[rows])
+            torch.mm(F.silu(gate_outs[rows]) * up_outs[rows], down[expert].to(compute_dtype).t(), out=out[rows])
+        ctx.save_for_backward(tokens, gate_outs, up_outs)
         # The Parameter objects, not saved tensors: under DeepSpeed ZeRO-3 their storage is released after forward
         # and gathered again before this module's backward, and backward must see that one.
         ctx.weights, ctx.counts, ctx.compute_dtype = (gate, up, down), counts, compute_dtype
-        return torch.cat(outs)
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -57,23 +59,19 @@ class _SortedExpertsSwiGLU(torch.autograd.Function):
         dtype = ctx.compute_dtype
         grad_tokens = torch.empty_like(tokens)
         grads = [torch.empty_like(weight) for weight in ctx.weights]
-        row = 0
         for expert, count in enumerate(ctx.counts):
             if not count:  # no tokens: a zero gradient, as an unused nn.Linear in the sum of a loss would get
                 for grad in grads:
                     grad[expert].zero_()
-                continue
-            rows = slice(row, row + count)
-            row += count
+        for expert, rows in _used_rows(ctx.counts):
             gate, up, down = (weight[expert].to(dtype) for weight in ctx.weights)
             x, grad_y = tokens[rows].to(dtype), grad_out[rows].to(dtype)
             gate_out, up_out = gate_outs[rows], up_outs[rows]
-            sigmoid = torch.sigmoid(gate_out)
-            silu = gate_out * sigmoid
+            silu = F.silu(gate_out)
             _mm_into(grads[2][expert], grad_y.t(), silu * up_out)
             grad_act = grad_y @ down
             grad_up = grad_act * silu
-            grad_gate = grad_act * up_out * (sigmoid * (1 + gate_out * (1 - sigmoid)))  # silu'(g)
+            grad_gate = torch.ops.aten.silu_backward(grad_act * up_out, gate_out)
             _mm_into(grads[0][expert], grad_gate.t(), x)
             _mm_into(grads[1][expert], grad_up.t(), x)
             grad_tokens[rows] = grad_gate @ gate + grad_up @ up
@@ -88,9 +86,10 @@ def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         out.copy_(a @ b)
 
 
-def _used_slices(tokens: torch.Tensor, counts: list[int]):
-    """(expert, its rows) for every expert with at least one row."""
-    return [(expert, chunk) for expert, (chunk, count) in enumerate(zip(tokens.split(counts), counts)) if count]
+def _used_rows(counts: list[int]) -> list[tuple[int, slice]]:
+    """(expert, its slice of the sorted rows) for every expert with at least one row."""
+    starts = [0, *itertools.accumulate(counts)]
+    return [(expert, slice(starts[expert], starts[expert + 1])) for expert, count in enumerate(counts) if count]
 
 
 class RoutedExperts(nn.Module):
@@ -140,7 +139,7 @@ class RoutedExperts(nn.Module):
 
         if expert_ids is not None:
             return torch.cat([expert_mlp(expert, tokens) for expert in expert_ids])
-        outputs = [expert_mlp(expert, chunk) for expert, chunk in _used_slices(tokens, counts)]
+        outputs = [expert_mlp(expert, tokens[rows]) for expert, rows in _used_rows(counts)]
         return torch.cat(outputs) if outputs else tokens.new_empty(0, self.down_proj.shape[1])
 
     def gathered(self, rows: torch.Tensor, expert_idx: torch.Tensor) -> torch.Tensor:
