@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from model import CortexModel, ModelConfig, WeightsMismatchError, cortex_2_5_config, load_weights
+from trainer.backend import pick_device as default_device
 from trainer.tokenizer import Tokenizer, get_tokenizer
 
 log = logging.getLogger(__name__)
@@ -117,11 +118,7 @@ def pick_device(device: str | None) -> torch.device:
         if chosen.type == "mps" and not torch.backends.mps.is_available():
             raise CheckpointError(f"--device {device}: MPS is not available here; use --device cpu")
         return chosen
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+    return default_device()  # cuda, then mps, then cpu: as the trainer picks
 
 
 def pick_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
