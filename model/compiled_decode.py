@@ -51,6 +51,12 @@ def decode_step(model: nn.Module, tokens: torch.Tensor, position_ids: torch.Tens
     return model.lm_head(model.head_norm(x))[:, -1]
 
 
+def attention_bias(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """allowed (B, S) bool, True where a row may attend -> decode_step's additive bias (B, 1, 1, S)."""
+    bias = torch.zeros(allowed.shape[0], 1, 1, allowed.shape[1], dtype=dtype, device=allowed.device)
+    return bias.masked_fill_(~allowed[:, None, None, :], torch.finfo(dtype).min)
+
+
 @functools.cache
 def _compiled() -> Callable:
     # One compiled function for every model: the model is an argument, so its parameters are graph inputs and weight
@@ -80,10 +86,9 @@ class CompiledDecoder:
         batch, _, max_length, _ = cache.keys[0].shape
         length = cache.get_seq_len()
         device = cache.keys[0].device
-        blocked = torch.ones(batch, max_length, dtype=torch.bool, device=device)
-        blocked[:, :length] = False if attention_mask is None else ~attention_mask.bool()
-        self.attn_bias = torch.zeros(batch, 1, 1, max_length, dtype=cache.keys[0].dtype, device=device)
-        self.attn_bias.masked_fill_(blocked[:, None, None, :], torch.finfo(self.attn_bias.dtype).min)
+        allowed = torch.zeros(batch, max_length, dtype=torch.bool, device=device)
+        allowed[:, :length] = True if attention_mask is None else attention_mask.bool()
+        self.attn_bias = attention_bias(allowed, cache.keys[0].dtype)
 
     def step(self, tokens: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         """tokens (B,) at RoPE positions (B, 1) -> next-token logits (B, V); the cache grows by one position."""

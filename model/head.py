@@ -31,6 +31,14 @@ def matmul_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     return torch.promote_types(hidden.dtype, weight.dtype)
 
 
+def mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """out = a @ b, computed in a's dtype and stored in out's."""
+    if out.dtype == a.dtype:
+        torch.mm(a, b, out=out)
+    else:
+        out.copy_(a @ b)
+
+
 _cpu_scratch = threading.local()
 
 
@@ -79,10 +87,7 @@ class _ChunkBuffers:
         grad_logits = probs.mul_(-row_grad[:, None]).scatter_add_(1, targets[:, None], row_grad[:, None])  # g (onehot - p)
         if self.low is not None:
             grad_logits = self.low[: len(grad_logits)].copy_(grad_logits)
-        if grad_hidden_rows.dtype == grad_logits.dtype:
-            torch.mm(grad_logits, weight, out=grad_hidden_rows)
-        else:  # fp32 hidden under autocast: a small (c, H) product
-            grad_hidden_rows.copy_(grad_logits @ weight)
+        mm_into(grad_hidden_rows, grad_logits, weight)  # fp32 hidden under autocast: a small (c, H) cast
         if self.weight_product is not None:
             product = torch.mm(grad_logits.t(), hidden_rows, out=self.weight_product)
             grad_weight.copy_(product) if first else grad_weight.add_(self.weight_product_fp32.copy_(product))

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
-from .head import matmul_dtype
+from .head import matmul_dtype, mm_into
 from .mlp import MLP
 
 
@@ -68,22 +68,14 @@ class _SortedExpertsSwiGLU(torch.autograd.Function):
             x, grad_y = tokens[rows].to(dtype), grad_out[rows].to(dtype)
             gate_out, up_out = gate_outs[rows], up_outs[rows]
             silu = F.silu(gate_out)
-            _mm_into(grads[2][expert], grad_y.t(), silu * up_out)
+            mm_into(grads[2][expert], grad_y.t(), silu * up_out)
             grad_act = grad_y @ down
             grad_up = grad_act * silu
             grad_gate = torch.ops.aten.silu_backward(grad_act * up_out, gate_out)
-            _mm_into(grads[0][expert], grad_gate.t(), x)
-            _mm_into(grads[1][expert], grad_up.t(), x)
+            mm_into(grads[0][expert], grad_gate.t(), x)
+            mm_into(grads[1][expert], grad_up.t(), x)
             grad_tokens[rows] = grad_gate @ gate + grad_up @ up
         return grad_tokens, *grads, None, None
-
-
-def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """out = a @ b, computed in a's dtype and stored in out's."""
-    if out.dtype == a.dtype:
-        torch.mm(a, b, out=out)
-    else:
-        out.copy_(a @ b)
 
 
 def _used_rows(counts: list[int]) -> list[tuple[int, slice]]:

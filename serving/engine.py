@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from model import CortexModel
-from model.compiled_decode import compiled_decode_step
+from model.compiled_decode import attention_bias, compiled_decode_step
 from serving.sampling import sample_tokens
 from trainer.tokenizer import Tokenizer
 
@@ -332,9 +332,7 @@ class Engine:
         batch, step = len(tokens), self.COMPILED_WIDTH_STEP
         width = min(self.max_context, (int(positions.max()) // step + 1) * step)
         allowed = (torch.arange(width, device=self.device)[None, :] <= positions[:, None]) & active[:, None]
-        dtype = self.cache.keys[0].dtype
-        bias = torch.zeros(batch, 1, 1, width, dtype=dtype, device=self.device)
-        bias.masked_fill_(~allowed[:, None, None, :], torch.finfo(dtype).min)
+        bias = attention_bias(allowed, self.cache.keys[0].dtype)
         keys = [k[:batch, :, :width] for k in self.cache.keys]
         values = [v[:batch, :, :width] for v in self.cache.values]
         return self.compiled_step(tokens, positions[:, None], positions, bias, keys, values)
