@@ -17,6 +17,8 @@ from torch import nn
 
 IGNORE_INDEX = -100  # a target that is not scored: log-prob 0, no gradient
 CHUNK_ELEMENTS = 1 << 24  # logits per chunk (16M: 64 MB in fp32); a chunk is CHUNK_ELEMENTS // vocab_size positions
+# log(p) of a probability at or above this is exact to fp32 rounding (exp(logit - max) is then a normal float)
+_SMALLEST_EXACT_PROB = 1e-30
 
 
 def chunk_positions(vocab_size: int) -> int:
@@ -82,29 +84,41 @@ class _ChunkBuffers:
         return logits.copy_(torch.mm(hidden_rows, weight.t(), out=self.low[: len(hidden_rows)]))
 
     def gradients(self, probs, targets, row_grad, hidden_rows, weight, grad_hidden_rows, grad_weight, first: bool):
-        """From a chunk's softmax: the gradient of sum_r g_r log p_r[t_r] for its hidden rows (written) and for the
-        weight (accumulated over chunks, fp32); probs (c, V) is overwritten."""
-        grad_logits = probs.mul_(-row_grad[:, None]).scatter_add_(1, targets[:, None], row_grad[:, None])  # g (onehot - p)
+        """From a chunk's softmax probs (c, V), overwritten: the gradients of sum_r g_r log p_r[t_r] for its hidden rows
+        (written) and for the weight (accumulated over chunks, fp32).
+
+        With d = p - onehot(t) (the one-hot is c subtractions, not a pass over the chunk), the gradient of the logits
+        is -g d, and g is applied to the small (c, H) operands: grad_hidden = -g (d @ W), grad_weight += d^T (-g h)."""
+        rows = torch.arange(len(probs), device=probs.device)
+        probs.index_put_((rows, targets), probs.new_tensor(-1.0), accumulate=True)
         if self.low is not None:
-            grad_logits = self.low[: len(grad_logits)].copy_(grad_logits)
-        mm_into(grad_hidden_rows, grad_logits, weight)  # fp32 hidden under autocast: a small (c, H) cast
+            probs = self.low[: len(probs)].copy_(probs)
+        mm_into(grad_hidden_rows, probs, weight)  # fp32 hidden under autocast: a small (c, H) cast
+        grad_hidden_rows.mul_(-row_grad[:, None])
+        scaled_hidden = hidden_rows * -row_grad[:, None].to(hidden_rows.dtype)
         if self.weight_product is not None:
-            product = torch.mm(grad_logits.t(), hidden_rows, out=self.weight_product)
+            product = torch.mm(probs.t(), scaled_hidden, out=self.weight_product)
             grad_weight.copy_(product) if first else grad_weight.add_(self.weight_product_fp32.copy_(product))
         elif first:
-            torch.mm(grad_logits.t(), hidden_rows, out=grad_weight)
+            torch.mm(probs.t(), scaled_hidden, out=grad_weight)
         else:
-            grad_weight.addmm_(grad_logits.t(), hidden_rows)
+            grad_weight.addmm_(probs.t(), scaled_hidden)
+
+
+def _softmax_(logits: torch.Tensor) -> torch.Tensor:
+    """Softmax over the vocabulary, in place: one fused kernel that keeps each row in cache (versus five passes over
+    the chunk for max, subtract, exp, sum and divide)."""
+    return torch._softmax(logits, -1, False, out=logits)
 
 
 class _TargetLogProbs(torch.autograd.Function):
     """hidden (N, H), weight (V, H), targets (N,) -> log-probs (N,) fp32 (or their sum when `summed`), entropy (N,).
 
-    Per chunk of positions: logits, their log-sum-exp, the target's logit. The gradient of log p_t with respect to the
-    logits is onehot(t) - softmax. When only the sum of the log-probs is wanted (the cross-entropy loss), the upstream
-    gradient is one scalar, so the chunk's gradients are formed right away from the logits at hand and scaled in
-    backward (three projections in all, as the plain path). Per-position log-probs get any upstream gradient, so
-    backward recomputes each chunk's logits (four projections)."""
+    Per chunk of positions: logits, the target's logit, the softmax in place and from it the log-sum-exp
+    (lse = logit_t - log p_t; see below). The gradient of log p_t with respect to the logits is onehot(t) - softmax.
+    When only the sum of the log-probs is wanted (the cross-entropy loss), the upstream gradient is one scalar, so the
+    chunk's gradients are formed right away and scaled in backward (three projections in all, as the plain path).
+    Per-position log-probs get any upstream gradient, so backward recomputes each chunk's logits (four projections)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, compute_dtype, summed, with_entropy, precompute):
@@ -116,28 +130,35 @@ class _TargetLogProbs(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden) if precompute else None
         grad_weight = torch.empty_like(weight, dtype=torch.float32) if precompute else None
         log_sum_exp = torch.empty(num_positions, dtype=torch.float32, device=hidden.device)
-        target_logits = torch.empty_like(log_sum_exp)
+        target_logits, target_probs = torch.empty_like(log_sum_exp), torch.empty_like(log_sum_exp)
         entropy = torch.empty_like(log_sum_exp) if with_entropy else log_sum_exp.new_empty(0)
         step = min(chunk_positions(vocab_size), num_positions)
         buffers = _ChunkBuffers(step, weight_c, with_weight_grad=precompute)
-        exp_buffer = _scratch("exp", tuple(buffers.logits.shape), torch.float32, hidden.device) if with_entropy else None
+        probs_buffer = _scratch("probs", tuple(buffers.logits.shape), torch.float32, hidden.device) if with_entropy else None
         for start in range(0, num_positions, step):
             rows = slice(start, start + step)
             logits = buffers.project(hidden_c[rows], weight_c)
             target_logits[rows] = logits.gather(1, safe_targets[rows, None]).squeeze(1)
-            # log-sum-exp and softmax from one exp pass, in place unless the entropy still needs the logits
-            row_max = logits.amax(dim=-1, keepdim=True)
-            exp = (torch.sub(logits, row_max, out=exp_buffer[: len(logits)]) if with_entropy
-                   else logits.sub_(row_max)).exp_()
-            sum_exp = exp.sum(dim=-1, keepdim=True)
-            log_sum_exp[rows] = (row_max + sum_exp.log()).squeeze(1)
-            if with_entropy or precompute:
-                probs = exp.div_(sum_exp)
-                if with_entropy:  # H = lse - sum_v p_v * logit_v
-                    entropy[rows] = log_sum_exp[rows] - (probs * logits).sum(dim=-1)
-                if precompute:
-                    buffers.gradients(probs, safe_targets[rows], row_grad[rows], hidden_c[rows], weight_c,
-                                      grad_hidden[rows], grad_weight, first=start == 0)
+            if with_entropy:  # the logits are still needed: H = lse - sum_v p_v * logit_v
+                probs = torch._softmax(logits, -1, False, out=probs_buffer[: len(logits)])
+                entropy[rows] = (probs * logits).sum(dim=-1)
+            else:
+                probs = _softmax_(logits)
+            target_probs[rows] = probs.gather(1, safe_targets[rows, None]).squeeze(1)
+            if precompute:
+                buffers.gradients(probs, safe_targets[rows], row_grad[rows], hidden_c[rows], weight_c,
+                                  grad_hidden[rows], grad_weight, first=start == 0)
+        # log p_t is exact to fp32 rounding while p_t is a normal number. Rows whose target is less likely than that
+        # (and, for the entropy, unscored rows, whose stand-in target can be anything) get their lse from their logits.
+        log_sum_exp.copy_(target_logits - target_probs.log())
+        inexact = target_probs < _SMALLEST_EXACT_PROB
+        if not with_entropy:
+            inexact &= scored
+        if inexact.any():
+            rows = inexact.nonzero().squeeze(1)
+            log_sum_exp[rows] = (hidden_c[rows] @ weight_c.t()).float().logsumexp(dim=-1)
+        if with_entropy:
+            entropy.neg_().add_(log_sum_exp)
         log_probs = torch.where(scored, target_logits - log_sum_exp, 0.0)
         ctx.mark_non_differentiable(entropy)
         ctx.precompute, ctx.backward_done = precompute, False
@@ -145,7 +166,7 @@ class _TargetLogProbs(torch.autograd.Function):
             ctx.save_for_backward(grad_hidden, grad_weight)
             ctx.weight_dtype = weight.dtype
             return log_probs.sum(), entropy
-        ctx.save_for_backward(hidden, targets, log_sum_exp)
+        ctx.save_for_backward(hidden, targets)
         # The weight is kept as the Parameter object, not saved as a tensor: under DeepSpeed ZeRO-3 its storage is
         # released after forward and gathered again before this module's backward, and backward must see that one.
         ctx.weight, ctx.compute_dtype = weight, compute_dtype
@@ -161,7 +182,7 @@ class _TargetLogProbs(torch.autograd.Function):
             grad_hidden, grad_weight = ctx.saved_tensors
             scaled_weight_grad = grad_weight.mul_(grad_output).to(ctx.weight_dtype)
             return grad_hidden.mul_(grad_output), scaled_weight_grad, None, None, None, None, None
-        hidden, targets, log_sum_exp = ctx.saved_tensors
+        hidden, targets = ctx.saved_tensors
         weight, compute_dtype = ctx.weight, ctx.compute_dtype
         hidden_c, weight_c = hidden.to(compute_dtype), weight.to(compute_dtype)
         row_grad = torch.where(targets != IGNORE_INDEX, grad_output, 0.0).float()
@@ -173,8 +194,7 @@ class _TargetLogProbs(torch.autograd.Function):
         buffers = _ChunkBuffers(step, weight_c, with_weight_grad=True)
         for start in range(0, num_positions, step):
             rows = slice(start, start + step)
-            logits = buffers.project(hidden_c[rows], weight_c)
-            probs = logits.sub_(log_sum_exp[rows, None]).exp_()
+            probs = _softmax_(buffers.project(hidden_c[rows], weight_c))
             buffers.gradients(probs, safe_targets[rows], row_grad[rows], hidden_c[rows], weight_c, grad_hidden[rows],
                               grad_weight, first=start == 0)
         return grad_hidden, grad_weight.to(weight.dtype), None, None, None, None, None
