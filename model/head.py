@@ -8,12 +8,11 @@ step. For a summed score (the cross-entropy loss) the gradients are formed in fo
 gradient until backward.
 """
 
-import math
-import threading
-
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .buffers import recycled, scratch
 
 IGNORE_INDEX = -100  # a target that is not scored: log-prob 0, no gradient
 CHUNK_ELEMENTS = 1 << 24  # logits per chunk (16M: 64 MB in fp32); a chunk is CHUNK_ELEMENTS // vocab_size positions
@@ -41,24 +40,8 @@ def mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         out.copy_(a @ b)
 
 
-_cpu_scratch = threading.local()
-
-
-def _scratch(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """An uninitialised buffer for use within one call. On CPU it is kept for the next call: a fresh buffer of tens of
-    MB comes from the OS as new pages (glibc maps allocations over 32 MB anew each time), and faulting them in costs
-    about as much as a pass over them (64 MB: ~15 ms here). CUDA's caching allocator already reuses its blocks."""
-    if device.type != "cpu":
-        return torch.empty(shape, dtype=dtype, device=device)
-    kept = getattr(_cpu_scratch, name, None)
-    if kept is None or kept.dtype != dtype or kept.numel() < math.prod(shape):
-        kept = torch.empty(math.prod(shape), dtype=dtype)
-        setattr(_cpu_scratch, name, kept)
-    return kept[: math.prod(shape)].view(shape)
-
-
 class _ChunkBuffers:
-    """Scratch tensors reused by every chunk (and, on CPU, by later calls; see _scratch).
+    """Scratch tensors reused by every chunk (and, on CPU, by later calls; see buffers.scratch).
 
     logits: fp32 (chunk, V), where softmax and gradients are formed. When the projection computes in a lower precision
     (bf16/fp16 weights or autocast), `low` (chunk, V) receives the matrix products and the gradient cast for the next
@@ -68,13 +51,13 @@ class _ChunkBuffers:
 
     def __init__(self, step: int, weight: torch.Tensor, with_weight_grad: bool):
         vocab_size, device = weight.shape[0], weight.device
-        self.logits = _scratch("logits", (step, vocab_size), torch.float32, device)
+        self.logits = scratch("logits", (step, vocab_size), torch.float32, device)
         low_precision = weight.dtype != torch.float32
-        self.low = _scratch("low", (step, vocab_size), weight.dtype, device) if low_precision else None
+        self.low = scratch("low", (step, vocab_size), weight.dtype, device) if low_precision else None
         self.weight_product = self.weight_product_fp32 = None
         if low_precision and with_weight_grad:
-            self.weight_product = _scratch("weight_product", tuple(weight.shape), weight.dtype, device)
-            self.weight_product_fp32 = _scratch("weight_product_fp32", tuple(weight.shape), torch.float32, device)
+            self.weight_product = scratch("weight_product", tuple(weight.shape), weight.dtype, device)
+            self.weight_product_fp32 = scratch("weight_product_fp32", tuple(weight.shape), torch.float32, device)
 
     def project(self, hidden_rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """fp32 logits of a chunk (a view of the buffer)."""
@@ -128,13 +111,13 @@ class _TargetLogProbs(torch.autograd.Function):
         row_grad = scored.float()  # the upstream gradient of sum(log-probs), per position
         num_positions, vocab_size = hidden.shape[0], weight.shape[0]
         grad_hidden = torch.empty_like(hidden) if precompute else None
-        grad_weight = torch.empty_like(weight, dtype=torch.float32) if precompute else None
+        grad_weight = recycled("head_weight_grad", weight.shape, torch.float32, weight.device) if precompute else None
         log_sum_exp = torch.empty(num_positions, dtype=torch.float32, device=hidden.device)
         target_logits, target_probs = torch.empty_like(log_sum_exp), torch.empty_like(log_sum_exp)
         entropy = torch.empty_like(log_sum_exp) if with_entropy else log_sum_exp.new_empty(0)
         step = min(chunk_positions(vocab_size), num_positions)
         buffers = _ChunkBuffers(step, weight_c, with_weight_grad=precompute)
-        probs_buffer = _scratch("probs", tuple(buffers.logits.shape), torch.float32, hidden.device) if with_entropy else None
+        probs_buffer = scratch("probs", tuple(buffers.logits.shape), torch.float32, hidden.device) if with_entropy else None
         for start in range(0, num_positions, step):
             rows = slice(start, start + step)
             logits = buffers.project(hidden_c[rows], weight_c)
@@ -188,7 +171,7 @@ class _TargetLogProbs(torch.autograd.Function):
         row_grad = torch.where(targets != IGNORE_INDEX, grad_output, 0.0).float()
         safe_targets = targets.clamp(min=0)
         grad_hidden = torch.empty_like(hidden)
-        grad_weight = torch.empty_like(weight, dtype=torch.float32)
+        grad_weight = recycled("head_weight_grad", weight.shape, torch.float32, weight.device)
         num_positions, vocab_size = hidden.shape[0], weight.shape[0]
         step = min(chunk_positions(vocab_size), num_positions)
         buffers = _ChunkBuffers(step, weight_c, with_weight_grad=True)

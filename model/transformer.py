@@ -5,6 +5,7 @@ from torch import nn
 
 from .attention import Attention
 from .config import ModelConfig
+from .embedding import TokenEmbedding
 from .head import LMHead
 from .kv_cache import KVCache
 from .masks import attention_dtype, build_attention_bias
@@ -39,7 +40,7 @@ class CortexModel(nn.Module):
         super().__init__()
         self.config = config
         self.rotary_emb = RotaryEmbedding(config)
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = TokenEmbedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, idx) for idx in range(config.num_hidden_layers))
         self.head_norm = RMSNorm(config.hidden_size)
         self.lm_head = LMHead(config.hidden_size, config.vocab_size)
