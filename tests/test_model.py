@@ -19,6 +19,7 @@ from model import (
     tiny_config,
 )
 from model.moe import MoE, RoutedExperts, unstack_expert_weights
+from model.norm import RMSNorm
 from model.rope import RotaryEmbedding, rope_inv_freq
 
 VOCAB = 101
@@ -492,3 +493,19 @@ def test_the_experts_module_is_called_once_per_moe_layer_in_inference_too():
         calls.clear()
         model(torch.randint(0, VOCAB, (2, 3)))  # sorted by expert: 6 tokens x top-2 rows
         assert len(calls) == 2 and all(rows == 12 and ids is None for rows, ids in calls)
+
+
+def test_rmsnorm_training_path_has_the_gradients_of_autograd_through_the_plain_formula():
+    torch.manual_seed(0)
+    norm = RMSNorm(16)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    upstream = torch.randn(3, 5, 16)
+    ours = norm(x)
+    plain = norm.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.eps))
+    assert torch.allclose(ours, plain, atol=1e-6)
+    got = torch.autograd.grad((ours * upstream).sum(), (x, norm.weight))
+    want = torch.autograd.grad((plain * upstream).sum(), (x, norm.weight))
+    for g, w in zip(got, want):
+        assert torch.allclose(g, w, atol=1e-5)
