@@ -71,10 +71,13 @@ class _SortedExpertsSwiGLU(torch.autograd.Function):
             mm_into(grads[2][expert], grad_y.t(), silu * up_out)
             grad_act = grad_y @ down
             grad_up = grad_act * silu
-            grad_gate = torch.ops.aten.silu_backward(grad_act * up_out, gate_out)
+            grad_gate = torch.ops.aten.silu_backward(grad_act.mul_(up_out), gate_out)
             mm_into(grads[0][expert], grad_gate.t(), x)
             mm_into(grads[1][expert], grad_up.t(), x)
-            grad_tokens[rows] = grad_gate @ gate + grad_up @ up
+            if grad_tokens.dtype == dtype:  # written in place, without two (rows, H) temporaries and their sum
+                torch.mm(grad_gate, gate, out=grad_tokens[rows]).addmm_(grad_up, up)
+            else:
+                grad_tokens[rows] = grad_gate @ gate + grad_up @ up
         return grad_tokens, *grads, None, None
 
 
