@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: m
 from model import CortexModel, ModelConfig, cortex_2_5_config, generate
 
 VOCAB, BATCH, SEQ_LEN, PROMPT_LEN, NEW_TOKENS = 46957, 4, 256, 16, 256
-TRAIN_ROUNDS, DECODE_ROUNDS = 5, 5
+TRAIN_ROUNDS, DECODE_ROUNDS = 9, 5
 
 
 def bench_config() -> ModelConfig:
