@@ -115,7 +115,8 @@ class _TargetLogProbs(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden) if precompute else None
         grad_weight = recycled("head_weight_grad", weight.shape, torch.float32, weight.device) if precompute else None
         log_sum_exp = torch.empty(num_positions, dtype=torch.float32, device=hidden.device)
-        target_logits, target_probs = torch.empty_like(log_sum_exp), torch.empty_like(log_sum_exp)
+        target_logits = torch.empty_like(log_sum_exp)
+        target_probs = None if with_entropy else torch.empty_like(log_sum_exp)
         entropy = torch.empty_like(log_sum_exp) if with_entropy else log_sum_exp.new_empty(0)
         step = min(chunk_positions(vocab_size), num_positions)
         buffers = _ChunkBuffers(step, weight_c, with_weight_grad=precompute)
@@ -124,26 +125,26 @@ class _TargetLogProbs(torch.autograd.Function):
             rows = slice(start, start + step)
             logits = buffers.project(hidden_c[rows], weight_c)
             target_logits[rows] = logits.gather(1, safe_targets[rows, None]).squeeze(1)
-            if with_entropy:  # the logits are still needed: H = lse - sum_v p_v * logit_v
+            if with_entropy:
+                # The logits are kept. Both maxima sit at the same entry, where p = 1 / sum(exp(logit - max)) >= 1 / V,
+                # so lse = max logit - log(max p) exactly; and H = lse - sum_v p_v * logit_v.
                 probs = torch._softmax(logits, -1, False, out=probs_buffer[: len(logits)])
-                entropy[rows] = (probs * logits).sum(dim=-1)
+                log_sum_exp[rows] = logits.amax(dim=-1) - probs.amax(dim=-1).log()
+                entropy[rows] = log_sum_exp[rows] - torch.bmm(probs[:, None, :], logits[:, :, None]).view(-1)
             else:
                 probs = _softmax_(logits)
-            target_probs[rows] = probs.gather(1, safe_targets[rows, None]).squeeze(1)
+                target_probs[rows] = probs.gather(1, safe_targets[rows, None]).squeeze(1)
             if precompute:
                 buffers.gradients(probs, safe_targets[rows], row_grad[rows], hidden_c[rows], weight_c,
                                   grad_hidden[rows], grad_weight, first=start == 0)
-        # log p_t is exact to fp32 rounding while p_t is a normal number. Rows whose target is less likely than that
-        # (and, for the entropy, unscored rows, whose stand-in target can be anything) get their lse from their logits.
-        log_sum_exp.copy_(target_logits - target_probs.log())
-        inexact = target_probs < _SMALLEST_EXACT_PROB
         if not with_entropy:
-            inexact &= scored
-        if inexact.any():
-            rows = inexact.nonzero().squeeze(1)
-            log_sum_exp[rows] = (hidden_c[rows] @ weight_c.t()).float().logsumexp(dim=-1)
-        if with_entropy:
-            entropy.neg_().add_(log_sum_exp)
+            # lse = logit_t - log p_t, exact to fp32 rounding while p_t is a normal number; scored rows whose target is
+            # less likely than that (a loss over 69) get theirs from their logits, computed again
+            log_sum_exp.copy_(target_logits - target_probs.log())
+            inexact = scored & (target_probs < _SMALLEST_EXACT_PROB)
+            if inexact.any():
+                rows = inexact.nonzero().squeeze(1)
+                log_sum_exp[rows] = (hidden_c[rows] @ weight_c.t()).float().logsumexp(dim=-1)
         log_probs = torch.where(scored, target_logits - log_sum_exp, 0.0)
         ctx.mark_non_differentiable(entropy)
         ctx.precompute, ctx.backward_done = precompute, False
