@@ -28,8 +28,7 @@ class _EmbeddingWithRecycledGrad(torch.autograd.Function):
 
 
 class TokenEmbedding(nn.Embedding):
-    def __init__(self, vocab_size: int, hidden_size: int):
-        super().__init__(vocab_size, hidden_size)
+    """nn.Embedding(vocab_size, hidden_size), with the recycled gradient when it trains in fp32 on CPU."""
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         # Only for an fp32 weight on CPU: CUDA's allocator reuses its memory already, and for bf16/fp16 weights torch's
