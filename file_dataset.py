@@ -4,14 +4,24 @@ qibin0506/Cortex-2.5-train-data into a data dir (default ./data).
     files = FileDataset.for_stage("cot")      # ["cot_sft.pkl"]
     path = files[0]                           # ./data/cot_sft.pkl, downloaded if missing
 
+    files = FileDataset.for_stage("cot", task="sft", vocab_size=46957)
+    path = files[0]                           # ./data/cot_sft.npy: cot_sft.pkl, downloaded if missing, converted once
+
 One process per machine (local rank 0) downloads while the others wait; the next file is prefetched in a background
 thread; the file before the current one is deleted only when delete_consumed=True (off by default: deleting means a
 second epoch or a resume downloads it again). A download lands in a temporary directory and is renamed into place only
 when complete (ModelScope checks the size and sha256 it lists), so the data dir never holds a partial file.
 MODELSCOPE_ENDPOINT points the download at another hub (tests use a local server).
+
+Given the task and vocabulary size (the trainer gives both), each .pkl is converted once into our memory-mapped .npy
+format beside it (trainer/token_files.py), by the same one process per machine, and indexing returns its name.npy:
+unpickled, the original's files are Python ints (about 36 bytes per token) in every process, and counting a stage's
+steps would unpickle every file. `name.converted.json` records the .pkl's size and modification time; a different .pkl
+under that name is converted again, and the converted files stay usable when the .pkl is deleted.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -20,6 +30,8 @@ import threading
 from pathlib import Path
 
 import torch.distributed as dist
+
+from trainer.token_files import convert_pickle
 
 MODELSCOPE_DATASET = "qibin0506/Cortex-2.5-train-data"
 
@@ -85,11 +97,15 @@ class FileDataset:
     """An indexable list of a stage's data files; indexing returns the local path, downloading it first if needed."""
 
     def __init__(self, files: list[str], data_dir: str | Path = "./data", dataset_id: str = MODELSCOPE_DATASET,
-                 prefetch: bool = True, delete_consumed: bool = False):
+                 prefetch: bool = True, delete_consumed: bool = False, task: str | None = None,
+                 vocab_size: int | None = None):
         if not files:
             raise ValueError("FileDataset needs at least one file name")
+        if (task is None) != (vocab_size is None):
+            raise ValueError("FileDataset converts .pkl files with both task and vocab_size, or neither")
         self.files, self.data_dir, self.dataset_id = list(files), Path(data_dir), dataset_id
         self.prefetch, self.delete_consumed = prefetch, delete_consumed
+        self.task, self.vocab_size = task, vocab_size
         self._prefetch_thread: threading.Thread | None = None
 
     @classmethod
@@ -102,18 +118,24 @@ class FileDataset:
         return len(self.files)
 
     def path(self, idx: int) -> Path:
+        """The file as downloaded."""
         return self.data_dir / self.files[idx]
 
+    def local_path(self, idx: int) -> Path:
+        """What indexing returns: the downloaded file, or for a converted .pkl its name.npy."""
+        return self.path(idx).with_suffix(".npy") if self._converts(idx) else self.path(idx)
+
     def __getitem__(self, idx: int) -> Path:
-        target = self.path(idx)
         error = None
         if _is_downloader():
             self._join_prefetch()
-            if not target.exists():
-                try:
+            try:
+                if self._needs_download(idx):
                     download_file(self.files[idx], self.data_dir, self.dataset_id)
-                except Exception as e:  # any failure is handed to every process below (so none waits forever), then raised
-                    error = e
+                if self._converts(idx) and not self._is_converted(idx):
+                    self._convert(idx)
+            except Exception as e:  # any failure is handed to every process below (so none waits forever), then raised
+                error = e
         if _distributed():  # also the barrier: the others wait here until the file is in place
             messages = [None] * dist.get_world_size()
             dist.all_gather_object(messages, None if error is None else str(error))
@@ -122,13 +144,60 @@ class FileDataset:
             raise error
         if _is_downloader():
             self._after_fetch(idx)
-        return target
+        return self.local_path(idx)
+
+    # --- conversion of .pkl files ---
+    def _converts(self, idx: int) -> bool:
+        return self.task is not None and self.path(idx).suffix == ".pkl"
+
+    def _record_path(self, idx: int) -> Path:
+        return self.path(idx).with_suffix(".converted.json")
+
+    def _source_record(self, idx: int) -> dict:
+        stat = self.path(idx).stat()
+        return {"source": self.files[idx], "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns, "task": self.task}
+
+    def _is_converted(self, idx: int) -> bool:
+        record_path = self._record_path(idx)
+        if not record_path.exists():
+            return False
+        try:
+            record = json.loads(record_path.read_text())
+        except ValueError as e:
+            raise DataFileError(f"{record_path} is unreadable ({e}); delete it and {self.path(idx).name} is converted "
+                                f"again") from e
+        if record.get("task") != self.task:
+            return False
+        if not self.path(idx).exists():  # converted, then the .pkl deleted: the converted files are the data
+            return True
+        source = self._source_record(idx)
+        return record.get("bytes") == source["bytes"] and record.get("mtime_ns") == source["mtime_ns"]
+
+    def _convert(self, idx: int) -> None:
+        print(f"converting {self.path(idx)} to memory-mapped token files (once)", file=sys.stderr)
+        written = convert_pickle(self.path(idx), self.task, self.vocab_size)
+        record_path = self._record_path(idx)
+        tmp = record_path.with_name(record_path.name + ".tmp")
+        tmp.write_text(json.dumps(self._source_record(idx) | {"files": [p.name for p in written]}))
+        os.replace(tmp, record_path)  # written last: a conversion cut short is done again
+
+    def _needs_download(self, idx: int) -> bool:
+        return not self.path(idx).exists() and not (self._converts(idx) and self._is_converted(idx))
+
+    def _delete(self, idx: int) -> None:
+        """The file and, for a converted .pkl, its converted files and record."""
+        if self._converts(idx) and self._record_path(idx).exists():
+            for name in json.loads(self._record_path(idx).read_text()).get("files", []):
+                (self.data_dir / name).unlink(missing_ok=True)
+            self._record_path(idx).unlink()
+        self.path(idx).unlink(missing_ok=True)
 
     def _after_fetch(self, idx: int) -> None:
-        next_name = self.files[idx + 1] if idx + 1 < len(self.files) else None
+        next_idx = idx + 1 if idx + 1 < len(self.files) else None
+        next_name = self.files[next_idx] if next_idx is not None else None
         if self.delete_consumed and idx > 0 and self.files[idx - 1] not in (self.files[idx], next_name):
-            self.path(idx - 1).unlink(missing_ok=True)
-        if self.prefetch and next_name is not None and not (self.data_dir / next_name).exists():
+            self._delete(idx - 1)
+        if self.prefetch and next_idx is not None and self._needs_download(next_idx):
             self._prefetch_thread = threading.Thread(target=self._prefetch, args=(next_name,), daemon=True,
                                                      name=f"prefetch {next_name}")
             self._prefetch_thread.start()

@@ -31,8 +31,8 @@ from pathlib import Path
 import numpy as np
 
 from trainer.data import TASKS, encode_records, read_jsonl, select_split
-from trainer.token_files import (COLLECTION_FIELDS, load_collection, load_stream, save_collection, save_stream,
-                                 token_dtype)
+from trainer.token_files import (COLLECTION_FIELDS, convert_pickle, load_collection, load_stream, save_collection,
+                                 save_stream, token_dtype)
 from trainer.tokenizer import TokenizerFilesError, add_think_switch, load_tokenizer, tiny_tokenizer
 
 ASSISTANT_NAME, DEVELOPER_NAME = "Cortex", "QB"
@@ -248,12 +248,11 @@ def process(task: str, inputs: list[Path], out: Path, tokenizer, max_len: int = 
 
 def convert(path: Path, task: str, out: Path, vocab_size: int) -> dict:
     """An original .pkl (loaded through the restricted unpickler) rewritten as our memory-mappable .npy files."""
+    files = [str(f) for f in convert_pickle(path, task, vocab_size, out)]
     if task == "pretrain":
-        tokens = load_stream(path, vocab_size)
-        return {"task": task, "kept": 1, "tokens": int(len(tokens)), "files": [str(save_stream(out, tokens, vocab_size))]}
-    fields = load_collection(path, task, vocab_size)
-    files = save_collection(out, task, fields, vocab_size)
-    return {"task": task, "kept": len(next(iter(fields.values()))), "files": [str(f) for f in files]}
+        return {"task": task, "kept": 1, "tokens": int(len(load_stream(out, vocab_size))), "files": files}
+    fields = load_collection(out, task, vocab_size)
+    return {"task": task, "kept": len(next(iter(fields.values()))), "files": files}
 
 
 def load_cli_tokenizer(name: str | None):

@@ -130,10 +130,12 @@ def stage_config(stage: str, preset: str | None = None) -> TrainConfig:
 
 
 def data_files(config: TrainConfig) -> list[Path] | FileDataset:
-    """The stage's data: bundled JSONL files, or token files fetched from ModelScope into data_dir on first use."""
+    """The stage's data: bundled JSONL files, or token files fetched from ModelScope into data_dir on first use (the
+    original's .pkl files converted once into memory-mapped .npy files)."""
     if config.data.jsonl_files:
         return [Path(p) for p in config.data.jsonl_files]
-    return FileDataset(config.data.files, config.data.data_dir, delete_consumed=config.data.delete_consumed_files)
+    return FileDataset(config.data.files, config.data.data_dir, delete_consumed=config.data.delete_consumed_files,
+                       task=config.task, vocab_size=config.model.vocab_size)
 
 
 def train(stage: str) -> Path:

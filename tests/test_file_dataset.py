@@ -9,6 +9,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlparse
 
+import numpy as np
 import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -204,3 +205,98 @@ def test_two_processes_rank0_downloads_others_wait_and_share_errors(hub, tmp_pat
     for result in results:
         assert result["size"] == len(hub.files["cot_sft.pkl"])
         assert "nope.pkl is not a file of ModelScope dataset" in result["error"]  # rank 1 gets rank 0's error
+
+
+# --- conversion of the original .pkl files into memory-mapped .npy files ---------------------------------------------
+
+VOCAB = 100
+PICKLES = {  # the original's structures (training.md section 4), small
+    "pretrain": [5, 6, 7, 2, 9, 9, 2] * 20,
+    "sft": [[1, 2, 3], [4, 5], [6, 7, 8, 9]],
+    "dpo": [{"chosen": [1, 2], "rejected": [3]}, {"chosen": [4], "rejected": [5, 6, 7]}],
+    "grpo": [{"prompt": [1, 2, 3], "answer": [4]}, {"prompt": [5], "answer": [6, 7]}],
+}
+
+
+def _pickled(value) -> bytes:
+    import pickle
+
+    return pickle.dumps(value, protocol=4)
+
+
+@pytest.fixture
+def pickle_hub(hub):
+    hub.files.clear()
+    hub.files.update({f"{task}.pkl": _pickled(value) for task, value in PICKLES.items()})
+    return hub
+
+
+@pytest.mark.parametrize("task", list(PICKLES))
+def test_pkl_files_are_converted_once_into_npy_files_that_load_as_the_pkl_does(pickle_hub, tmp_path, task):
+    from trainer.token_files import load_collection, load_stream
+
+    data_dir = tmp_path / "data"
+    path = FileDataset([f"{task}.pkl"], data_dir=data_dir, task=task, vocab_size=VOCAB)[0]
+    assert path == data_dir / f"{task}.npy"
+    pkl = data_dir / f"{task}.pkl"
+    if task == "pretrain":
+        assert load_stream(path, VOCAB).tolist() == load_stream(pkl, VOCAB).tolist() == PICKLES[task]
+        assert isinstance(load_stream(path, VOCAB), np.memmap)
+    else:
+        converted, original = load_collection(path, task, VOCAB), load_collection(pkl, task, VOCAB)
+        assert converted.keys() == original.keys()
+        for field in converted:
+            assert [converted[field][i].tolist() for i in range(len(converted[field]))] == \
+                   [original[field][i].tolist() for i in range(len(original[field]))]
+    record = json.loads((data_dir / f"{task}.converted.json").read_text())
+    assert record["task"] == task and record["bytes"] == pkl.stat().st_size
+    written = {data_dir / name: (data_dir / name).stat().st_mtime_ns for name in record["files"]}
+    assert path in written or task in ("dpo", "grpo")  # DPO and GRPO fields live in name.<field>.npy files
+
+    again = FileDataset([f"{task}.pkl"], data_dir=data_dir, task=task, vocab_size=VOCAB)[0]
+    assert again == path and {p: p.stat().st_mtime_ns for p in written} == written  # not converted again
+    assert pickle_hub.file_requests() == [f"{task}.pkl"]
+
+
+def test_converted_files_are_used_without_the_pkl_and_a_new_pkl_is_converted_again(pickle_hub, tmp_path, monkeypatch):
+    from trainer.token_files import load_stream
+
+    data_dir = tmp_path / "data"
+    FileDataset(["pretrain.pkl"], data_dir=data_dir, task="pretrain", vocab_size=VOCAB)[0]
+    (data_dir / "pretrain.pkl").unlink()
+    monkeypatch.setenv("MODELSCOPE_ENDPOINT", "http://127.0.0.1:9")  # nothing listens: any download would fail
+    path = FileDataset(["pretrain.pkl"], data_dir=data_dir, task="pretrain", vocab_size=VOCAB)[0]
+    assert load_stream(path, VOCAB).tolist() == PICKLES["pretrain"]
+
+    (data_dir / "pretrain.pkl").write_bytes(_pickled([3, 4, 2]))  # a different file under the same name
+    path = FileDataset(["pretrain.pkl"], data_dir=data_dir, task="pretrain", vocab_size=VOCAB)[0]
+    assert load_stream(path, VOCAB).tolist() == [3, 4, 2]
+
+
+def test_delete_consumed_removes_the_converted_files_too(pickle_hub, tmp_path):
+    pickle_hub.files["sft_b.pkl"] = _pickled([[9, 8], [7]])
+    data_dir = tmp_path / "data"
+    files = FileDataset(["sft.pkl", "sft_b.pkl"], data_dir=data_dir, delete_consumed=True, task="sft", vocab_size=VOCAB)
+    files[0]
+    files[1]
+    assert data_dir_entries(data_dir) == ["sft_b.converted.json", "sft_b.npy", "sft_b.offsets.npy", "sft_b.pkl"]
+
+
+def test_a_pkl_that_does_not_hold_the_task_is_a_clear_error_and_nothing_is_recorded(pickle_hub, tmp_path):
+    data_dir = tmp_path / "data"
+    with pytest.raises(Exception, match=r"dpo\.pkl: item 0 must be a dict with exactly the keys \('prompt', 'answer'\)"):
+        FileDataset(["dpo.pkl"], data_dir=data_dir, task="grpo", vocab_size=VOCAB)[0]
+    assert not (data_dir / "dpo.converted.json").exists()
+    with pytest.raises(Exception, match=r"token ids must lie in \[0, 8\)"):
+        FileDataset(["sft.pkl"], data_dir=data_dir, task="sft", vocab_size=8)[0]
+    assert not (data_dir / "sft.converted.json").exists()
+    with pytest.raises(ValueError, match="both task and vocab_size"):
+        FileDataset(["sft.pkl"], data_dir=data_dir, task="sft")
+
+
+def test_a_converted_sft_file_is_not_read_as_a_pretrain_stream(pickle_hub, tmp_path):
+    from trainer.token_files import TokenFileError, load_stream
+
+    path = FileDataset(["sft.pkl"], data_dir=tmp_path / "data", task="sft", vocab_size=VOCAB)[0]
+    with pytest.raises(TokenFileError, match=r"sft\.npy is an SFT collection \(sft\.offsets\.npy lies beside it\)"):
+        load_stream(path, VOCAB)

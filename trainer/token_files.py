@@ -126,6 +126,18 @@ def save_collection(path: str | Path, kind: str,
     return written
 
 
+def convert_pickle(path: str | Path, task: str, vocab_size: int, out: str | Path | None = None) -> list[Path]:
+    """An original .pkl of `task` ("pretrain", "sft", "dpo", "grpo"), loaded through the restricted unpickler, written
+    in our format as `out` (default: beside it, name.npy); returns the files written. Read that way from then on, the
+    tokens are memory-mapped (2 bytes each, shared by every process through the page cache) instead of unpickled into
+    Python ints (about 36 bytes each) by every process that reads the file."""
+    path = Path(path)
+    out = Path(out) if out is not None else path.with_suffix(".npy")
+    if task == "pretrain":
+        return [save_stream(out, load_stream(path, vocab_size), vocab_size)]
+    return save_collection(out, task, load_collection(path, task, vocab_size), vocab_size)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Loading
 
@@ -187,6 +199,10 @@ def load_stream(path: str | Path, vocab_size: int) -> np.ndarray:
     """The flat pretrain token stream of a .npy (memory-mapped) or original .pkl file."""
     path = Path(path)
     if path.suffix == ".npy":
+        offsets_path = collection_paths(path, None)[1]
+        if offsets_path.exists():
+            raise TokenFileError(f"{path} is an SFT collection ({offsets_path.name} lies beside it), not a pretrain "
+                                 f"token stream")
         return _check_integer_array(_load_npy(path), str(path))
     if path.suffix == ".pkl":
         return _checked_tokens(_int_array(restricted_pickle_load(path), str(path)), vocab_size, str(path))
