@@ -5,7 +5,7 @@ qibin0506/Cortex-2.5-train-data into a data dir (default ./data).
     path = files[0]                           # ./data/cot_sft.pkl, downloaded if missing
 
     files = FileDataset.for_stage("cot", task="sft", vocab_size=46957)
-    path = files[0]                           # ./data/cot_sft.npy: cot_sft.pkl, downloaded if missing, converted once
+    path = files[0]                           # ./data/cot_sft.pkl.npy (cot_sft.pkl, downloaded, converted once)
 
 One process per machine (local rank 0) downloads while the others wait; the next file is prefetched in a background
 thread; the file before the current one is deleted only when delete_consumed=True (off by default: deleting means a
@@ -13,11 +13,12 @@ second epoch or a resume downloads it again). A download lands in a temporary di
 when complete (ModelScope checks the size and sha256 it lists), so the data dir never holds a partial file.
 MODELSCOPE_ENDPOINT points the download at another hub (tests use a local server).
 
-Given the task and vocabulary size (the trainer gives both), each .pkl is converted once into our memory-mapped .npy
-format beside it (trainer/token_files.py), by the same one process per machine, and indexing returns its name.npy:
-unpickled, the original's files are Python ints (about 36 bytes per token) in every process, and counting a stage's
-steps would unpickle every file. `name.converted.json` records the .pkl's size and modification time; a different .pkl
-under that name is converted again, and the converted files stay usable when the .pkl is deleted.
+Given the task and vocabulary size (the trainer gives both), each name.pkl is converted once into our memory-mapped
+format beside it, addressed as name.pkl.npy (trainer/token_files.py; a name no token file of ours takes), by the same
+one process per machine, and indexing returns that path: unpickled, the original's files are Python ints (about 36
+bytes per token) in every process, and counting a stage's steps would unpickle every file. name.pkl.converted.json
+records the .pkl's size and modification time; a different .pkl under that name is converted again, and the converted
+files stay usable when the .pkl is deleted.
 """
 from __future__ import annotations
 
@@ -122,8 +123,9 @@ class FileDataset:
         return self.data_dir / self.files[idx]
 
     def local_path(self, idx: int) -> Path:
-        """What indexing returns: the downloaded file, or for a converted .pkl its name.npy."""
-        return self.path(idx).with_suffix(".npy") if self._converts(idx) else self.path(idx)
+        """What indexing returns: the downloaded file, or for a converted name.pkl name.pkl.npy."""
+        path = self.path(idx)
+        return path.with_name(path.name + ".npy") if self._converts(idx) else path
 
     def __getitem__(self, idx: int) -> Path:
         error = None
@@ -151,7 +153,7 @@ class FileDataset:
         return self.task is not None and self.path(idx).suffix == ".pkl"
 
     def _record_path(self, idx: int) -> Path:
-        return self.path(idx).with_suffix(".converted.json")
+        return self.path(idx).with_name(self.files[idx] + ".converted.json")
 
     def _source_record(self, idx: int) -> dict:
         stat = self.path(idx).stat()
@@ -175,7 +177,7 @@ class FileDataset:
 
     def _convert(self, idx: int) -> None:
         print(f"converting {self.path(idx)} to memory-mapped token files (once)", file=sys.stderr)
-        written = convert_pickle(self.path(idx), self.task, self.vocab_size)
+        written = convert_pickle(self.path(idx), self.task, self.vocab_size, self.local_path(idx))
         record_path = self._record_path(idx)
         tmp = record_path.with_name(record_path.name + ".tmp")
         tmp.write_text(json.dumps(self._source_record(idx) | {"files": [p.name for p in written]}))

@@ -237,7 +237,7 @@ def test_pkl_files_are_converted_once_into_npy_files_that_load_as_the_pkl_does(p
 
     data_dir = tmp_path / "data"
     path = FileDataset([f"{task}.pkl"], data_dir=data_dir, task=task, vocab_size=VOCAB)[0]
-    assert path == data_dir / f"{task}.npy"
+    assert path == data_dir / f"{task}.pkl.npy"
     pkl = data_dir / f"{task}.pkl"
     if task == "pretrain":
         assert load_stream(path, VOCAB).tolist() == load_stream(pkl, VOCAB).tolist() == PICKLES[task]
@@ -248,7 +248,7 @@ def test_pkl_files_are_converted_once_into_npy_files_that_load_as_the_pkl_does(p
         for field in converted:
             assert [converted[field][i].tolist() for i in range(len(converted[field]))] == \
                    [original[field][i].tolist() for i in range(len(original[field]))]
-    record = json.loads((data_dir / f"{task}.converted.json").read_text())
+    record = json.loads((data_dir / f"{task}.pkl.converted.json").read_text())
     assert record["task"] == task and record["bytes"] == pkl.stat().st_size
     written = {data_dir / name: (data_dir / name).stat().st_mtime_ns for name in record["files"]}
     assert path in written or task in ("dpo", "grpo")  # DPO and GRPO fields live in name.<field>.npy files
@@ -279,17 +279,18 @@ def test_delete_consumed_removes_the_converted_files_too(pickle_hub, tmp_path):
     files = FileDataset(["sft.pkl", "sft_b.pkl"], data_dir=data_dir, delete_consumed=True, task="sft", vocab_size=VOCAB)
     files[0]
     files[1]
-    assert data_dir_entries(data_dir) == ["sft_b.converted.json", "sft_b.npy", "sft_b.offsets.npy", "sft_b.pkl"]
+    assert data_dir_entries(data_dir) == ["sft_b.pkl", "sft_b.pkl.converted.json", "sft_b.pkl.npy",
+                                          "sft_b.pkl.offsets.npy"]
 
 
 def test_a_pkl_that_does_not_hold_the_task_is_a_clear_error_and_nothing_is_recorded(pickle_hub, tmp_path):
     data_dir = tmp_path / "data"
     with pytest.raises(Exception, match=r"dpo\.pkl: item 0 must be a dict with exactly the keys \('prompt', 'answer'\)"):
         FileDataset(["dpo.pkl"], data_dir=data_dir, task="grpo", vocab_size=VOCAB)[0]
-    assert not (data_dir / "dpo.converted.json").exists()
+    assert not (data_dir / "dpo.pkl.converted.json").exists()
     with pytest.raises(Exception, match=r"token ids must lie in \[0, 8\)"):
         FileDataset(["sft.pkl"], data_dir=data_dir, task="sft", vocab_size=8)[0]
-    assert not (data_dir / "sft.converted.json").exists()
+    assert not (data_dir / "sft.pkl.converted.json").exists()
     with pytest.raises(ValueError, match="both task and vocab_size"):
         FileDataset(["sft.pkl"], data_dir=data_dir, task="sft")
 
@@ -298,5 +299,5 @@ def test_a_converted_sft_file_is_not_read_as_a_pretrain_stream(pickle_hub, tmp_p
     from trainer.token_files import TokenFileError, load_stream
 
     path = FileDataset(["sft.pkl"], data_dir=tmp_path / "data", task="sft", vocab_size=VOCAB)[0]
-    with pytest.raises(TokenFileError, match=r"sft\.npy is an SFT collection \(sft\.offsets\.npy lies beside it\)"):
+    with pytest.raises(TokenFileError, match=r"sft\.pkl\.npy is an SFT collection \(sft\.pkl\.offsets\.npy lies"):
         load_stream(path, VOCAB)

@@ -126,13 +126,11 @@ def save_collection(path: str | Path, kind: str,
     return written
 
 
-def convert_pickle(path: str | Path, task: str, vocab_size: int, out: str | Path | None = None) -> list[Path]:
+def convert_pickle(path: str | Path, task: str, vocab_size: int, out: str | Path) -> list[Path]:
     """An original .pkl of `task` ("pretrain", "sft", "dpo", "grpo"), loaded through the restricted unpickler, written
-    in our format as `out` (default: beside it, name.npy); returns the files written. Read that way from then on, the
-    tokens are memory-mapped (2 bytes each, shared by every process through the page cache) instead of unpickled into
-    Python ints (about 36 bytes each) by every process that reads the file."""
-    path = Path(path)
-    out = Path(out) if out is not None else path.with_suffix(".npy")
+    in our format as `out` (name.npy); returns the files written. Read that way from then on, the tokens are
+    memory-mapped (2 bytes each, shared by every process through the page cache) instead of unpickled into Python ints
+    (about 36 bytes each) by every process that reads the file."""
     if task == "pretrain":
         return [save_stream(out, load_stream(path, vocab_size), vocab_size)]
     return save_collection(out, task, load_collection(path, task, vocab_size), vocab_size)
