@@ -159,16 +159,20 @@ class FileDataset:
         stat = self.path(idx).stat()
         return {"source": self.files[idx], "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns, "task": self.task}
 
-    def _is_converted(self, idx: int) -> bool:
+    def _record(self, idx: int) -> dict | None:
+        """The conversion record of file idx, or None when it has none."""
         record_path = self._record_path(idx)
         if not record_path.exists():
-            return False
+            return None
         try:
-            record = json.loads(record_path.read_text())
+            return json.loads(record_path.read_text())
         except ValueError as e:
             raise DataFileError(f"{record_path} is unreadable ({e}); delete it and {self.path(idx).name} is converted "
                                 f"again") from e
-        if record.get("task") != self.task:
+
+    def _is_converted(self, idx: int) -> bool:
+        record = self._record(idx)
+        if record is None or record.get("task") != self.task:
             return False
         if not self.path(idx).exists():  # converted, then the .pkl deleted: the converted files are the data
             return True
@@ -188,8 +192,9 @@ class FileDataset:
 
     def _delete(self, idx: int) -> None:
         """The file and, for a converted .pkl, its converted files and record."""
-        if self._converts(idx) and self._record_path(idx).exists():
-            for name in json.loads(self._record_path(idx).read_text()).get("files", []):
+        record = self._record(idx) if self._converts(idx) else None
+        if record is not None:
+            for name in record.get("files", []):
                 (self.data_dir / name).unlink(missing_ok=True)
             self._record_path(idx).unlink()
         self.path(idx).unlink(missing_ok=True)

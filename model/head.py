@@ -90,10 +90,10 @@ class _ChunkBuffers:
             grad_weight.addmm_(probs.t(), scaled_hidden)
 
 
-def _softmax_(logits: torch.Tensor) -> torch.Tensor:
-    """Softmax over the vocabulary, in place: one fused kernel that keeps each row in cache (versus five passes over
-    the chunk for max, subtract, exp, sum and divide)."""
-    return torch._softmax(logits, -1, False, out=logits)
+def _softmax(logits: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Softmax over the vocabulary into `out`, which may be `logits` itself: one fused kernel that keeps each row in
+    cache (versus five passes over the chunk for max, subtract, exp, sum and divide)."""
+    return torch._softmax(logits, -1, False, out=out)
 
 
 class _TargetLogProbs(torch.autograd.Function):
@@ -128,11 +128,11 @@ class _TargetLogProbs(torch.autograd.Function):
             if with_entropy:
                 # The logits are kept. Both maxima sit at the same entry, where p = 1 / sum(exp(logit - max)) >= 1 / V,
                 # so lse = max logit - log(max p) exactly; and H = lse - sum_v p_v * logit_v.
-                probs = torch._softmax(logits, -1, False, out=probs_buffer[: len(logits)])
+                probs = _softmax(logits, out=probs_buffer[: len(logits)])
                 log_sum_exp[rows] = logits.amax(dim=-1) - probs.amax(dim=-1).log()
                 entropy[rows] = log_sum_exp[rows] - torch.bmm(probs[:, None, :], logits[:, :, None]).view(-1)
             else:
-                probs = _softmax_(logits)
+                probs = _softmax(logits, out=logits)
                 target_probs[rows] = probs.gather(1, safe_targets[rows, None]).squeeze(1)
             if precompute:
                 buffers.gradients(probs, safe_targets[rows], row_grad[rows], hidden_c[rows], weight_c,
@@ -180,7 +180,8 @@ class _TargetLogProbs(torch.autograd.Function):
         buffers = _ChunkBuffers(step, weight_c, with_weight_grad=True)
         for start in range(0, num_positions, step):
             rows = slice(start, start + step)
-            probs = _softmax_(buffers.project(hidden_c[rows], weight_c))
+            logits = buffers.project(hidden_c[rows], weight_c)
+            probs = _softmax(logits, out=logits)
             buffers.gradients(probs, safe_targets[rows], row_grad[rows], hidden_c[rows], weight_c, grad_hidden[rows],
                               grad_weight, first=start == 0)
         return grad_hidden, grad_weight.to(weight.dtype), None, None, None, None, None
