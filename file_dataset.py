@@ -7,26 +7,34 @@ qibin0506/Cortex-2.5-train-data into a data dir (default ./data).
     files = FileDataset.for_stage("cot", task="sft", vocab_size=46957)
     path = files[0]                           # ./data/cot_sft.pkl.npy (cot_sft.pkl, downloaded, converted once)
 
-One process per machine (local rank 0) downloads while the others wait; the next file is prefetched in a background
-thread; the file before the current one is deleted only when delete_consumed=True (off by default: deleting means a
-second epoch or a resume downloads it again). A download lands in a temporary directory and is renamed into place only
-when complete (ModelScope checks the size and sha256 it lists), so the data dir never holds a partial file.
-MODELSCOPE_ENDPOINT points the download at another hub (tests use a local server).
+Files are fetched as training reaches them (indexing is "training reached file idx"): one process per machine (local
+rank 0) downloads while the others wait, and the next file is prefetched in a background thread. delete_consumed=True
+deletes each file once training has moved past it (off by default: a second epoch downloads it again), except the
+first, whose held-out split every eval and every resume reads; a converted .pkl goes as soon as it is converted.
+`fetch(idx)` gets a file without deleting or prefetching anything (the eval split's file, counting).
+
+A download lands in data_dir/.download-NAME/ and is renamed into place only when complete (ModelScope checks the size
+and sha256 it lists), so the data dir never holds a partial file. A download cut short (kill, lost connection) leaves
+its partial file there, and the next download of NAME resumes it with an HTTP Range request (ModelScope's own resume);
+the directory of a file that is complete, and those of older versions (.download-NAME.XXXXXXXX), are removed.
+MODELSCOPE_ENDPOINT points the download at another hub (tests use a local server). `source_bytes(idx)` is a file's size
+as published (from the hub's listing before it is downloaded), which the trainer uses to estimate the length of a
+stage whose files are not all on disk yet (trainer/loop.py).
 
 Given the task and vocabulary size (the trainer gives both), each name.pkl is converted once into our memory-mapped
 format beside it, addressed as name.pkl.npy (trainer/token_files.py; a name no token file of ours takes), by the same
 one process per machine, and indexing returns that path: unpickled, the original's files are Python ints (about 36
-bytes per token) in every process, and counting a stage's steps would unpickle every file. name.pkl.converted.json
-records the .pkl's size and modification time; a different .pkl under that name is converted again, and the converted
-files stay usable when the .pkl is deleted.
+bytes per token) in every process. name.pkl.converted.json records the .pkl's size and modification time; a different
+.pkl under that name is converted again, and the converted files stay usable when the .pkl is deleted.
 """
 from __future__ import annotations
 
+import glob
 import json
 import os
+import re
 import shutil
 import sys
-import tempfile
 import threading
 from pathlib import Path
 
@@ -52,8 +60,24 @@ class DataFileError(RuntimeError):
     """A stage data file is missing and could not be downloaded; the message says where to put it."""
 
 
+def download_dir(name: str, data_dir: str | Path) -> Path:
+    """Where `name` is downloaded to before it is renamed into place; a partial download there is resumed."""
+    return Path(data_dir) / f".download-{name}"
+
+
+def remove_download_dirs(name: str, data_dir: str | Path) -> None:
+    """The download directory of `name` and those older versions made (.download-NAME.XXXXXXXX, never resumed)."""
+    data_dir = Path(data_dir)
+    legacy = re.compile(re.escape(f".download-{name}.") + r"[a-z0-9_]{8}")
+    for path in [download_dir(name, data_dir), *(p for p in data_dir.glob(glob.escape(f".download-{name}.") + "*")
+                                                  if legacy.fullmatch(p.name))]:
+        if path.is_dir():
+            shutil.rmtree(path)
+
+
 def download_file(name: str, data_dir: str | Path, dataset_id: str = MODELSCOPE_DATASET) -> Path:
-    """Fetch `name` from the ModelScope dataset into data_dir/name (through a temporary directory)."""
+    """Fetch `name` from the ModelScope dataset into data_dir/name (through data_dir/.download-NAME/, resuming a
+    partial download left there)."""
     import requests  # a dependency of modelscope; imported here, as modelscope is, to keep imports cheap
     from modelscope.hub.errors import HubError
     from modelscope.hub.snapshot_download import dataset_snapshot_download
@@ -62,24 +86,38 @@ def download_file(name: str, data_dir: str | Path, dataset_id: str = MODELSCOPE_
     target = data_dir / name
     where_to_put = (f"Put the file at {target.resolve()} yourself (from https://modelscope.cn/datasets/{dataset_id}), "
                     f"or make token files with process_data.py")
-    data_dir.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".download-{name}.", dir=data_dir))
+    tmp_dir = download_dir(name, data_dir)
+    tmp_dir.mkdir(parents=True, exist_ok=True)
     try:
-        try:
-            # modelscope reads MODELSCOPE_ENDPOINT once per process and caches it; pass it explicitly so the
-            # current value counts
-            dataset_snapshot_download(dataset_id, local_dir=str(tmp_dir), allow_file_pattern=[name],
-                                      endpoint=os.environ.get("MODELSCOPE_ENDPOINT") or None)
-        except (HubError, requests.RequestException) as e:
-            raise DataFileError(f"could not download {name} from ModelScope dataset {dataset_id}: {e}\n"
-                                f"{where_to_put}") from e
-        downloaded = tmp_dir / name
-        if not downloaded.is_file():  # ModelScope returns silently when no file matches
-            raise DataFileError(f"{name} is not a file of ModelScope dataset {dataset_id}. {where_to_put}")
-        os.replace(downloaded, target)
-    finally:
+        # modelscope reads MODELSCOPE_ENDPOINT once per process and caches it; pass it explicitly so the
+        # current value counts
+        dataset_snapshot_download(dataset_id, local_dir=str(tmp_dir), allow_file_pattern=[name],
+                                  endpoint=os.environ.get("MODELSCOPE_ENDPOINT") or None)
+    except (HubError, requests.RequestException) as e:
+        if not any(p.is_file() and p.stat().st_size for p in tmp_dir.rglob("*")):  # nothing worth resuming
+            shutil.rmtree(tmp_dir)
+        raise DataFileError(f"could not download {name} from ModelScope dataset {dataset_id}: {e}\n"
+                            f"{where_to_put}") from e
+    downloaded = tmp_dir / name
+    if not downloaded.is_file():  # ModelScope returns silently when no file matches
         shutil.rmtree(tmp_dir)
+        raise DataFileError(f"{name} is not a file of ModelScope dataset {dataset_id}. {where_to_put}")
+    os.replace(downloaded, target)
+    remove_download_dirs(name, data_dir)
     return target
+
+
+def listed_sizes(dataset_id: str = MODELSCOPE_DATASET) -> dict[str, int]:
+    """{file name: bytes} of the ModelScope dataset, from its listing (nothing is downloaded)."""
+    import requests
+    from modelscope.hub.errors import HubError
+    from modelscope_hub import HubApi
+
+    try:
+        files = HubApi(endpoint=os.environ.get("MODELSCOPE_ENDPOINT") or None).list_repo_files(dataset_id, "dataset")
+    except (HubError, requests.RequestException) as e:
+        raise DataFileError(f"could not list the files of ModelScope dataset {dataset_id}: {e}") from e
+    return {f.path: f.size for f in files if not f.is_dir}
 
 
 def _distributed() -> bool:
@@ -108,6 +146,8 @@ class FileDataset:
         self.prefetch, self.delete_consumed = prefetch, delete_consumed
         self.task, self.vocab_size = task, vocab_size
         self._prefetch_thread: threading.Thread | None = None
+        self._prefetching: str | None = None  # the name the prefetch thread is downloading
+        self._listed_sizes: dict[str, int] | None = None
 
     @classmethod
     def for_stage(cls, stage: str, **kwargs) -> "FileDataset":
@@ -127,13 +167,42 @@ class FileDataset:
         path = self.path(idx)
         return path.with_name(path.name + ".npy") if self._converts(idx) else path
 
+    def is_ready(self, idx: int) -> bool:
+        """Whether local_path(idx) can be read now, without a download or a conversion."""
+        return self._is_converted(idx) if self._converts(idx) else self.path(idx).exists()
+
+    def source_bytes(self, idx: int) -> int:
+        """The size of file idx as published: on disk, recorded by its conversion, or listed by the hub."""
+        record = self._record(idx) if self._converts(idx) else None
+        if record is not None and record.get("task") == self.task:
+            return record["bytes"]
+        if self.path(idx).exists():
+            return self.path(idx).stat().st_size
+        if self._listed_sizes is None:
+            self._listed_sizes = listed_sizes(self.dataset_id)
+        if self.files[idx] not in self._listed_sizes:
+            raise DataFileError(f"{self.files[idx]} is not a file of ModelScope dataset {self.dataset_id}. Put the "
+                                f"file at {self.path(idx).resolve()} yourself, or make token files with process_data.py")
+        return self._listed_sizes[self.files[idx]]
+
     def __getitem__(self, idx: int) -> Path:
+        """Training reached file idx: fetch it, delete the one before (delete_consumed), prefetch the next."""
+        path = self.fetch(idx)
+        if _is_downloader():
+            self._after_fetch(idx)
+        return path
+
+    def fetch(self, idx: int) -> Path:
+        """File idx on disk (downloaded and converted when needed), touching no other file."""
         error = None
         if _is_downloader():
-            self._join_prefetch()
+            if self._prefetching == self.files[idx]:
+                self._join_prefetch()
             try:
                 if self._needs_download(idx):
                     download_file(self.files[idx], self.data_dir, self.dataset_id)
+                else:  # complete: a partial download of it, if a killed run left one, is stale
+                    remove_download_dirs(self.files[idx], self.data_dir)
                 if self._converts(idx) and not self._is_converted(idx):
                     self._convert(idx)
             except Exception as e:  # any failure is handed to every process below (so none waits forever), then raised
@@ -144,8 +213,6 @@ class FileDataset:
             error = error or next((DataFileError(m) for m in messages if m), None)
         if error is not None:
             raise error
-        if _is_downloader():
-            self._after_fetch(idx)
         return self.local_path(idx)
 
     # --- conversion of .pkl files ---
@@ -186,6 +253,8 @@ class FileDataset:
         tmp = record_path.with_name(record_path.name + ".tmp")
         tmp.write_text(json.dumps(self._source_record(idx) | {"files": [p.name for p in written]}))
         os.replace(tmp, record_path)  # written last: a conversion cut short is done again
+        if self.delete_consumed:  # the converted files are the data from now on
+            self.path(idx).unlink()
 
     def _needs_download(self, idx: int) -> bool:
         return not self.path(idx).exists() and not (self._converts(idx) and self._is_converted(idx))
@@ -202,9 +271,13 @@ class FileDataset:
     def _after_fetch(self, idx: int) -> None:
         next_idx = idx + 1 if idx + 1 < len(self.files) else None
         next_name = self.files[next_idx] if next_idx is not None else None
-        if self.delete_consumed and idx > 0 and self.files[idx - 1] not in (self.files[idx], next_name):
+        consumed = self.files[idx - 1] if idx > 1 else None  # file 0 stays: it holds the held-out split
+        if self.delete_consumed and consumed not in (None, self.files[0], self.files[idx], next_name):
             self._delete(idx - 1)
-        if self.prefetch and next_idx is not None and self._needs_download(next_idx):
+        if (self.prefetch and next_idx is not None and self._prefetching != next_name
+                and self._needs_download(next_idx)):
+            self._join_prefetch()
+            self._prefetching = next_name
             self._prefetch_thread = threading.Thread(target=self._prefetch, args=(next_name,), daemon=True,
                                                      name=f"prefetch {next_name}")
             self._prefetch_thread.start()
@@ -212,10 +285,10 @@ class FileDataset:
     def _prefetch(self, name: str) -> None:
         try:
             download_file(name, self.data_dir, self.dataset_id)
-        except DataFileError as e:  # not fatal yet: __getitem__ downloads it again and raises if it still fails
+        except DataFileError as e:  # not fatal yet: fetch downloads it again and raises if it still fails
             print(f"prefetch of {name} failed, retrying when it is needed: {e}", file=sys.stderr)
 
     def _join_prefetch(self) -> None:
         if self._prefetch_thread is not None:
             self._prefetch_thread.join()
-            self._prefetch_thread = None
+            self._prefetch_thread, self._prefetching = None, None

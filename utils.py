@@ -5,9 +5,11 @@ Two presets, chosen with the environment variable CORTEX_PRESET:
                   qibin0506/Cortex-2.5-train-data, DeepSpeed ZeRO-3 bf16 when launched with smart_train on GPUs.
   tiny            the same structure at toy size with the bundled sample_data/ and its own BPE tokenizer: every stage
                   runs on a laptop CPU in about a minute.
-CORTEX_RUN_DIR sets where runs/<stage>/ go (default ./runs). The learning rates of the full preset are the effective
-ones of the original 4-GPU run (global batch = micro batch x 4 GPUs x 3 accumulation steps); scale them if your global
-batch differs.
+CORTEX_RUN_DIR sets where runs/<stage>/ go (default ./runs), CORTEX_DATA_DIR where the full preset's data files are
+downloaded to (default ./data), CORTEX_DATASET_ID the ModelScope dataset they come from (flags --run-dir, --data-dir,
+--dataset-id and --delete-consumed-files override them for one run). The learning rates of the full preset are the
+effective ones of the original 4-GPU run (global batch = micro batch x 4 GPUs x 3 accumulation steps); scale them if
+your global batch differs.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
-from file_dataset import STAGE_FILES, FileDataset
+from file_dataset import MODELSCOPE_DATASET, STAGE_FILES, FileDataset
 from model import cortex_2_5_config, tiny_config
 from trainer.cli import run
 from trainer.config import STAGE_ORDER, DataConfig, DeepSpeedConfig, DPOConfig, GRPOConfig, OptimConfig, TrainConfig
@@ -33,6 +35,11 @@ MIX_PROMPTS = ["请问一加一等于几？ /think", "用一句话介绍你自�
                "写一首关于秋天的短诗。 /no think"]
 
 
+def _data(stage: str, **kwargs) -> DataConfig:
+    return DataConfig(files=STAGE_FILES[stage], data_dir=os.environ.get("CORTEX_DATA_DIR", "./data"),
+                      dataset_id=os.environ.get("CORTEX_DATASET_ID", MODELSCOPE_DATASET), **kwargs)
+
+
 def _full(stage: str) -> TrainConfig:
     long_context = stage != "pretrain_stage0"
     common = dict(stage=stage, model=cortex_2_5_config(long_context=long_context), grad_accum_steps=3,
@@ -40,24 +47,24 @@ def _full(stage: str) -> TrainConfig:
                   run_root=os.environ.get("CORTEX_RUN_DIR", "./runs"), tokenizer="cortex")
     if stage == "pretrain_stage0":
         return TrainConfig(task="pretrain", epochs=1, micro_batch_size=20,
-                           data=DataConfig(files=STAGE_FILES[stage], max_seq_len=512,
+                           data=_data(stage, max_seq_len=512,
                                            eval_fraction=0.001),
                            optim=OptimConfig(initial_lr=4e-4, max_lr=2e-3, min_lr=4e-5), eval_prompts=PRETRAIN_PROMPTS,
                            **common)
     if stage == "pretrain_stage1":
         return TrainConfig(task="pretrain", epochs=1, micro_batch_size=4,
-                           data=DataConfig(files=STAGE_FILES[stage], max_seq_len=2048,
+                           data=_data(stage, max_seq_len=2048,
                                            eval_fraction=0.001),
                            optim=OptimConfig(initial_lr=4e-4, max_lr=1.2e-3, min_lr=4e-5), eval_prompts=PRETRAIN_PROMPTS,
                            **common)
     if stage == "cot":
         return TrainConfig(task="sft", epochs=2, micro_batch_size=4,
-                           data=DataConfig(files=STAGE_FILES[stage], max_seq_len=2048),
+                           data=_data(stage, max_seq_len=2048),
                            optim=OptimConfig(initial_lr=4e-5, max_lr=2e-4, min_lr=4e-6), eval_prompts=CHAT_PROMPTS,
                            eval_max_new_tokens=256, **common)
     if stage == "mix":
         return TrainConfig(task="sft", epochs=2, micro_batch_size=6,
-                           data=DataConfig(files=STAGE_FILES[stage], max_seq_len=2048),
+                           data=_data(stage, max_seq_len=2048),
                            optim=OptimConfig(initial_lr=4e-5, max_lr=2e-4, min_lr=4e-6), eval_prompts=MIX_PROMPTS,
                            eval_max_new_tokens=256, **common)
     # RL and preference stages: dropout off (the rollout's old log-probs and the reference must score exactly what the
@@ -69,7 +76,7 @@ def _full(stage: str) -> TrainConfig:
         rl_common |= {"grad_accum_steps": 1, "save_every_steps": 200, "eval_every_steps": 200,
                       "deepspeed": DeepSpeedConfig(zero_stage=3, offload_optimizer=True, offload_param=True)}
         return TrainConfig(task="grpo", epochs=1, micro_batch_size=1,
-                           data=DataConfig(files=STAGE_FILES[stage], max_seq_len=2048),
+                           data=_data(stage, max_seq_len=2048),
                            optim=OptimConfig(initial_lr=1e-6, max_lr=5e-6, min_lr=1e-7),
                            grpo=GRPOConfig(group_size=8, grpo_steps=4, max_new_tokens=1024, temperature=1.0, top_p=0.95,
                                            importance_sampling_level="seq", clip_eps_low=3e-4, clip_eps_high=4e-4,
@@ -77,7 +84,7 @@ def _full(stage: str) -> TrainConfig:
                            eval_prompts=GRPO_PROMPTS, eval_max_new_tokens=256, **rl_common)
     if stage == "dpo":
         return TrainConfig(task="dpo", epochs=2, micro_batch_size=2,
-                           data=DataConfig(files=STAGE_FILES[stage], max_seq_len=2048),
+                           data=_data(stage, max_seq_len=2048),
                            optim=OptimConfig(initial_lr=1e-6, max_lr=5e-6, min_lr=1e-7),
                            dpo=DPOConfig(beta=0.1, label_smoothing=0.0, loss_type="sigmoid", nll_coef=0.2),
                            eval_prompts=MIX_PROMPTS, eval_max_new_tokens=256, **rl_common)
@@ -130,15 +137,15 @@ def stage_config(stage: str, preset: str | None = None) -> TrainConfig:
 
 
 def data_files(config: TrainConfig) -> list[Path] | FileDataset:
-    """The stage's data: bundled JSONL files, or token files fetched from ModelScope into data_dir on first use (the
-    original's .pkl files converted once into memory-mapped .npy files)."""
+    """The stage's data: bundled JSONL files, or token files fetched from ModelScope into data_dir as training reaches
+    them (the original's .pkl files converted once into memory-mapped .npy files)."""
     if config.data.jsonl_files:
         return [Path(p) for p in config.data.jsonl_files]
-    return FileDataset(config.data.files, config.data.data_dir, delete_consumed=config.data.delete_consumed_files,
-                       task=config.task, vocab_size=config.model.vocab_size)
+    return FileDataset(config.data.files, config.data.data_dir, config.data.dataset_id,
+                       delete_consumed=config.data.delete_consumed_files, task=config.task,
+                       vocab_size=config.model.vocab_size)
 
 
 def train(stage: str) -> Path:
     """What every train_*.py does: the stage's config, its data, the training loop (flags may override a few settings)."""
-    config = stage_config(stage)
-    return run(config, data_files(config))
+    return run(stage_config(stage), data_files)

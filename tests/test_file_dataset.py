@@ -4,8 +4,11 @@ import hashlib
 import json
 import os
 import socket
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlparse
 
@@ -16,17 +19,22 @@ import torch.multiprocessing as mp
 
 from file_dataset import MODELSCOPE_DATASET, STAGE_FILES, DataFileError, FileDataset, download_file
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
 
 class FakeHub:
     """Files served as dataset MODELSCOPE_DATASET. `listed_sha256` overrides the sha256 the listing announces and
-    `missing` names files that are listed but answer 404 (both to exercise failures)."""
+    `missing` names files that are listed but answer 404 (both to exercise failures). Downloads honour HTTP Range
+    (`ranges` logs each file request's Range header) and can be slowed (`chunk_delay_s` between 256 KB pieces)."""
 
     def __init__(self, files: dict[str, bytes]):
         self.files = files
         self.listed_sha256: dict[str, str] = {}
         self.missing: set[str] = set()
         self.requests: list[str] = []
+        self.ranges: list[tuple[str, str | None]] = []
         self.download_delay_s = 0.0
+        self.chunk_delay_s = 0.0
         hub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -47,16 +55,38 @@ class FakeHub:
                         self._send(404, json.dumps({"Code": 404, "Message": f"{name} not found"}).encode())
                         return
                     time.sleep(hub.download_delay_s)
-                    self._send(200, hub.files[name], "application/octet-stream")
+                    data, byte_range = hub.files[name], self.headers.get("Range")
+                    hub.ranges.append((name, byte_range))
+                    if byte_range is None:
+                        self._send(200, data, "application/octet-stream")
+                        return
+                    start, _, end = byte_range.removeprefix("bytes=").partition("-")
+                    start, end = int(start), int(end) if end else len(data) - 1
+                    if start >= len(data):
+                        self.send_response(416)
+                        self.send_header("Content-Range", f"bytes */{len(data)}")
+                        self.send_header("Content-Length", "0")
+                        self.end_headers()
+                        return
+                    self._send(206, data[start:end + 1], "application/octet-stream",
+                               {"Content-Range": f"bytes {start}-{end}/{len(data)}"})
                 else:  # e.g. /api/v1/repos/internalAccelerationInfo
                     self._send(404, json.dumps({"Code": 404, "Message": "not found"}).encode())
 
-            def _send(self, status, body, content_type="application/json"):
+            def _send(self, status, body, content_type="application/json", headers=None):
                 self.send_response(status)
                 self.send_header("Content-Type", content_type)
                 self.send_header("Content-Length", str(len(body)))
+                for key, value in (headers or {}).items():
+                    self.send_header(key, value)
                 self.end_headers()
-                self.wfile.write(body)
+                piece = 256 * 1024 if hub.chunk_delay_s else len(body) or 1
+                try:
+                    for start in range(0, len(body), piece):
+                        self.wfile.write(body[start:start + piece])
+                        time.sleep(hub.chunk_delay_s)
+                except (BrokenPipeError, ConnectionResetError):  # the client was killed mid-download
+                    pass
 
             def log_message(self, *args):
                 pass
@@ -120,10 +150,11 @@ def test_foreground_waits_for_running_prefetch_and_delete_consumed(hub, tmp_path
     files = FileDataset(["cot_sft.pkl", "mix_sft.pkl", "grpo.pkl"], data_dir=data_dir, delete_consumed=True)
     files[0]
     assert files[1].read_bytes() == hub.files["mix_sft.pkl"]  # joined the prefetch, no second download
-    assert not (data_dir / "cot_sft.pkl").exists()  # consumed file deleted
+    assert (data_dir / "cot_sft.pkl").exists()  # file 0 stays: it holds the held-out split
     files[2]
     assert hub.file_requests() == ["cot_sft.pkl", "mix_sft.pkl", "grpo.pkl"]
-    assert data_dir_entries(data_dir) == ["grpo.pkl"]
+    assert data_dir_entries(data_dir) == ["cot_sft.pkl", "grpo.pkl"]  # the consumed file 1 is deleted
+    assert files.fetch(0) == data_dir / "cot_sft.pkl" and hub.file_requests()[-1] == "grpo.pkl"
 
 
 def test_existing_local_file_is_used_without_network(monkeypatch, tmp_path):
@@ -177,6 +208,46 @@ def test_failed_prefetch_is_retried_and_reported_when_the_file_is_needed(hub, tm
     with pytest.raises(DataFileError, match="could not download mix_sft.pkl"):
         files[1]
     assert hub.file_requests() == ["cot_sft.pkl", "mix_sft.pkl", "mix_sft.pkl"]
+
+
+def test_killed_download_is_resumed_with_a_range_request(hub, tmp_path):
+    big = os.urandom(4 * 1024 * 1024)
+    hub.files["big.pkl"] = big
+    hub.chunk_delay_s = 0.1  # 16 pieces of 256 KB: 1.6 s
+    data_dir = tmp_path / "data"
+    partial = data_dir / ".download-big.pkl" / "big.pkl.incomplete"
+    code = f"from file_dataset import download_file; download_file('big.pkl', {str(data_dir)!r})"
+    child = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    deadline = time.time() + 120
+    while not (partial.exists() and partial.stat().st_size >= 1024 * 1024):
+        assert child.poll() is None and time.time() < deadline, "the download ended before it could be killed"
+        time.sleep(0.01)
+    child.kill()
+    child.wait()
+    received = partial.stat().st_size
+    assert 0 < received < len(big)
+
+    hub.chunk_delay_s = 0.0
+    assert FileDataset(["big.pkl"], data_dir=data_dir)[0].read_bytes() == big
+    assert hub.ranges == [("big.pkl", None), ("big.pkl", f"bytes={received}-")]  # only the missing bytes came again
+    assert data_dir_entries(data_dir) == ["big.pkl"]
+
+
+def test_stale_download_leftovers_are_removed_and_a_partial_of_other_bytes_is_replaced(hub, tmp_path, monkeypatch):
+    import modelscope_hub._download
+    monkeypatch.setattr(modelscope_hub._download, "DOWNLOAD_INTEGRITY_RETRY_BACKOFF", 0.01)
+    data_dir = tmp_path / "data"
+    leftovers = [(".download-cot_sft.pkl.ab12cd_4", "cot_sft.pkl", b"cot"),  # an older version's dir: never resumed
+                 (".download-mix_sft.pkl", "mix_sft.pkl", b"mix"),  # mix_sft.pkl is complete: this partial is stale
+                 (".download-grpo.pkl", "grpo.pkl", b"XXXX")]  # resumed, not a prefix of grpo.pkl: the hash refuses it
+    for directory, name, partial in leftovers:
+        (data_dir / directory).mkdir(parents=True)
+        (data_dir / directory / f"{name}.incomplete").write_bytes(partial)
+    (data_dir / "mix_sft.pkl").write_bytes(hub.files["mix_sft.pkl"])
+    files = FileDataset(["cot_sft.pkl", "mix_sft.pkl", "grpo.pkl"], data_dir=data_dir, prefetch=False)
+    assert [files[i].read_bytes() for i in range(3)] == [hub.files[n] for n in files.files]
+    assert data_dir_entries(data_dir) == ["cot_sft.pkl", "grpo.pkl", "mix_sft.pkl"]
+    assert hub.ranges == [("cot_sft.pkl", None), ("grpo.pkl", "bytes=4-"), ("grpo.pkl", None)]
 
 
 def _rank_main(rank: int, world_size: int, port: int, data_dir: str, out_dir: str):
@@ -273,14 +344,17 @@ def test_converted_files_are_used_without_the_pkl_and_a_new_pkl_is_converted_aga
     assert load_stream(path, VOCAB).tolist() == [3, 4, 2]
 
 
-def test_delete_consumed_removes_the_converted_files_too(pickle_hub, tmp_path):
-    pickle_hub.files["sft_b.pkl"] = _pickled([[9, 8], [7]])
+def test_delete_consumed_removes_each_pkl_once_converted_and_the_converted_files_once_past_them(pickle_hub, tmp_path):
+    pickle_hub.files |= {"sft_b.pkl": _pickled([[9, 8], [7]]), "sft_c.pkl": _pickled([[6]])}
     data_dir = tmp_path / "data"
-    files = FileDataset(["sft.pkl", "sft_b.pkl"], data_dir=data_dir, delete_consumed=True, task="sft", vocab_size=VOCAB)
-    files[0]
-    files[1]
-    assert data_dir_entries(data_dir) == ["sft_b.pkl", "sft_b.pkl.converted.json", "sft_b.pkl.npy",
-                                          "sft_b.pkl.offsets.npy"]
+    files = FileDataset(["sft.pkl", "sft_b.pkl", "sft_c.pkl"], data_dir=data_dir, delete_consumed=True, task="sft",
+                        vocab_size=VOCAB)
+    for i in range(3):
+        files[i]
+    converted = [".converted.json", ".npy", ".offsets.npy"]
+    # file 0 keeps its converted files (the held-out split lives there); file 1 is gone; no .pkl is left
+    assert data_dir_entries(data_dir) == [f"sft.pkl{end}" for end in converted] + [f"sft_c.pkl{end}" for end in converted]
+    assert pickle_hub.file_requests() == ["sft.pkl", "sft_b.pkl", "sft_c.pkl"]
 
 
 def test_a_pkl_that_does_not_hold_the_task_is_a_clear_error_and_nothing_is_recorded(pickle_hub, tmp_path):

@@ -215,7 +215,7 @@ def test_grpo_stage_runs_with_one_reward_call_per_rollout_and_inner_updates_in_t
 
     trainer = Trainer(config, make_task)
     train_prompts = len(trainer.task.train_dataset(0))
-    assert trainer.count_steps() == train_prompts // 4 * config.grpo.grpo_steps  # every inner update is a step
+    assert trainer.count_steps() == (train_prompts // 4 * config.grpo.grpo_steps, True)  # every inner update a step
     out = trainer.train()
     trainer.backend.close()
 

@@ -8,8 +8,9 @@ import argparse
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
+from file_dataset import FileDataset
 from trainer.config import TrainConfig
 from trainer.dpo import DPOTask
 from trainer.grpo import GRPOTask
@@ -17,7 +18,7 @@ from trainer.tasks import LanguageModelingTask, Task
 from trainer.tokenizer import get_tokenizer
 
 
-def build_task(config: TrainConfig, data_files: Sequence[Path]) -> Task:
+def build_task(config: TrainConfig, data_files: Sequence[Path] | FileDataset) -> Task:
     tokenizer = get_tokenizer(config.tokenizer)
     if config.task in ("pretrain", "sft"):
         return LanguageModelingTask(config, tokenizer, data_files, kind=config.task)
@@ -42,6 +43,13 @@ def parse_overrides(config: TrainConfig, argv: list[str]) -> TrainConfig:
     parser.add_argument("--save-every-steps", type=int)
     parser.add_argument("--eval-every-steps", type=int)
     parser.add_argument("--seed", type=int)
+    parser.add_argument("--data-dir", help="where the stage's data files are downloaded to (default: CORTEX_DATA_DIR "
+                                           "or ./data)")
+    parser.add_argument("--dataset-id", help="the ModelScope dataset they come from (default: CORTEX_DATASET_ID or "
+                                             "qibin0506/Cortex-2.5-train-data)")
+    parser.add_argument("--delete-consumed-files", action=argparse.BooleanOptionalAction,
+                        help="delete each data file once training is past it (the first stays: it holds the held-out "
+                             "split); a second epoch downloads them again")
     # The deepspeed launcher appends --local_rank=N; LOCAL_RANK in the environment says the same, so it is ignored.
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -56,13 +64,20 @@ def parse_overrides(config: TrainConfig, argv: list[str]) -> TrainConfig:
                  "seed"):
         if getattr(args, name) is not None:
             changes[name] = getattr(args, name)
+    data_changes = {name: getattr(args, name) for name in ("data_dir", "dataset_id", "delete_consumed_files")
+                    if getattr(args, name) is not None}
+    if data_changes:
+        changes["data"] = replace(config.data, **data_changes)
     if args.zero_stage is not None:
         changes["deepspeed"] = replace(config.deepspeed, zero_stage=args.zero_stage)
     return replace(config, **changes)
 
 
-def run(config: TrainConfig, data_files: Sequence[Path], argv: list[str] | None = None) -> Path:
+def run(config: TrainConfig, data_files: Sequence[Path] | Callable[[TrainConfig], Sequence[Path]],
+        argv: list[str] | None = None) -> Path:
+    """Train the stage; data_files may be a function of the config, called once the flags are applied."""
     from trainer.loop import run_stage
 
     config = parse_overrides(config, sys.argv[1:] if argv is None else argv)
-    return run_stage(config, lambda c: build_task(c, data_files))
+    files = data_files(config) if callable(data_files) else data_files
+    return run_stage(config, lambda c: build_task(c, files))

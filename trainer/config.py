@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from file_dataset import MODELSCOPE_DATASET
 from model import ModelConfig
 
 Backend = Literal["auto", "deepspeed", "ddp", "single"]
@@ -36,15 +37,17 @@ class DeepSpeedConfig:
 
 @dataclass
 class DataConfig:
-    # Token files (our .npy format or the original .pkl), by name; fetched from ModelScope into data_dir when missing.
+    # Token files (our .npy format or the original .pkl), by name; fetched from ModelScope dataset dataset_id into
+    # data_dir as training reaches them (file_dataset.py).
     files: list[str] = field(default_factory=list)
     data_dir: str = "./data"
+    dataset_id: str = MODELSCOPE_DATASET
     # Or raw JSONL files tokenised at load (the bundled sample data of the tiny preset).
     jsonl_files: list[str] = field(default_factory=list)
     max_seq_len: int = 512            # pretrain window / SFT truncation length
     eval_fraction: float = 0.01       # held-out share of the stage's data (JSONL uses its own "split" field)
     max_eval_batches: int = 20
-    delete_consumed_files: bool = False
+    delete_consumed_files: bool = False  # delete each file once training is past it (except the first: held-out split)
 
 
 @dataclass

@@ -6,9 +6,18 @@ builds the tokenizer, data, model and backend, resumes from the run dir's latest
 (gradient accumulation, lr schedule, non-finite guard, metrics, eval, checkpoints) and at the end writes the stage's
 consolidated weights for the next stage. Data order is a pure function of (seed, epoch, file), so a resumed run
 continues at the exact micro-batch where the checkpoint was taken, without replaying or skipping any.
+
+Data files are opened as training reaches them (a FileDataset downloads, converts and deletes them then), so the
+schedule's length is known before step 1 without every file on disk: files already on disk are counted exactly, the
+first file is opened (step 1 needs it), and the others are estimated from their published sizes at the first file's
+items per byte. The total is recorded in the run dir (schedule.json) at first start, so a resume uses the same
+schedule; each file's micro-batch plan uses its exact length when it is reached, and training runs over all the data,
+so an estimate that was short only keeps the lr at min_lr for the last steps.
 """
 from __future__ import annotations
 
+import json
+import math
 import random
 import time
 from dataclasses import asdict
@@ -20,7 +29,7 @@ import torch
 
 from model import CortexModel, count_parameters
 from trainer.backend import Backend, build_backend, dist_info_from_env
-from trainer.checkpoint import RunDir, TrainerState, load_init_weights, resolve_init_weights
+from trainer.checkpoint import RunDir, TrainerState, load_init_weights, resolve_init_weights, write_json_atomic
 from trainer.config import TrainConfig
 from trainer.metrics import MetricsLogger, RouterStats, device_peak_flops, train_flops_per_token
 from trainer.schedule import WarmupCosineSchedule
@@ -46,10 +55,14 @@ def micro_batch_plan(num_items: int, config: TrainConfig, world_size: int, rank:
     order = np.arange(num_items)
     if shuffle:
         order = np.random.default_rng([config.seed, epoch, file_index]).permutation(num_items)
-    group = config.micro_batch_size * config.grad_accum_steps
-    per_rank = (num_items // world_size) // group * group
-    mine = order[rank::world_size][:per_rank]
+    mine = order[rank::world_size][:plan_length(num_items, config, world_size) * config.micro_batch_size]
     return mine.reshape(-1, config.micro_batch_size)
+
+
+def plan_length(num_items: int, config: TrainConfig, world_size: int) -> int:
+    """The number of micro-batches micro_batch_plan gives each rank for a file of num_items items."""
+    group = config.micro_batch_size * config.grad_accum_steps
+    return (num_items // world_size) // group * group // config.micro_batch_size
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
@@ -99,13 +112,48 @@ class Trainer:
         return micro_batch_plan(len(dataset), self.config, self.info.world_size, self.info.rank, epoch, file_index,
                                 self.task.shuffle)
 
-    def count_steps(self) -> int:
+    def _file_steps(self, num_items: int) -> int:
+        micro_batches = plan_length(num_items, self.config, self.info.world_size)
+        return micro_batches * self.task.updates_per_batch // self.config.grad_accum_steps
+
+    def count_steps(self) -> tuple[int, bool]:
+        """(optimizer steps of the stage, whether that count is exact), opening only the first file (see top)."""
+        c, task, n = self.config, self.task, len(self.task.sources)
+        # Which files are on disk, decided before anything is opened (a prefetch changes it) and agreed by every rank.
+        ready = [task.ready_train_dataset(i) if i > 0 else None for i in range(n)]
+        on_disk = torch.tensor([1.0] + [float(d is not None) for d in ready[1:]])
+        on_disk = (-self.backend.all_reduce_max(-on_disk)).tolist()
+        first = task.train_dataset(0)
+        items = {0: len(first)} | {i: len(ready[i]) for i in range(1, n) if on_disk[i]}
+        per_file = {i: self._file_steps(k) for i, k in items.items()}
+        if len(items) < n:
+            items_per_byte = len(first) / max(task.source_bytes(0), 1)
+            per_file |= {i: self._file_steps(round(task.source_bytes(i) * items_per_byte))
+                         for i in range(n) if i not in items}
+        total = sum(per_file.values()) * c.epochs
+        if total < 1:
+            files = ", ".join(f"{task.sources[i]} ({k} items)" for i, k in items.items())
+            raise ValueError(f"the stage's data gives no optimizer step: {files}; each rank needs micro_batch_size x "
+                             f"grad_accum_steps = {c.micro_batch_size * c.grad_accum_steps} items of a file for one "
+                             f"step ({self.info.world_size} ranks). Add data, or lower --micro-batch-size or "
+                             f"--grad-accum-steps")
+        return total, len(items) == n
+
+    def _schedule_length(self) -> tuple[int, bool]:
+        """count_steps at first start, recorded in the run dir and read back on a resume."""
         c = self.config
-        per_epoch = 0
-        for i in range(len(self.task.sources)):
-            dataset = self.task.train_dataset(i)
-            per_epoch += len(self._plan(0, i, dataset)) * self.task.updates_per_batch // c.grad_accum_steps
-        return per_epoch * c.epochs
+        record_path = self.run.path / "schedule.json"
+        settings = {"files": self.task.sources, "epochs": c.epochs, "world_size": self.info.world_size,
+                    "micro_batch_size": c.micro_batch_size, "grad_accum_steps": c.grad_accum_steps,
+                    "max_seq_len": c.data.max_seq_len, "eval_fraction": c.data.eval_fraction}
+        if record_path.exists():
+            record = json.loads(record_path.read_text())
+            if record["settings"] == settings:
+                return record["total_steps"], record["exact"]
+        total, exact = self.count_steps()
+        if self.info.is_main:
+            write_json_atomic(record_path, {"total_steps": total, "exact": exact, "settings": settings})
+        return total, exact
 
     # --- main loop ---
     def train(self) -> Path:
@@ -118,7 +166,7 @@ class Trainer:
             run.create()
         backend.barrier()
 
-        total_steps = self.count_steps()
+        total_steps, exact = self._schedule_length()
         schedule = WarmupCosineSchedule.from_ratio(c.optim.initial_lr, c.optim.max_lr, c.optim.min_lr, total_steps,
                                                    c.optim.warmup_ratio)
         state = TrainerState(world_size=self.info.world_size, micro_batch_size=c.micro_batch_size,
@@ -133,10 +181,11 @@ class Trainer:
                     f"grad_accum_steps={state.grad_accum_steps}; this run has {expected}. Resume with the same settings, "
                     f"or delete {run.path} to start the stage over")
 
-        end_step = min(total_steps, c.max_steps) if c.max_steps else total_steps
-        self.logger = MetricsLogger(run.path, self.info.is_main, end_step, state.step)
+        end_step = c.max_steps or math.inf  # otherwise the data decides: total_steps may be an estimate
+        self.logger = MetricsLogger(run.path, self.info.is_main, min(total_steps, end_step), state.step)
         self.logger.text(f"stage {c.stage}: backend {backend.name}, precision {backend.precision}, "
-                         f"world size {self.info.world_size}, {total_steps} optimizer steps "
+                         f"world size {self.info.world_size}, {total_steps} optimizer steps"
+                         f"{'' if exact else ' (estimated from the file sizes)'} "
                          f"({'resuming at step ' + str(state.step) if latest else 'from ' + str(self.init_path or 'random init')}), "
                          f"{count_parameters(c.model).total:,} parameters ({count_parameters(c.model).active:,} active per token)")
         eval_dataset = self.task.eval_dataset()

@@ -1,9 +1,12 @@
 """What differs per stage, as small plug-ins of the one training loop: which data, how a batch becomes a loss.
 
 A task provides
-    sources              the data files of one epoch, trained in order
+    sources              the names of the data files of one epoch, trained in order
     micro_batches(b)     the training micro-batches made from one data batch (default: the batch itself)
-    train_dataset(i)     the (deterministic, indexable) training dataset of source i; its `collate` builds batches
+    train_dataset(i)     the (deterministic, indexable) training dataset of source i; its `collate` builds batches.
+                         Called when training reaches source i: a FileDataset then fetches it (downloads and converts
+                         it, deletes the one before when asked to, prefetches the next)
+    ready_train_dataset(i), source_bytes(i)   what counting the stage's steps may read without fetching anything
     eval_dataset()       held-out data for the eval loss
     loss(forward, batch) -> LossOutput: the scalar to backpropagate, metrics to log, and the number of tokens trained
     eval_metrics(b, backend)  held-out metrics of one eval batch; eval_loss_metric names the one logged as eval_loss
@@ -12,16 +15,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from file_dataset import FileDataset
 from model import CortexModel
 from trainer.checkpoint import load_init_weights, resolve_init_weights
 from trainer.config import TrainConfig
 from trainer.data import IGNORE_INDEX, load_dataset
+from trainer.token_files import TokenFileError
 
 
 @dataclass
@@ -77,26 +82,50 @@ class Task:
     updates_per_batch = 1  # training micro-batches made from each data batch (GRPO: several updates per rollout)
     eval_loss_metric: str | None = "lm_loss"  # the eval_metrics entry logged as eval_loss (None: no eval loss)
 
-    def __init__(self, config: TrainConfig, tokenizer, data_files: list[Path]):
+    def __init__(self, config: TrainConfig, tokenizer, data_files: Sequence[Path] | FileDataset):
         if not data_files:
             raise ValueError(f"stage {config.stage!r} has no data files: set data.files or data.jsonl_files in utils.py")
         self.config, self.tokenizer, self.data_files = config, tokenizer, data_files
 
     @property
-    def sources(self) -> list[Path]:
-        return self.data_files
+    def sources(self) -> list[str]:
+        files = self.data_files
+        return list(files.files) if isinstance(files, FileDataset) else [str(p) for p in files]
 
     def _load(self, path: Path, split: str) -> Dataset:
         return load_dataset(self.kind, path, self.tokenizer, self.config.data.max_seq_len, split=split,
                             eval_fraction=self.config.data.eval_fraction)
 
+    def _load_train(self, path: Path) -> Dataset:
+        dataset = self._load(path, "train")
+        if len(dataset) == 0:
+            what = (f"fewer than data.max_seq_len = {self.config.data.max_seq_len} tokens"
+                    if self.kind == "pretrain" else "no items")
+            raise TokenFileError(f"{path}: the data file holds {what}, so it has nothing to train on. Replace it (a "
+                                 f"downloaded file: delete it and it is downloaded again) or remove it from the stage's "
+                                 f"data files in utils.py")
+        return dataset
+
     def train_dataset(self, index: int) -> Dataset:
-        return self._load(self.data_files[index], "train")
+        return self._load_train(self.data_files[index])
+
+    def ready_train_dataset(self, index: int) -> Dataset | None:
+        """Source index's training dataset if it is on disk, ready to read without a download or a conversion."""
+        files = self.data_files
+        if not isinstance(files, FileDataset):
+            return self._load_train(files[index])
+        return self._load_train(files.local_path(index)) if files.is_ready(index) else None
+
+    def source_bytes(self, index: int) -> int:
+        """Source index's size in bytes as published (a FileDataset's file may not be downloaded yet)."""
+        files = self.data_files
+        return files.source_bytes(index) if isinstance(files, FileDataset) else Path(files[index]).stat().st_size
 
     def eval_dataset(self) -> Dataset | None:
         if self.config.data.eval_fraction <= 0:
             return None
-        return self._load(self.data_files[0], "eval")
+        files = self.data_files  # FileDataset.fetch: nothing else is deleted or prefetched
+        return self._load(files.fetch(0) if isinstance(files, FileDataset) else files[0], "eval")
 
     def micro_batches(self, batch: dict, backend) -> Iterator[dict]:
         """The training micro-batches made from one data batch (each is followed by backend.step)."""
