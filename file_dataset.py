@@ -182,7 +182,8 @@ class FileDataset:
             self._listed_sizes = listed_sizes(self.dataset_id)
         if self.files[idx] not in self._listed_sizes:
             raise DataFileError(f"{self.files[idx]} is not a file of ModelScope dataset {self.dataset_id}. Put the "
-                                f"file at {self.path(idx).resolve()} yourself, or make token files with process_data.py")
+                                f"file at {self.path(idx).resolve()} yourself, or make token files with "
+                                f"process_data.py")
         return self._listed_sizes[self.files[idx]]
 
     def __getitem__(self, idx: int) -> Path:

@@ -3,6 +3,7 @@ speaks the ModelScope dataset protocol (dependencies.md section 4)."""
 import hashlib
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -353,7 +354,7 @@ def test_delete_consumed_removes_each_pkl_once_converted_and_the_converted_files
         files[i]
     converted = [".converted.json", ".npy", ".offsets.npy"]
     # file 0 keeps its converted files (the held-out split lives there); file 1 is gone; no .pkl is left
-    assert data_dir_entries(data_dir) == [f"sft.pkl{end}" for end in converted] + [f"sft_c.pkl{end}" for end in converted]
+    assert data_dir_entries(data_dir) == [f"{name}{end}" for name in ("sft.pkl", "sft_c.pkl") for end in converted]
     assert pickle_hub.file_requests() == ["sft.pkl", "sft_b.pkl", "sft_c.pkl"]
 
 
@@ -375,3 +376,124 @@ def test_a_converted_sft_file_is_not_read_as_a_pretrain_stream(pickle_hub, tmp_p
     path = FileDataset(["sft.pkl"], data_dir=tmp_path / "data", task="sft", vocab_size=VOCAB)[0]
     with pytest.raises(TokenFileError, match=r"sft\.pkl\.npy is an SFT collection \(sft\.pkl\.offsets\.npy lies"):
         load_stream(path, VOCAB)
+
+
+# --- the full preset's structure trained against the hub: files fetched as training reaches them ---------------------
+
+def _full_preset_config(tmp_path, delete: bool):
+    from dataclasses import replace
+
+    import utils
+    from model import tiny_config
+    from trainer.tokenizer import TINY_VOCAB_SIZE
+
+    full = utils.stage_config("pretrain_stage0", preset="full")
+    data = replace(full.data, data_dir=str(tmp_path / "data"), max_seq_len=16, delete_consumed_files=delete)
+    return replace(full, model=tiny_config(TINY_VOCAB_SIZE), tokenizer="tiny", data=data, micro_batch_size=4,
+                   grad_accum_steps=1, backend="single", precision="fp32", save_every_steps=3, eval_every_steps=0,
+                   eval_prompts=[], run_root=str(tmp_path / "runs"))
+
+
+def _train_full_preset(config, hub, crash_at=None):
+    import utils
+    from trainer.loop import run_stage
+    from trainer.tasks import LanguageModelingTask
+    from trainer.tokenizer import get_tokenizer
+
+    seen = {"calls": 0, "at_step_1": None}
+
+    class Task(LanguageModelingTask):
+        def loss(self, forward, batch):
+            seen["calls"] += 1
+            if seen["at_step_1"] is None:
+                seen["at_step_1"] = hub.file_requests()
+            if seen["calls"] == crash_at:
+                raise KeyboardInterrupt("killed")
+            return super().loss(forward, batch)
+
+    files = utils.data_files(config)
+    try:
+        run_stage(config, lambda c: Task(c, get_tokenizer(c.tokenizer), files, kind="pretrain"))
+    except KeyboardInterrupt:
+        files._join_prefetch()  # a killed process downloads nothing more: the download in flight lands now or never
+    return seen
+
+
+@pytest.mark.parametrize("delete", [False, True])
+def test_full_preset_downloads_each_file_once_as_training_reaches_it_across_a_resume(hub, tmp_path, delete):
+    import math
+
+    from trainer.metrics import read_metrics
+    from trainer.tokenizer import TINY_VOCAB_SIZE
+
+    names = STAGE_FILES["pretrain_stage0"]  # the full preset's 8 shards, in the original's pickle format
+    rng = np.random.default_rng(0)
+    tokens = {name: rng.integers(0, TINY_VOCAB_SIZE, 16 * (16 + 3 * i) + 5).tolist() for i, name in enumerate(names)}
+    hub.files.clear()
+    hub.files.update({name: _pickled(t) for name, t in tokens.items()})
+    config = _full_preset_config(tmp_path, delete)
+    # windows of 16 tokens, 0.1% (at least one window) held out, micro-batches of 4 windows: one step each
+    steps = [(len(tokens[name]) // 16 - 1) // 4 for name in names]  # 3, 4, 5, 6, 6, 7, 8, 9 steps
+    crash_at = sum(steps[:4]) + 2  # in file 4; the last checkpoint (step 18) is file 3's end: the resume opens file 4
+
+    first = _train_full_preset(config, hub, crash_at)
+    assert first["at_step_1"] in (names[:1], names[:2])  # the first file, and maybe the prefetched next, nothing else
+    run = tmp_path / "runs" / "pretrain_stage0"
+    schedule = json.loads((run / "schedule.json").read_text())
+    # estimated from the listed sizes at file 0's windows per byte (tiny files: each file's steps are rounded down)
+    assert not schedule["exact"] and abs(schedule["total_steps"] - sum(steps)) <= 0.1 * sum(steps)
+    before_resume = hub.file_requests()
+    assert before_resume == names[:6]  # files 0-4 reached, file 5 prefetched
+
+    second = _train_full_preset(config, hub)
+    assert second["at_step_1"] == before_resume  # the resume fetched nothing before its first step
+    assert hub.file_requests() == names  # every file downloaded exactly once over both runs
+    assert json.loads((run / "schedule.json").read_text()) == schedule  # the resume kept the recorded schedule
+    records = read_metrics(run / "metrics.jsonl")
+    assert [r["step"] for r in records] == list(range(1, sum(steps) + 1))  # all the data, whatever the estimate said
+    assert json.loads((run / "stage.json").read_text())["steps"] == sum(steps)
+    assert all(math.isfinite(r["loss"]) for r in records)
+    left = {p.name for p in (tmp_path / "data").iterdir()}
+    if delete:  # no .pkl left; file 0 (the held-out split) and the last file's converted tokens stay
+        assert left == {f"{n}{end}" for n in (names[0], names[-1]) for end in (".npy", ".converted.json")}
+    else:
+        assert left == {f"{n}{end}" for n in names for end in ("", ".npy", ".converted.json")}
+
+
+@pytest.mark.parametrize("kind", ["npy", "jsonl"])
+def test_a_data_file_with_nothing_to_train_on_is_named_with_what_to_do(tmp_path, kind):
+    from dataclasses import replace
+
+    import utils
+    from trainer.cli import build_task
+    from trainer.loop import run_stage
+    from trainer.token_files import TokenFileError, save_stream
+
+    config = _full_preset_config(tmp_path, delete=False)
+    if kind == "npy":  # a local token file: used as it is, nothing is downloaded
+        path = save_stream(tmp_path / "data" / "short.npy", [5, 6, 7], VOCAB)
+        config = replace(config, data=replace(config.data, files=["short.npy"]))
+        expected = re.escape(f"{path}: the data file holds fewer than data.max_seq_len = 16 tokens")
+    else:
+        path = tmp_path / "empty.jsonl"
+        path.write_text("\n")
+        config = replace(config, task="sft", data=replace(config.data, files=[], jsonl_files=[str(path)]))
+        expected = re.escape(f"{path}: the data file holds no items")
+    with pytest.raises(TokenFileError, match=expected + r".*Replace it .*or remove it from the stage's data files"):
+        run_stage(config, lambda c: build_task(c, utils.data_files(c)))
+
+
+def test_data_dir_dataset_id_and_deletion_are_set_by_environment_or_flag(monkeypatch, tmp_path):
+    import utils
+    from trainer.cli import parse_overrides
+
+    monkeypatch.setenv("CORTEX_DATA_DIR", str(tmp_path / "shards"))
+    monkeypatch.setenv("CORTEX_DATASET_ID", "me/my-data")
+    config = utils.stage_config("pretrain_stage0", preset="full")
+    files = utils.data_files(config)
+    assert (files.data_dir, files.dataset_id, files.delete_consumed) == (tmp_path / "shards", "me/my-data", False)
+    flags = ["--data-dir", str(tmp_path / "d"), "--dataset-id", "o/n", "--delete-consumed-files"]
+    config = parse_overrides(config, flags)
+    files = utils.data_files(config)
+    assert (files.data_dir, files.dataset_id, files.delete_consumed) == (tmp_path / "d", "o/n", True)
+    assert not parse_overrides(config, ["--no-delete-consumed-files"]).data.delete_consumed_files

@@ -219,12 +219,17 @@ class Trainer:
                             break
                         self._train_micro_batch(micro_batch, state, schedule, eval_dataset)
                     state.batch_index += 1
+                    file_done = state.batch_index == len(plan)
+                    if file_done:  # a checkpoint taken now resumes at the next file: this one is never opened again
+                        state.file_index, state.batch_index = state.file_index + 1, 0
                     # Checkpoints only between data batches, at an optimizer-step boundary: resume restarts cleanly.
                     due = c.save_every_steps and state.step // c.save_every_steps > last_saved // c.save_every_steps
                     if due and self._group.empty and state.step < end_step:
                         self.run.save_checkpoint(backend, state, c.keep_last_checkpoints)
                         last_saved = state.step
-                if state.batch_index >= len(plan):
+                    if file_done:
+                        break
+                if state.batch_index >= len(plan):  # an empty plan, or a checkpoint of older versions at a file's end
                     state.file_index, state.batch_index = state.file_index + 1, 0
             if state.file_index >= len(self.task.sources):
                 state.epoch, state.file_index = state.epoch + 1, 0

@@ -101,9 +101,9 @@ class Task:
         if len(dataset) == 0:
             what = (f"fewer than data.max_seq_len = {self.config.data.max_seq_len} tokens"
                     if self.kind == "pretrain" else "no items")
-            raise TokenFileError(f"{path}: the data file holds {what}, so it has nothing to train on. Replace it (a "
-                                 f"downloaded file: delete it and it is downloaded again) or remove it from the stage's "
-                                 f"data files in utils.py")
+            raise TokenFileError(f"{path}: the data file holds {what}, so it has nothing to train on. Replace it "
+                                 f"(a downloaded file: delete it and it is downloaded again) or remove it from the "
+                                 f"stage's data files in utils.py")
         return dataset
 
     def train_dataset(self, index: int) -> Dataset:
