@@ -422,7 +422,11 @@ def _train_full_preset(config, hub, crash_at=None):
 @pytest.mark.parametrize("delete", [False, True])
 def test_full_preset_downloads_each_file_once_as_training_reaches_it_across_a_resume(hub, tmp_path, delete):
     import math
+    from dataclasses import replace
 
+    import utils
+    from trainer.cli import build_task
+    from trainer.loop import Trainer
     from trainer.metrics import read_metrics
     from trainer.tokenizer import TINY_VOCAB_SIZE
 
@@ -458,10 +462,15 @@ def test_full_preset_downloads_each_file_once_as_training_reaches_it_across_a_re
         assert left == {f"{n}{end}" for n in (names[0], names[-1]) for end in (".npy", ".converted.json")}
     else:
         assert left == {f"{n}{end}" for n in names for end in ("", ".npy", ".converted.json")}
+        # every file on disk: a new run counts its schedule exactly, without a download
+        config = replace(config, run_root=str(tmp_path / "again"))
+        trainer = Trainer(config, lambda c: build_task(c, utils.data_files(c)))
+        assert trainer.count_steps() == (sum(steps), True)
+        assert hub.file_requests() == names
 
 
-@pytest.mark.parametrize("kind", ["npy", "jsonl"])
-def test_a_data_file_with_nothing_to_train_on_is_named_with_what_to_do(tmp_path, kind):
+@pytest.mark.parametrize("kind", ["npy", "jsonl", "too small"])
+def test_data_with_nothing_to_train_on_is_named_with_what_to_do(tmp_path, kind):
     from dataclasses import replace
 
     import utils
@@ -470,16 +479,21 @@ def test_a_data_file_with_nothing_to_train_on_is_named_with_what_to_do(tmp_path,
     from trainer.token_files import TokenFileError, save_stream
 
     config = _full_preset_config(tmp_path, delete=False)
-    if kind == "npy":  # a local token file: used as it is, nothing is downloaded
-        path = save_stream(tmp_path / "data" / "short.npy", [5, 6, 7], VOCAB)
-        config = replace(config, data=replace(config.data, files=["short.npy"]))
-        expected = re.escape(f"{path}: the data file holds fewer than data.max_seq_len = 16 tokens")
-    else:
+    if kind == "jsonl":
         path = tmp_path / "empty.jsonl"
         path.write_text("\n")
         config = replace(config, task="sft", data=replace(config.data, files=[], jsonl_files=[str(path)]))
-        expected = re.escape(f"{path}: the data file holds no items")
-    with pytest.raises(TokenFileError, match=expected + r".*Replace it .*or remove it from the stage's data files"):
+        error, expected = TokenFileError, re.escape(f"{path}: the data file holds no items")
+    else:  # a local token file: used as it is, nothing is downloaded
+        path = save_stream(tmp_path / "data" / "short.npy", [5, 6, 7] * (1 if kind == "npy" else 8), VOCAB)
+        config = replace(config, data=replace(config.data, files=["short.npy"]))
+        error = TokenFileError
+        expected = re.escape(f"{path}: the data file holds fewer than data.max_seq_len = 16 tokens")
+    expected += r".*Replace it .*or remove it from the stage's data files"
+    if kind == "too small":  # one window: not enough for one micro-batch of 4
+        error, expected = ValueError, (r"the stage's data gives no optimizer step: short\.npy \(1 items\); each rank "
+                                       r"needs .* = 4 items of a file for one step .* lower --micro-batch-size")
+    with pytest.raises(error, match=expected):
         run_stage(config, lambda c: build_task(c, utils.data_files(c)))
 
 
