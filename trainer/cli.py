@@ -18,7 +18,10 @@ from trainer.tasks import LanguageModelingTask, Task
 from trainer.tokenizer import get_tokenizer
 
 
-def build_task(config: TrainConfig, data_files: Sequence[Path] | FileDataset) -> Task:
+DataFiles = Sequence[Path] | FileDataset  # local files, or ModelScope files fetched as training reaches them
+
+
+def build_task(config: TrainConfig, data_files: DataFiles) -> Task:
     tokenizer = get_tokenizer(config.tokenizer)
     if config.task in ("pretrain", "sft"):
         return LanguageModelingTask(config, tokenizer, data_files, kind=config.task)
@@ -73,8 +76,8 @@ def parse_overrides(config: TrainConfig, argv: list[str]) -> TrainConfig:
     return replace(config, **changes)
 
 
-def run(config: TrainConfig, data_files: Sequence[Path] | Callable[[TrainConfig], Sequence[Path]],
-        argv: list[str] | None = None) -> Path:
+def run(config: TrainConfig, data_files: DataFiles | Callable[[TrainConfig], DataFiles], argv: list[str] | None = None
+        ) -> Path:
     """Train the stage; data_files may be a function of the config, called once the flags are applied."""
     from trainer.loop import run_stage
 
