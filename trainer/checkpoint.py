@@ -16,10 +16,10 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import socket
-import time
 import random
 import shutil
+import socket
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -121,7 +121,7 @@ class RunDir:
         path = self.checkpoints / name
         if not (path / "trainer_state.json").exists():
             raise InputError(f"{pointer} names {name!r}, but {path} is not a complete checkpoint. Delete {pointer} to "
-                               f"start over, or point it at an existing checkpoint directory in {self.checkpoints}")
+                             f"start over, or point it at an existing checkpoint directory in {self.checkpoints}")
         return path
 
     def save_checkpoint(self, backend, state: TrainerState, keep_last: int) -> Path:
@@ -159,7 +159,7 @@ class RunDir:
         rng_file = path / f"rng_rank{backend.info.rank}.pt"
         if not rng_file.exists():
             raise InputError(f"{rng_file} is missing: the checkpoint was written by {state.world_size} processes, "
-                               f"this run has {backend.info.world_size}")
+                             f"this run has {backend.info.world_size}")
         set_rng_state(torch.load(rng_file, weights_only=True))
         return state
 
@@ -201,7 +201,7 @@ def resolve_init_weights(init_from: str | None, stage: str, run_root: str | Path
         path = path / FINAL_WEIGHTS
     if not path.exists():
         raise InputError(f"init weights {init_from!r} not found (expected a .bin or .safetensors file, or a "
-                                f"stage run dir holding {FINAL_WEIGHTS})")
+                         f"stage run dir holding {FINAL_WEIGHTS})")
     return path
 
 
