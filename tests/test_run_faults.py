@@ -86,7 +86,7 @@ def test_a_data_error_is_one_line_with_the_traceback_in_the_log(tmp_path, capsys
 
 
 def test_a_resumed_run_logs_each_step_once(tmp_path):
-    config = tiny("pretrain_stage0", tmp_path, max_steps=6, save_every_steps=2, eval_every_steps=2, micro_batch_size=2,
+    config = tiny("pretrain_stage0", tmp_path, max_steps=5, save_every_steps=2, eval_every_steps=2, micro_batch_size=2,
                   grad_accum_steps=1, data=replace(utils.stage_config("pretrain_stage0", "tiny").data, max_eval_batches=1))
     out = tmp_path / "pretrain_stage0"
     out.mkdir()
@@ -95,26 +95,34 @@ def test_a_resumed_run_logs_each_step_once(tmp_path):
     train = lambda: run_stage(config, lambda c: build_task(c, utils.data_files(c)))  # noqa: E731
     train()
     first = records(out / "metrics.jsonl")
-    prompts = len(utils.TINY_PRETRAIN_PROMPTS)
+    first_generations = records(out / "generations.jsonl")
 
     def check(lines, generations):
-        assert [r["step"] for r in lines if r["kind"] == "train"] == [1, 2, 3, 4, 5, 6]
-        assert [r["step"] for r in lines if r["kind"] == "eval"] == [0, 2, 4, 6]
-        assert [g["step"] for g in generations] == [s for s in (2, 4, 6) for _ in range(prompts)]
+        assert [r["step"] for r in lines if r["kind"] == "train"] == [1, 2, 3, 4, 5]
+        assert [r["step"] for r in lines if r["kind"] == "eval"] == [0, 2, 4, 5]  # 5: the final eval
+        assert [g["step"] for g in generations] == [s for s in (2, 4, 5) for _ in utils.TINY_PRETRAIN_PROMPTS]
 
-    check(first, records(out / "generations.jsonl"))
+    check(first, first_generations)
 
-    # as if killed after step 6 was logged but before its checkpoint, in the middle of writing a record
-    for name in (FINAL_WEIGHTS, "stage.json", "model_config.json"):
-        (out / name).unlink()
-    (out / "checkpoints" / "step_00000006").rename(out / "checkpoints" / "gone")
+    def kill_before_the_weights():
+        for name in (FINAL_WEIGHTS, "stage.json", "model_config.json"):
+            (out / name).unlink()
+
+    # killed after the final checkpoint, before the weights: nothing is trained or logged again
+    kill_before_the_weights()
+    train()
+    assert records(out / "metrics.jsonl") == first and records(out / "generations.jsonl") == first_generations
+
+    # killed after step 5 was logged but before its checkpoint, in the middle of writing a record
+    kill_before_the_weights()
+    (out / "checkpoints" / "step_00000005").rename(out / "checkpoints" / "gone")
     (out / "checkpoints" / "latest").write_text("step_00000004")
     with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:
         f.write('{"kind": "train", "st')
     train()
     resumed = records(out / "metrics.jsonl")
     check(resumed, records(out / "generations.jsonl"))
-    assert resumed[:6] == [r for r in first if r["step"] <= 4][:6]  # the records up to the checkpoint are kept as they were
+    assert resumed[:6] == first[:6]  # the records up to the checkpoint (eval 0, steps 1-4, eval 2) are kept as they were
     assert "resuming at step 4" in (out / "log.txt").read_text()
 
 

@@ -172,7 +172,7 @@ class Trainer:
         backend.module.train()
         self._group = _Group()
         self._consecutive_bad = 0
-        last_saved = state.step
+        last_saved = self._first_step = state.step
         while state.epoch < c.epochs and state.step < end_step:
             while state.file_index < len(self.task.sources) and state.step < end_step:
                 dataset = self.task.train_dataset(state.file_index)
@@ -306,7 +306,8 @@ class Trainer:
     def _finish(self, state: TrainerState, eval_dataset) -> None:
         c, backend = self.config, self.backend
         evaluated_now = c.eval_every_steps and state.step % c.eval_every_steps == 0
-        if eval_dataset is not None and not evaluated_now:
+        # Resumed from the final checkpoint (killed before the weights were written): its eval is logged already.
+        if eval_dataset is not None and not evaluated_now and state.step > self._first_step:
             self._evaluate(state, eval_dataset)
         self.run.save_checkpoint(backend, state, c.keep_last_checkpoints)
         weights = backend.full_state_dict()
