@@ -129,11 +129,22 @@ def test_sft_stages_run_end_to_end(tmp_path):
     model = CortexModel(utils.stage_config("cot", preset="tiny").model)
     torch.save(model.state_dict(), tmp_path / "published.bin")
     save_weights(model, tmp_path / "init.safetensors")
-    for stage, init in (("cot", "published.bin"), ("mix", "init.safetensors")):
-        out = train(tiny(stage, tmp_path, max_steps=4, eval_every_steps=2, init_from=str(tmp_path / init)))
+    for stage, init, samples in (("cot", "published.bin", True), ("mix", "init.safetensors", False)):
+        out = train(tiny(stage, tmp_path, max_steps=4, eval_every_steps=2, init_from=str(tmp_path / init),
+                         samples=samples))
         steps = read_metrics(out / "metrics.jsonl", "train")
         assert len(steps) == 4 and all(0 < s["trained_token_share"] < 1 for s in steps)
         assert (out / FINAL_WEIGHTS).exists()
+        assert (out / "generations.jsonl").exists() == samples  # --no-samples: evals without sample generations
+
+
+def test_cli_flags_for_samples_and_checkpoints():
+    from trainer.cli import parse_overrides
+
+    config = utils.stage_config("cot", preset="tiny")
+    assert config.samples and not config.keep_checkpoints_after_stage
+    changed = parse_overrides(config, ["--no-samples", "--keep-checkpoints"])
+    assert not changed.samples and changed.keep_checkpoints_after_stage
 
 
 def test_missing_previous_stage_and_bad_init_weights_are_clear_errors(tmp_path):
