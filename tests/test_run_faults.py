@@ -87,7 +87,7 @@ def test_a_data_error_is_one_line_with_the_traceback_in_the_log(tmp_path, capsys
 
 def test_a_resumed_run_logs_each_step_once(tmp_path):
     config = tiny("pretrain_stage0", tmp_path, max_steps=5, save_every_steps=2, eval_every_steps=2, micro_batch_size=2,
-                  grad_accum_steps=1, data=replace(utils.stage_config("pretrain_stage0", "tiny").data, max_eval_batches=1))
+                  grad_accum_steps=1, keep_checkpoints_after_stage=True, data=replace(utils.stage_config("pretrain_stage0", "tiny").data, max_eval_batches=1))
     out = tmp_path / "pretrain_stage0"
     out.mkdir()
     # a lost attempt that died before its first checkpoint: a fresh start drops its records
