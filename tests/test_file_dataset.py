@@ -436,8 +436,8 @@ def test_full_preset_downloads_each_file_once_as_training_reaches_it_across_a_re
     hub.files.clear()
     hub.files.update({name: _pickled(t) for name, t in tokens.items()})
     config = _full_preset_config(tmp_path, delete)
-    # windows of 16 tokens, 0.1% (at least one window) held out, micro-batches of 4 windows: one step each
-    steps = [(len(tokens[name]) // 16 - 1) // 4 for name in names]  # 3, 4, 5, 6, 6, 7, 8, 9 steps
+    # windows of 16 tokens, one held out (0.1%, at least one) of file 0 only, micro-batches of 4 windows: a step each
+    steps = [(len(tokens[name]) // 16 - (i == 0)) // 4 for i, name in enumerate(names)]  # 3, 4, 5, 6, 7, 7, 8, 9
     crash_at = sum(steps[:4]) + 2  # in file 4; the last checkpoint (step 18) is file 3's end: the resume opens file 4
 
     first = _train_full_preset(config, hub, crash_at)
@@ -475,6 +475,7 @@ def test_data_with_nothing_to_train_on_is_named_with_what_to_do(tmp_path, kind):
 
     import utils
     from trainer.cli import build_task
+    from trainer.errors import InputError
     from trainer.loop import run_stage
     from trainer.token_files import TokenFileError, save_stream
 
@@ -491,7 +492,7 @@ def test_data_with_nothing_to_train_on_is_named_with_what_to_do(tmp_path, kind):
         expected = re.escape(f"{path}: the data file holds fewer than data.max_seq_len = 16 tokens")
     expected += r".*Replace it .*or remove it from the stage's data files"
     if kind == "too small":  # one window: not enough for one micro-batch of 4
-        error, expected = ValueError, (r"the stage's data gives no optimizer step: short\.npy \(1 items\); each rank "
+        error, expected = InputError, (r"the stage's data gives no optimizer step: short\.npy \(1 items\); each rank "
                                        r"needs .* = 4 items of a file for one step .* lower --micro-batch-size")
     with pytest.raises(error, match=expected):
         run_stage(config, lambda c: build_task(c, utils.data_files(c)))

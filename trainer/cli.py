@@ -1,18 +1,25 @@
 """Command line of the stage scripts: `python3 train_x.py [--max-steps N] [--init-from PATH] ...`.
 
-The stage's settings come from utils.py; these flags only override a few of them for one run.
+The stage's settings come from utils.py; these flags only override a few of them for one run. A data or settings
+error (trainer/errors.py) ends the script with one line on the console and exit status 2; its traceback goes to the
+run's log.txt.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import time
+import traceback
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Sequence
 
 from file_dataset import FileDataset
+from model import WeightsMismatchError
 from trainer.config import TrainConfig
 from trainer.dpo import DPOTask
+from trainer.errors import InputError
 from trainer.grpo import GRPOTask
 from trainer.tasks import LanguageModelingTask, Task
 from trainer.tokenizer import get_tokenizer
@@ -46,6 +53,9 @@ def parse_overrides(config: TrainConfig, argv: list[str]) -> TrainConfig:
     parser.add_argument("--save-every-steps", type=int)
     parser.add_argument("--eval-every-steps", type=int)
     parser.add_argument("--seed", type=int)
+    parser.add_argument("--no-samples", action="store_true", help="no sample generations at evals and the stage's end")
+    parser.add_argument("--keep-checkpoints", action="store_true",
+                        help="a completed stage keeps all its checkpoints (default: only the last, beside the weights)")
     parser.add_argument("--data-dir", help="where the stage's data files are downloaded to (default: CORTEX_DATA_DIR "
                                            "or ./data)")
     parser.add_argument("--dataset-id", help="the ModelScope dataset they come from (default: CORTEX_DATASET_ID or "
@@ -67,6 +77,10 @@ def parse_overrides(config: TrainConfig, argv: list[str]) -> TrainConfig:
                  "seed"):
         if getattr(args, name) is not None:
             changes[name] = getattr(args, name)
+    if args.no_samples:
+        changes["samples"] = False
+    if args.keep_checkpoints:
+        changes["keep_checkpoints_after_stage"] = True
     data_changes = {name: getattr(args, name) for name in ("data_dir", "dataset_id", "delete_consumed_files")
                     if getattr(args, name) is not None}
     if data_changes:
@@ -83,4 +97,20 @@ def run(config: TrainConfig, data_files: DataFiles | Callable[[TrainConfig], Dat
 
     config = parse_overrides(config, sys.argv[1:] if argv is None else argv)
     files = data_files(config) if callable(data_files) else data_files
-    return run_stage(config, lambda c: build_task(c, files))
+    try:
+        return run_stage(config, lambda c: build_task(c, files))
+    except (InputError, WeightsMismatchError) as e:  # anything else is a bug: its traceback stays on the console
+        raise SystemExit(report_input_error(e, Path(config.run_root) / config.stage)) from None
+
+
+def report_input_error(error: Exception, run_path: Path) -> int:
+    """The error's message on the console (each rank of a multi-process run says its own), its traceback appended to
+    run_path/log.txt; returns the exit status, 2."""
+    log = run_path / "log.txt"
+    prefix = f"[rank {os.environ['RANK']}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+    run_path.mkdir(parents=True, exist_ok=True)
+    with open(log, "a", encoding="utf-8") as f:
+        f.write(f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {prefix}error in PID {os.getpid()}:\n"
+                + "".join(traceback.format_exception(error)))
+    print(f"{prefix}error: {error} (traceback in {log})", file=sys.stderr, flush=True)
+    return 2

@@ -31,6 +31,7 @@ from model import CortexModel, count_parameters
 from trainer.backend import Backend, build_backend, dist_info_from_env
 from trainer.checkpoint import RunDir, TrainerState, load_init_weights, resolve_init_weights, write_json_atomic
 from trainer.config import TrainConfig
+from trainer.errors import InputError
 from trainer.metrics import MetricsLogger, RouterStats, device_peak_flops, train_flops_per_token
 from trainer.schedule import WarmupCosineSchedule
 from trainer.tasks import LossOutput, Task
@@ -74,14 +75,15 @@ class _Group:
 
     def __init__(self):
         self.metrics: dict[str, list[torch.Tensor]] = {}
-        self.tokens, self.bad, self.start = 0, False, time.perf_counter()
+        self.tokens, self.discarded, self.start = 0, False, time.perf_counter()
+        self.mean_loss_tokens: float | None = None  # token-weighted tasks: see Trainer._mean_loss_tokens
 
     @property
     def empty(self) -> bool:
-        return not self.metrics and self.tokens == 0 and not self.bad
+        return not self.metrics and self.tokens == 0 and not self.discarded
 
     def add(self, name: str, value: torch.Tensor) -> None:
-        self.metrics.setdefault(name, []).append(value.detach().float().cpu())
+        self.metrics.setdefault(name, []).append(value.detach().float())  # stays on the device until the step's log
 
 
 class Trainer:
@@ -92,7 +94,7 @@ class Trainer:
         self.task = make_task(config)
         self.tokenizer = self.task.tokenizer
         if self.tokenizer.vocab_size > config.model.vocab_size:
-            raise ValueError(f"the tokenizer has {self.tokenizer.vocab_size} ids but the model's vocab_size is "
+            raise InputError(f"the tokenizer has {self.tokenizer.vocab_size} ids but the model's vocab_size is "
                              f"{config.model.vocab_size}: they must match the stage config in utils.py")
         torch.manual_seed(config.seed)  # identical initial weights on every rank
         model = CortexModel(config.model)
@@ -133,7 +135,7 @@ class Trainer:
         total = sum(per_file.values()) * c.epochs
         if total < 1:
             files = ", ".join(f"{task.sources[i]} ({k} items)" for i, k in items.items())
-            raise ValueError(f"the stage's data gives no optimizer step: {files}; each rank needs micro_batch_size x "
+            raise InputError(f"the stage's data gives no optimizer step: {files}; each rank needs micro_batch_size x "
                              f"grad_accum_steps = {c.micro_batch_size * c.grad_accum_steps} items of a file for one "
                              f"step ({self.info.world_size} ranks). Add data, or lower --micro-batch-size or "
                              f"--grad-accum-steps")
@@ -162,10 +164,20 @@ class Trainer:
             if self.info.is_main:
                 print(f"stage {c.stage} is already complete ({run.path}); delete that directory to train it again")
             return run.path
+        holder = None
         if self.info.is_main:
             run.create()
-        backend.barrier()
+            holder = run.lock()
+        if backend.all_reduce_max(torch.tensor([float(holder is not None)]))[0] > 0:  # every rank stops
+            raise InputError(f"{run.path} is being trained by {holder or 'another process (see rank 0)'}; wait for it "
+                             f"to finish or stop it, then rerun")
+        try:
+            return self._train()
+        finally:
+            run.unlock()
 
+    def _train(self) -> Path:
+        c, backend, run = self.config, self.backend, self.run
         total_steps, exact = self._schedule_length()
         schedule = WarmupCosineSchedule.from_ratio(c.optim.initial_lr, c.optim.max_lr, c.optim.min_lr, total_steps,
                                                    c.optim.warmup_ratio)
@@ -176,19 +188,26 @@ class Trainer:
             state = run.load_checkpoint(backend, latest)
             expected = (self.info.world_size, c.micro_batch_size, c.grad_accum_steps)
             if (state.world_size, state.micro_batch_size, state.grad_accum_steps) != expected:
-                raise RuntimeError(
+                raise InputError(
                     f"{latest} was written with world_size={state.world_size}, micro_batch_size={state.micro_batch_size}, "
                     f"grad_accum_steps={state.grad_accum_steps}; this run has {expected}. Resume with the same settings, "
                     f"or delete {run.path} to start the stage over")
 
         end_step = c.max_steps or math.inf  # otherwise the data decides: total_steps may be an estimate
         self.logger = MetricsLogger(run.path, self.info.is_main, min(total_steps, end_step), state.step)
+        # Records past the checkpoint are of steps this run trains again; a fresh start drops the lost attempt's all.
+        self.logger.drop_records_after(state.step if latest is not None else -1)
         self.logger.text(f"stage {c.stage}: backend {backend.name}, precision {backend.precision}, "
                          f"world size {self.info.world_size}, {total_steps} optimizer steps"
                          f"{'' if exact else ' (estimated from the file sizes)'} "
                          f"({'resuming at step ' + str(state.step) if latest else 'from ' + str(self.init_path or 'random init')}), "
                          f"{count_parameters(c.model).total:,} parameters ({count_parameters(c.model).active:,} active per token)")
         eval_dataset = self.task.eval_dataset()
+        if eval_dataset is not None and (len(eval_dataset) < self.info.world_size or c.data.max_eval_batches < 1):
+            self.logger.text(f"no eval: {len(eval_dataset)} held-out items for {self.info.world_size} processes (each "
+                             f"evaluates at least one) and max_eval_batches={c.data.max_eval_batches}; raise "
+                             f"data.eval_fraction in utils.py, or mark more JSONL lines \"split\": \"eval\"")
+            eval_dataset = None
         if state.step == 0 and eval_dataset is not None:
             # The baseline every later eval loss is compared with.
             self.logger.log("eval", {"step": 0, "epoch": 0, "file": 0, "batch": 0, **self.eval_metrics(eval_dataset)})
@@ -202,8 +221,8 @@ class Trainer:
         c, backend = self.config, self.backend
         backend.module.train()
         self._group = _Group()
-        self._consecutive_bad = 0
-        last_saved = state.step
+        self._consecutive_skipped = 0
+        last_saved = self._first_step = state.step
         while state.epoch < c.epochs and state.step < end_step:
             while state.file_index < len(self.task.sources) and state.step < end_step:
                 dataset = self.task.train_dataset(state.file_index)
@@ -212,6 +231,9 @@ class Trainer:
                                  f"({self.task.sources[state.file_index]}): {len(plan)} micro-batches per rank, "
                                  f"starting at {state.batch_index}")
                 while state.batch_index < len(plan) and state.step < end_step:
+                    if self.task.token_weighted and self._group.empty:  # the first micro-batch of a group
+                        rows = plan[state.batch_index:state.batch_index + c.grad_accum_steps]
+                        self._group.mean_loss_tokens = self._mean_loss_tokens(dataset, rows)
                     batch = _to_device(dataset.collate([dataset[int(i)] for i in plan[state.batch_index]]), backend.device)
                     # Usually one micro-batch per data batch; GRPO yields several updates on one rollout.
                     for micro_batch in self.task.micro_batches(batch, backend):
@@ -235,38 +257,55 @@ class Trainer:
                 state.epoch, state.file_index = state.epoch + 1, 0
         self._finish(state, eval_dataset)
 
+    def _mean_loss_tokens(self, dataset, rows: np.ndarray) -> float:
+        """The loss tokens of one accumulation group (this rank's micro-batches `rows` of the plan, all ranks), per
+        micro-batch: counted from the data before the group's first backward, with one all-reduce per group.
+
+        A token-weighted task divides each micro-batch's summed loss by this number. The backends average the
+        micro-batch losses over the grad_accum_steps (A) micro-batches and the world_size (W) ranks, so the group's
+        gradient is that of  sum over the group's micro-batches on all ranks of (summed loss) / (total loss tokens):
+        the token mean of one big batch, where a per-micro-batch token mean would weigh a short micro-batch's
+        tokens more."""
+        mine = sum(self.task.loss_tokens(dataset.collate([dataset[int(i)] for i in row])) for row in rows)
+        total = float(self.backend.all_reduce_sum(torch.tensor([float(mine)], dtype=torch.float64))[0])
+        return max(total, 1.0) / (len(rows) * self.info.world_size)
+
     def _train_micro_batch(self, batch, state: TrainerState, schedule: WarmupCosineSchedule, eval_dataset) -> None:
         c, backend, group = self.config, self.backend, self._group
+        if group.mean_loss_tokens is not None:
+            batch = {**batch, "mean_loss_tokens": group.mean_loss_tokens}
         out: LossOutput = self.task.loss(backend.forward, batch)
         # Every rank must agree, or the ranks would take different collective paths.
-        bad = backend.all_reduce_max(torch.tensor([float(not torch.isfinite(out.loss))]))[0] > 0
-        if bad:
-            self._consecutive_bad += 1
-            state.nonfinite_skipped += 1
-            group.bad = True
-            if self._consecutive_bad >= c.max_consecutive_nonfinite:
-                latest = self.run.latest_checkpoint()
-                raise NonFiniteLossError(
-                    f"{self._consecutive_bad} non-finite losses in a row (epoch {state.epoch}, file {state.file_index}, "
-                    f"micro-batch {state.batch_index}); stopping. The last good checkpoint is intact: "
-                    f"{latest or 'none saved yet'}. Lower the learning rate or check the data, then rerun the same "
-                    f"command to resume from it")
-            backend.backward(None)
-        else:
-            self._consecutive_bad = 0
-            backend.backward(out.loss)
+        nonfinite = bool(backend.all_reduce_max(torch.tensor([float(not torch.isfinite(out.loss))]))[0] > 0)
+        # A non-finite loss anywhere discards the whole group: its backward still runs (collectives stay matched)
+        # but makes the group's gradients NaN, so that the backend's step skips it (trainer/backend.py).
+        group.discarded |= nonfinite
+        backend.backward(out.loss, discard=nonfinite)
+        if not nonfinite:
             group.add("loss", out.loss)
             for k, v in out.metrics.items():
                 group.add(k, v)
         group.tokens += out.num_tokens
-        result = backend.step(schedule.lr_at(state.step), skip=group.bad)
+        result = backend.step(schedule.lr_at(state.step))
         if result is None:
             return
+        if group.discarded and not result.skipped:
+            raise RuntimeError(f"backend {backend.name} applied an update whose gradients were made NaN (a non-finite "
+                               f"loss): its optimizer has no overflow check, and the weights are now NaN")
         lr = schedule.lr_at(state.step)
         state.step += 1
         state.tokens_seen += group.tokens * self.info.world_size
+        self._consecutive_skipped = self._consecutive_skipped + 1 if result.skipped else 0
+        state.nonfinite_skipped += int(result.skipped)
         self._log_step(state, result, lr, group.metrics, group.tokens, time.perf_counter() - group.start)
         self._group = _Group()
+        if self._consecutive_skipped >= c.max_consecutive_nonfinite:
+            latest = self.run.latest_checkpoint()
+            raise NonFiniteLossError(
+                f"{self._consecutive_skipped} optimizer steps in a row skipped for a non-finite loss or gradient "
+                f"(epoch {state.epoch}, file {state.file_index}, micro-batch {state.batch_index}); stopping. The last "
+                f"good checkpoint is intact: {latest or 'none saved yet'}. Lower the learning rate or check the data, "
+                f"then rerun the same command to resume from it")
         if c.eval_every_steps and state.step % c.eval_every_steps == 0 and eval_dataset is not None:
             self._evaluate(state, eval_dataset)
         self._group.start = time.perf_counter()  # eval time is not training time
@@ -281,34 +320,37 @@ class Trainer:
                   "tokens_per_s": round(tokens_per_s, 1), "tokens_seen": state.tokens_seen}
         if self.peak_flops:
             record["mfu"] = tokens_per_s * self.flops_per_token / (self.peak_flops * self.info.world_size)
-        record.update(self.router_stats.summary(self.backend.all_reduce_sum))
         if result.skipped:
             record["skipped_nonfinite"] = True
         record["nonfinite_total"] = state.nonfinite_skipped
-        if state.step % self.config.log_every_steps == 0 or result.skipped:
+        if state.step % self.config.log_every_steps == 0 or result.skipped:  # the same decision on every rank
+            record.update(self.router_stats.summary(self.backend.all_reduce_sum))  # since the last logged step
             self.logger.log("train", record)
         self.logger.advance(1, {"loss": record.get("loss", float("nan")), "lr": lr})
 
     @torch.no_grad()
     def eval_metrics(self, eval_dataset) -> dict[str, float]:
-        """The task's held-out metrics (Task.eval_metrics) averaged over up to max_eval_batches micro-batches, sharded
-        over ranks (equal counts per rank): {"eval_loss": the task's eval_loss_metric, "eval_<name>": the others}."""
-        c, backend = self.config, self.backend
-        n = min(len(eval_dataset) // (c.micro_batch_size * self.info.world_size), c.data.max_eval_batches)
-        if n == 0:
-            return {"eval_loss": float("nan")}
+        """The task's held-out metrics (Task.eval_metrics), an item-weighted mean over up to max_eval_batches
+        micro-batches per rank; every rank gets the same number of items (at least one: see train) and of batches, the
+        last one smaller when the held-out split does not fill it. {"eval_loss": the task's eval_loss_metric,
+        "eval_<name>": the others}."""
+        c, backend, world = self.config, self.backend, self.info.world_size
+        per_rank = min(len(eval_dataset), c.data.max_eval_batches * c.micro_batch_size * world) // world
         backend.module.eval()
         try:
-            per_batch = []
-            for b in range(n):
-                start = (b * self.info.world_size + self.info.rank) * c.micro_batch_size
-                items = [eval_dataset[i] for i in range(start, start + c.micro_batch_size)]
-                batch = _to_device(eval_dataset.collate(items), backend.device)
+            per_batch, sizes = [], []
+            for b in range(0, per_rank, c.micro_batch_size):
+                size = min(c.micro_batch_size, per_rank - b)  # batch b // micro_batch_size holds world x size items
+                start = b * world + self.info.rank * size
+                batch = _to_device(eval_dataset.collate([eval_dataset[i] for i in range(start, start + size)]),
+                                   backend.device)
                 per_batch.append(self.task.eval_metrics(batch, backend))
+                sizes.append(size)
         finally:
             backend.module.train()
         names = sorted(per_batch[0])
-        means = backend.all_reduce_mean(torch.stack([torch.stack([m[k].float().cpu() for m in per_batch]).mean()
+        weights = torch.tensor(sizes, dtype=torch.float32) / per_rank
+        means = backend.all_reduce_mean(torch.stack([(torch.stack([m[k].float().cpu() for m in per_batch]) * weights).sum()
                                                      for k in names]))
         values = dict(zip(names, means.tolist()))
         key = self.task.eval_loss_metric
@@ -321,7 +363,7 @@ class Trainer:
         self._sample_generations(state)
 
     def _sample_generations(self, state: TrainerState) -> None:
-        prompts = self.task.eval_prompts()
+        prompts = self.task.eval_prompts()[:self.config.max_sample_prompts] if self.config.samples else []
         if not prompts:
             return
         from model import generate
@@ -339,7 +381,8 @@ class Trainer:
     def _finish(self, state: TrainerState, eval_dataset) -> None:
         c, backend = self.config, self.backend
         evaluated_now = c.eval_every_steps and state.step % c.eval_every_steps == 0
-        if eval_dataset is not None and not evaluated_now:
+        # Resumed from the final checkpoint (killed before the weights were written): its eval is logged already.
+        if eval_dataset is not None and not evaluated_now and state.step > self._first_step:
             self._evaluate(state, eval_dataset)
         self.run.save_checkpoint(backend, state, c.keep_last_checkpoints)
         weights = backend.full_state_dict()
@@ -349,6 +392,8 @@ class Trainer:
                        "backend": backend.name, "precision": backend.precision, "world_size": self.info.world_size,
                        "train_config": _jsonable(asdict(c))}
             self.run.write_final(weights, c.model, summary)
+            if not c.keep_checkpoints_after_stage:  # the stage is done: its older ZeRO checkpoints are dead weight
+                self.run.prune_checkpoints(keep_last=1)
             self.logger.text(f"stage {c.stage} complete: weights in {self.run.path}")
         backend.barrier()
 

@@ -7,7 +7,7 @@ A task provides
                          Called when training reaches source i: a FileDataset then fetches it (downloads and converts
                          it, deletes the one before when asked to, prefetches the next)
     ready_train_dataset(i), source_bytes(i)   what counting the stage's steps may read without fetching anything
-    eval_dataset()       held-out data for the eval loss
+    eval_dataset()       held-out data for the eval loss: the last eval_fraction of the first source only
     loss(forward, batch) -> LossOutput: the scalar to backpropagate, metrics to log, and the number of tokens trained
     eval_metrics(b, backend)  held-out metrics of one eval batch; eval_loss_metric names the one logged as eval_loss
 """
@@ -41,12 +41,18 @@ def next_token_targets(labels: torch.Tensor) -> torch.Tensor:
     return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
 
 
-def lm_loss(forward, inputs: dict, labels: torch.Tensor) -> tuple[torch.Tensor, dict]:
-    """Next-token cross entropy, a token mean over the micro-batch (IGNORE_INDEX labels do not count), computed in fp32
-    by the model's chunked head without the (B, T, V) logits. Returns (loss, the model output)."""
+def loss_token_count(labels: torch.Tensor) -> int:
+    """The tokens a language-modelling loss is taken over: next-token targets that are not IGNORE_INDEX."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def lm_loss(forward, inputs: dict, labels: torch.Tensor, per_tokens: float | None = None) -> tuple[torch.Tensor, dict]:
+    """Next-token cross entropy summed over the micro-batch's loss tokens (IGNORE_INDEX labels do not count) and
+    divided by per_tokens, by default their own number (a token mean); computed in fp32 by the model's chunked head
+    without the (B, T, V) logits. Returns (loss, the model output)."""
     targets = next_token_targets(labels)
     out = forward(**inputs, targets=targets, sum_target_log_probs=True)
-    return -out["target_log_probs"] / (targets != IGNORE_INDEX).sum().clamp(min=1), out
+    return -out["target_log_probs"] / (per_tokens or (targets != IGNORE_INDEX).sum().clamp(min=1)), out
 
 
 def policy_autocast(backend):
@@ -79,6 +85,10 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 class Task:
     kind = "base"      # the data kind passed to trainer.data.load_dataset
     shuffle = True
+    # Token-weighted tasks: the loop counts the loss tokens of each accumulation group up front (loss_tokens of every
+    # micro-batch, all ranks) and passes their mean per micro-batch as batch["mean_loss_tokens"] (see
+    # Trainer._mean_loss_tokens); loss() divides its summed token loss by it. Other tasks weigh micro-batches equally.
+    token_weighted = False
     updates_per_batch = 1  # training micro-batches made from each data batch (GRPO: several updates per rollout)
     eval_loss_metric: str | None = "lm_loss"  # the eval_metrics entry logged as eval_loss (None: no eval loss)
 
@@ -92,12 +102,15 @@ class Task:
         files = self.data_files
         return list(files.files) if isinstance(files, FileDataset) else [str(p) for p in files]
 
-    def _load(self, path: Path, split: str) -> Dataset:
+    def _load(self, path: Path, split: str, eval_fraction: float) -> Dataset:
         return load_dataset(self.kind, path, self.tokenizer, self.config.data.max_seq_len, split=split,
-                            eval_fraction=self.config.data.eval_fraction)
+                            eval_fraction=eval_fraction)
 
-    def _load_train(self, path: Path) -> Dataset:
-        dataset = self._load(path, "train")
+    def _load_train(self, path: Path, index: int) -> Dataset:
+        # Only the first source holds data out: the eval set is the same from step 0 on and needs no other file on
+        # disk (files are fetched as training reaches them); the others train in full. JSONL lines marked
+        # "split": "eval" are never trained, in any file.
+        dataset = self._load(path, "train", self.config.data.eval_fraction if index == 0 else 0.0)
         if len(dataset) == 0:
             what = (f"fewer than data.max_seq_len = {self.config.data.max_seq_len} tokens"
                     if self.kind == "pretrain" else "no items")
@@ -107,14 +120,14 @@ class Task:
         return dataset
 
     def train_dataset(self, index: int) -> Dataset:
-        return self._load_train(self.data_files[index])
+        return self._load_train(self.data_files[index], index)
 
     def ready_train_dataset(self, index: int) -> Dataset | None:
         """Source index's training dataset if it is on disk, ready to read without a download or a conversion."""
         files = self.data_files
         if not isinstance(files, FileDataset):
-            return self._load_train(files[index])
-        return self._load_train(files.local_path(index)) if files.is_ready(index) else None
+            return self._load_train(files[index], index)
+        return self._load_train(files.local_path(index), index) if files.is_ready(index) else None
 
     def source_bytes(self, index: int) -> int:
         """Source index's size in bytes as published (a FileDataset's file may not be downloaded yet)."""
@@ -125,13 +138,18 @@ class Task:
         if self.config.data.eval_fraction <= 0:
             return None
         files = self.data_files  # FileDataset.fetch: nothing else is deleted or prefetched
-        return self._load(files.fetch(0) if isinstance(files, FileDataset) else files[0], "eval")
+        return self._load(files.fetch(0) if isinstance(files, FileDataset) else files[0], "eval",
+                          self.config.data.eval_fraction)
 
     def micro_batches(self, batch: dict, backend) -> Iterator[dict]:
         """The training micro-batches made from one data batch (each is followed by backend.step)."""
         yield batch
 
     def loss(self, forward, batch: dict[str, torch.Tensor]) -> LossOutput:
+        raise NotImplementedError
+
+    def loss_tokens(self, batch: dict) -> int:
+        """The loss tokens of one collated micro-batch (token-weighted tasks only)."""
         raise NotImplementedError
 
     def eval_metrics(self, batch: dict, backend) -> dict[str, torch.Tensor]:
@@ -148,15 +166,24 @@ class Task:
 
 
 class LanguageModelingTask(Task):
-    """Pretraining on packed windows (kind 'pretrain') and SFT on masked conversations (kind 'sft'): one loss."""
+    """Pretraining on packed windows (kind 'pretrain') and SFT on masked conversations (kind 'sft'): one loss.
+
+    Token-weighted: an accumulation group's lm loss is the token mean over all its micro-batches on all ranks, so a
+    short SFT micro-batch weighs what its tokens weigh (the original averaged per-micro-batch means equally). The MoE
+    aux loss stays a per-micro-batch mean, weighted equally."""
+    token_weighted = True
 
     def __init__(self, config, tokenizer, data_files, kind: str):
         super().__init__(config, tokenizer, data_files)
         self.kind = kind
         self.shuffle = kind == "sft"  # pretrain shards are already document-shuffled; windows stay in file order
 
+    def loss_tokens(self, batch):
+        return loss_token_count(batch["labels"])
+
     def loss(self, forward, batch):
-        lm, out = lm_loss(forward, model_inputs(batch), batch["labels"])
+        # batch["mean_loss_tokens"]: set by the training loop (the group's weighting); absent (eval): a token mean
+        lm, out = lm_loss(forward, model_inputs(batch), batch["labels"], batch.get("mean_loss_tokens"))
         aux = out.get("aux_loss")
         total = lm + self.config.aux_loss_coef * aux if aux is not None else lm
         metrics = {"lm_loss": lm.detach(), "aux_loss": (aux if aux is not None else torch.zeros(())).detach()}
