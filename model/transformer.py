@@ -5,7 +5,6 @@ from torch import nn
 
 from .attention import Attention
 from .config import ModelConfig
-from .embedding import TokenEmbedding
 from .head import LMHead
 from .kv_cache import KVCache
 from .masks import attention_dtype, build_attention_bias
@@ -40,7 +39,7 @@ class CortexModel(nn.Module):
         super().__init__()
         self.config = config
         self.rotary_emb = RotaryEmbedding(config)
-        self.embed_tokens = TokenEmbedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, idx) for idx in range(config.num_hidden_layers))
         self.head_norm = RMSNorm(config.hidden_size)
         self.lm_head = LMHead(config.hidden_size, config.vocab_size)
@@ -48,12 +47,11 @@ class CortexModel(nn.Module):
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
-        # N(0, 0.02) for every Linear, Embedding and routed expert; norms stay 1 and the router keeps its
-        # kaiming-uniform init
+        # N(0, 0.02) for every Linear, Embedding and routed expert; norms stay 1, the router keeps its kaiming init
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
         elif isinstance(module, RoutedExperts):
-            module.normal_init_(std=0.02)
+            module.init_weights(lambda weight: nn.init.normal_(weight, mean=0.0, std=0.02))
 
     def forward(
         self,
@@ -80,8 +78,7 @@ class CortexModel(nn.Module):
         targets: (B, T or k) token ids to score instead of returning logits (-100 = not scored): position t scores
             targets[:, t], so for next-token prediction pass the inputs shifted left. Computed in chunks of positions
             without materialising the (B, T, V) logits (model/head.py).
-        sum_target_log_probs: return the sum of the target log-probs (0-d) rather than one per position, which lets
-            backward skip recomputing logits (use it for a cross-entropy loss).
+        sum_target_log_probs: return the sum of the target log-probs (0-d) rather than one per position.
         return_entropy: also return each kept position's entropy (no gradient), with targets.
 
         Returns {'logits': (B, T or k, V), or None with targets, 'aux_loss': sum of the MoE layers' aux losses (0-d
@@ -118,5 +115,7 @@ class CortexModel(nn.Module):
         out = {"aux_loss": aux_loss, "past_key_values": past_key_values}
         if targets is None:
             return out | {"logits": self.lm_head(x)}
-        log_probs, entropy = self.lm_head(x, targets, sum_target_log_probs, return_entropy)
+        log_probs, entropy = self.lm_head(x, targets, return_entropy)
+        if sum_target_log_probs:
+            log_probs = log_probs.sum()
         return out | {"logits": None, "target_log_probs": log_probs, "entropy": entropy}
