@@ -13,6 +13,12 @@ IGNORE_INDEX = -100  # a target that is not scored: log-prob 0, no gradient
 CHUNK_ELEMENTS = 1 << 24  # logits per chunk: 64 MB in fp32, 357 positions of Cortex's vocabulary
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype x's products compute in: autocast's when it is on (as nn.Linear's would), else x's."""
+    device_type = x.device.type
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+
+
 def _chunks(num_rows: int, vocab_size: int) -> list[slice]:
     step = max(1, CHUNK_ELEMENTS // vocab_size)
     return [slice(start, start + step) for start in range(0, num_rows, step)]
@@ -64,14 +70,11 @@ def target_log_probs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.
     """log softmax(hidden @ weight.T)[target] per position, a chunk of positions at a time.
 
     hidden (..., H), weight (V, H), targets (...) with IGNORE_INDEX where not scored. Returns (log-probs (...) fp32, 0
-    where ignored; with_entropy: each position's entropy (...) fp32 without gradient, else None). The projection runs in
-    autocast's dtype when autocast is on, as nn.Linear's would."""
+    where ignored; with_entropy: each position's entropy (...) fp32 without gradient, else None)."""
     if targets.shape != hidden.shape[:-1]:
         raise ValueError(f"targets has shape {tuple(targets.shape)}, expected {tuple(hidden.shape[:-1])} (one per position)")
-    device_type = hidden.device.type
-    dtype = (torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type)
-             else torch.promote_types(hidden.dtype, weight.dtype))
-    with torch.autocast(device_type, enabled=False):
+    dtype = compute_dtype(hidden)
+    with torch.autocast(hidden.device.type, enabled=False):  # cast here, as nn.Linear would under autocast
         log_probs, entropy = _TargetLogProbs.apply(hidden.reshape(-1, hidden.shape[-1]).to(dtype), weight.to(dtype),
                                                    targets.reshape(-1), with_entropy)
     return log_probs.view(targets.shape), entropy.view(targets.shape) if with_entropy else None

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
+from .head import compute_dtype
 from .mlp import MLP
 
 
@@ -61,12 +62,12 @@ class RoutedExperts(nn.Module):
     def _grouped_mm_fits(self, rows: torch.Tensor) -> bool:
         # torch._grouped_mm (CPU and CUDA) wants rows 16-byte aligned; on CUDA it is one kernel with no host sync for
         # bf16 on compute capability 9.0/10.0, else it loops over the experts itself
-        dtype = _compute_dtype(rows)
+        dtype = compute_dtype(rows)
         aligned = all(size * dtype.itemsize % 16 == 0 for size in self.down_proj.shape[1:])
         return hasattr(torch, "_grouped_mm") and rows.device.type in ("cpu", "cuda") and aligned
 
     def _grouped(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        dtype = _compute_dtype(rows)  # cast here: autocast does not cover _grouped_mm
+        dtype = compute_dtype(rows)  # cast here: autocast does not cover _grouped_mm
         ends = counts.cumsum(0).to(torch.int32)  # each expert's slice ends here (on the device: no host sync)
         rows = rows.to(dtype)
         gate, up, down = (getattr(self, name).to(dtype).transpose(1, 2) for name in self.WEIGHTS)
@@ -111,11 +112,6 @@ class RoutedExperts(nn.Module):
                 if all(key in state_dict for key in keys) and len({state_dict[key].shape for key in keys}) == 1:
                     state_dict[prefix + name] = torch.stack([state_dict.pop(key) for key in keys])
         super()._load_from_state_dict(state_dict, prefix, *args)
-
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    device_type = x.device.type
-    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
 
 
 def unstack_expert_weights(named_tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

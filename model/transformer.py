@@ -3,11 +3,10 @@
 import torch
 from torch import nn
 
-from .attention import Attention
+from .attention import Attention, build_attention_bias
 from .config import ModelConfig
-from .head import LMHead
+from .head import LMHead, compute_dtype
 from .kv_cache import KVCache
-from .masks import attention_dtype, build_attention_bias
 from .mlp import MLP
 from .moe import MoE, RoutedExperts
 from .norm import RMSNorm
@@ -25,8 +24,8 @@ class DecoderLayer(nn.Module):
         self.is_moe = config.is_moe_layer(layer_idx)
         self.mlp = MoE(config) if self.is_moe else MLP(config.hidden_size, config.intermediate_size)
 
-    def forward(self, x, cos, signed_sin, attn_bias, is_causal, cache, gather_experts: bool = False):
-        h = self.attn(self.attn_norm(x), cos, signed_sin, attn_bias, is_causal, cache) + x
+    def forward(self, x, cos, sin, attn_bias, is_causal, cache, gather_experts: bool = False):
+        h = self.attn(self.attn_norm(x), cos, sin, attn_bias, is_causal, cache) + x
         if self.is_moe:
             ffn_out, aux_loss = self.mlp(self.mlp_norm(h), gather_experts)
         else:
@@ -53,19 +52,11 @@ class CortexModel(nn.Module):
         elif isinstance(module, RoutedExperts):
             module.init_weights(lambda weight: nn.init.normal_(weight, mean=0.0, std=0.02))
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-        doc_boundary_mask: torch.Tensor | None = None,
-        past_key_values: KVCache | None = None,
-        use_cache: bool = False,
-        logits_to_keep: int = 0,
-        targets: torch.Tensor | None = None,
-        sum_target_log_probs: bool = False,
-        return_entropy: bool = False,
-    ) -> dict:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, doc_boundary_mask: torch.Tensor | None = None,
+                past_key_values: KVCache | None = None, use_cache: bool = False, logits_to_keep: int = 0,
+                targets: torch.Tensor | None = None, sum_target_log_probs: bool = False,
+                return_entropy: bool = False) -> dict:
         """
         input_ids: (B, T) new tokens.
         attention_mask: (B, P+T), True/1 = real token, False/0 = padding; must cover the cached positions too.
@@ -98,14 +89,13 @@ class CortexModel(nn.Module):
             position_ids = torch.arange(past_len, past_len + new_len, device=x.device).unsqueeze(0)
         elif position_ids.dim() != 2 or position_ids.shape[1] != new_len or position_ids.shape[0] not in (1, batch):
             raise ValueError(f"position_ids has shape {tuple(position_ids.shape)}, expected ({batch} or 1, {new_len})")
-        cos, signed_sin = self.rotary_emb(position_ids, x.dtype)
-        attn_bias, is_causal = build_attention_bias(
-            attention_mask, doc_boundary_mask, batch, new_len, past_len, attention_dtype(x), x.device
-        )
+        cos, sin = self.rotary_emb(position_ids, x.dtype)
+        attn_bias, is_causal = build_attention_bias(attention_mask, doc_boundary_mask, batch, new_len, past_len,
+                                                    compute_dtype(x), x.device)
 
         aux_loss = None
         for layer in self.layers:
-            x, layer_aux = layer(x, cos, signed_sin, attn_bias, is_causal, past_key_values)
+            x, layer_aux = layer(x, cos, sin, attn_bias, is_causal, past_key_values)
             if layer_aux is not None:
                 aux_loss = layer_aux if aux_loss is None else aux_loss + layer_aux
 
