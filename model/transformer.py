@@ -69,7 +69,8 @@ class CortexModel(nn.Module):
         targets: (B, T or k) token ids to score instead of returning logits (-100 = not scored): position t scores
             targets[:, t], so for next-token prediction pass the inputs shifted left. Computed in chunks of positions
             without materialising the (B, T, V) logits (model/head.py).
-        sum_target_log_probs: return the sum of the target log-probs (0-d) rather than one per position.
+        sum_target_log_probs: return the sum of the target log-probs (0-d) rather than one per position, which spares
+            backward a projection (use it for a cross-entropy loss).
         return_entropy: also return each kept position's entropy (no gradient), with targets.
 
         Returns {'logits': (B, T or k, V), or None with targets, 'aux_loss': sum of the MoE layers' aux losses (0-d
@@ -105,7 +106,5 @@ class CortexModel(nn.Module):
         out = {"aux_loss": aux_loss, "past_key_values": past_key_values}
         if targets is None:
             return out | {"logits": self.lm_head(x)}
-        log_probs, entropy = self.lm_head(x, targets, return_entropy)
-        if sum_target_log_probs:
-            log_probs = log_probs.sum()
+        log_probs, entropy = self.lm_head(x, targets, return_entropy, sum_target_log_probs)
         return out | {"logits": None, "target_log_probs": log_probs, "entropy": entropy}
