@@ -1,6 +1,7 @@
-"""The model's custom autograd function (the chunked head, model/head.py) and its MoE dispatch (torch._grouped_mm, or
-the loop over experts) under DeepSpeed ZeRO-3 on two processes (CPU, gloo), started through smart_train: each rank's
-loss and the gradients, gathered from their shards, equal plain autograd on an unsharded copy of the model."""
+"""The model's one custom autograd function (the chunked head, model/head.py: a summed score with gradients formed in
+forward, per-position scores with logits computed again in backward) and its MoE dispatch (torch._grouped_mm, or the loop
+over experts) under DeepSpeed ZeRO-3 on two processes (CPU, gloo, fp32 and bf16), started through smart_train: each
+rank's loss, and the gradients gathered from their shards, equal plain autograd on an unsharded copy of the model."""
 import json
 import os
 import subprocess
@@ -33,14 +34,18 @@ def batch(index):
     return ids, targets, torch.rand(2, 12, generator=gen)  # a per-position weight: any upstream gradient
 
 
-def loss_of(model, index):
+def loss_of(model, index, summed):
     ids, targets, weights = batch(index)
-    out = model(ids, targets=targets, return_entropy=True)
+    if summed:  # cross entropy: the head forms its gradients in forward
+        out = model(ids, targets=targets, sum_target_log_probs=True)
+        return -out["target_log_probs"] / 20 + 0.01 * out["aux_loss"]
+    out = model(ids, targets=targets, return_entropy=True)  # GRPO / DPO: backward computes the logits again
     return -(weights * out["target_log_probs"]).sum() / 20 + 0.01 * out["aux_loss"]
 
 
 report = {{}}
-for name, dtype, moe_width in (("fp32", torch.float32, 32), ("bf16", torch.bfloat16, 32), ("fp32-loop", torch.float32, 6)):
+for name, dtype, moe_width, summed in (("fp32-summed", torch.float32, 32, True), ("bf16-summed", torch.bfloat16, 32, True),
+                                       ("bf16", torch.bfloat16, 32, False), ("fp32-loop", torch.float32, 6, False)):
     torch.manual_seed(0)
     config = tiny_config(64)
     config.moe_config.intermediate_size = moe_width  # 6 x 4 bytes is not 16-byte aligned: the loop over experts
@@ -50,10 +55,10 @@ for name, dtype, moe_width in (("fp32", torch.float32, 32), ("bf16", torch.bfloa
                  "bf16": {{"enabled": dtype == torch.bfloat16}}, "zero_allow_untested_optimizer": True}}
     engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
                                       config=ds_config)
-    loss = loss_of(engine, rank)
+    loss = loss_of(engine, rank, summed)
     engine.backward(loss)
     grads = {{n: safe_get_full_grad(p).float() for n, p in engine.module.named_parameters()}}
-    plain_losses = [loss_of(plain, index) for index in range(world)]
+    plain_losses = [loss_of(plain, index, summed) for index in range(world)]
     (sum(plain_losses) / world).backward()  # ZeRO averages the ranks' gradients
     errors = {{n: ((grads[n] - p.grad.float()).norm() / p.grad.float().norm()).item()
               for n, p in plain.named_parameters()}}
@@ -78,7 +83,7 @@ def test_loss_and_gradients_under_zero3_equal_plain_autograd(tmp_path):
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, (done.stdout + done.stderr)[-6000:]
     report = json.loads(result.read_text())
-    assert [report[name]["grouped_mm"] for name in ("fp32", "bf16", "fp32-loop")] == [True, True, False]
+    assert [case["grouped_mm"] for case in report.values()] == [True, True, True, False]
     for name, case in report.items():
         # every parameter of the tiny model has a gradient (none is zero) and it is compared
         assert case["parameters"] == 44 and case["smallest_grad_norm"] > 0, name
