@@ -47,8 +47,9 @@ class Attention(nn.Module):
             group = self.num_heads // self.num_kv_heads
             k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
             enable_gqa = False
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, dropout_p=self.dropout if self.training else 0.0,
-                                             is_causal=is_causal, enable_gqa=enable_gqa)
+        dropout = self.dropout if self.training else 0.0
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, dropout_p=dropout, is_causal=is_causal,
+                                             enable_gqa=enable_gqa)
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq_len, self.num_heads * self.head_dim))
 
 
@@ -63,8 +64,8 @@ def build_attention_bias(attention_mask: torch.Tensor | None, doc_boundary_mask:
     dtype: what SDPA computes in (autocast's dtype when it is on)."""
     total_len = past_len + new_len
     if attention_mask is not None and attention_mask.shape != (batch, total_len):
-        raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected (batch, past + new tokens) = "
-                         f"({batch}, {total_len}); with a KV cache pass the mask of the whole sequence so far")
+        raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected (batch, past + new tokens) "
+                         f"= ({batch}, {total_len}); with a KV cache pass the mask of the whole sequence so far")
     has_padding = attention_mask is not None and not bool(attention_mask.all())
     if not has_padding and doc_boundary_mask is None and (new_len == 1 or past_len == 0):
         return None, new_len > 1

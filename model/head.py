@@ -97,7 +97,8 @@ def target_log_probs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.
     where ignored, or with summed their sum (0-d); with_entropy: each position's entropy (...) fp32 without gradient,
     else None)."""
     if targets.shape != hidden.shape[:-1]:
-        raise ValueError(f"targets has shape {tuple(targets.shape)}, expected {tuple(hidden.shape[:-1])} (one per position)")
+        raise ValueError(f"targets has shape {tuple(targets.shape)}, expected {tuple(hidden.shape[:-1])} "
+                         "(one per position)")
     dtype = compute_dtype(hidden)
     precompute = summed and torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     with torch.autocast(hidden.device.type, enabled=False):  # cast here, as nn.Linear would under autocast
