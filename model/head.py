@@ -104,9 +104,11 @@ def target_log_probs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.
     with torch.autocast(hidden.device.type, enabled=False):  # cast here, as nn.Linear would under autocast
         log_probs, entropy = _TargetLogProbs.apply(hidden.reshape(-1, hidden.shape[-1]).to(dtype), weight.to(dtype),
                                                    targets.reshape(-1), with_entropy, precompute)
-    log_probs = log_probs.view(targets.shape) if not precompute else log_probs
-    return log_probs.sum() if summed and not precompute else log_probs, (
-        entropy.view(targets.shape) if with_entropy else None)
+    entropy = entropy.view(targets.shape) if with_entropy else None
+    if precompute:  # already the sum
+        return log_probs, entropy
+    log_probs = log_probs.view(targets.shape)
+    return log_probs.sum() if summed else log_probs, entropy
 
 
 class LMHead(nn.Linear):
