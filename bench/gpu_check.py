@@ -343,13 +343,12 @@ def check_trainer_class():
         def _log_step(self, *args, **kwargs):
             super()._log_step(*args, **kwargs)
             self.steps_done += 1
-            if self.profile_step is not None:
-                if self.steps_done == self.profile_step - 1:
-                    self.profiler = start_profiler(self.backend.device)
-                elif self.steps_done == self.profile_step and self.profiler is not None:
-                    stop_profiler(self.profiler, self.backend.device)
+            if self.profiler is not None and self.steps_done == self.profile_step:
+                stop_profiler(self.profiler, self.backend.device)
             if time.perf_counter() > self.deadline:
                 raise BudgetSpent
+            if self.profile_step is not None and self.steps_done == self.profile_step - 1:
+                self.profiler = start_profiler(self.backend.device)
 
         def _finish(self, *args, **kwargs):
             pass
@@ -437,7 +436,7 @@ def start_profiler(device):
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
-    profiler = torch.profiler.profile(activities=activities, record_shapes=True)
+    profiler = torch.profiler.profile(activities=activities)
     profiler.start()
     return profiler
 
@@ -454,9 +453,12 @@ def stop_profiler(profiler, device) -> None:
 
 
 def top_ops(profiler, device, count: int = 10) -> list[dict]:
-    """The ops with the most self time in the profiled step, with their share of it."""
+    """The ops with the most self time in the profiled step (on a GPU: the kernel time they launched), with their
+    share of the ops' total. Kernel rows are left out: their time is already their op's."""
+    from torch.autograd import DeviceType
+
     attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    events = [e for e in profiler.key_averages() if getattr(e, attr) > 0]
+    events = [e for e in profiler.key_averages() if e.device_type == DeviceType.CPU and getattr(e, attr) > 0]
     total = sum(getattr(e, attr) for e in events) or 1.0
     events.sort(key=lambda e: getattr(e, attr), reverse=True)
     return [{"op": e.key, "self_ms": round(getattr(e, attr) / 1e3, 3), "share": round(getattr(e, attr) / total, 4),
