@@ -81,6 +81,8 @@ def main() -> int:
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)  # internal: run parts, sharing this temp dir
     args = parser.parse_args()
     parts = args.parts or part_names(args.profile)
+    if args.profile and "profile/pretrain_stage1" not in parts:
+        parts = [*parts, "profile/pretrain_stage1"]
     if args.worker:
         return worker(parts, args.smoke, args.peak_flops, args.worker)
     known = set(part_names(profile=True))
@@ -173,9 +175,6 @@ def worker(parts: list[str], smoke: bool, peak_flops: float | None, tmp: Path) -
     import torch
 
     context = Context(smoke, peak_flops, tmp)
-    if not smoke and not torch.cuda.is_available():
-        print("no CUDA device is visible: the GPU check needs one (--smoke runs the code path on CPU)",
-              file=sys.stderr, flush=True)
     for part in parts:
         start = time.perf_counter()
         try:
@@ -237,6 +236,8 @@ class Context:
 def run_part(part: str, context: Context, deadline: float) -> dict:
     if part == "env":
         return env_record(context)
+    if not context.smoke and not context.cuda:
+        raise RuntimeError("no CUDA device is visible: the GPU check needs one (--smoke runs its code path on a CPU)")
     if part.startswith("serve/"):
         return serve_part(context, compile=part == "serve/compile")
     if part.startswith("profile/"):
