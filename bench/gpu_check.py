@@ -481,7 +481,8 @@ def serve_part(context: Context, compile: bool) -> dict:
     config = tiny_config(tokenizer.vocab_size, long_context=True) if context.smoke else cortex_2_5_config(True)
     context.release_memory()
     torch.manual_seed(0)
-    model = CortexModel(config).to(context.device, pick_dtype(None, context.device)).eval()
+    dtype = pick_dtype(None, context.device)  # as app.py: bf16 on CUDA
+    model = CortexModel(config).to(context.device, dtype).eval()
     start = time.perf_counter()
     engine = Engine(model, tokenizer, slots=max(SERVE_BATCHES), seed=0, compile=compile).start()
     compile_s = time.perf_counter() - start
@@ -504,7 +505,7 @@ def serve_part(context: Context, compile: bool) -> dict:
 
     try:
         generate(1, 8)  # warm-up: kernels, allocator
-        record = {"device": str(context.device), "dtype": str(model.lm_head.weight.dtype).replace("torch.", ""),
+        record = {"device": str(context.device), "dtype": str(dtype).replace("torch.", ""),
                   "compile": compile, "compile_s": round(compile_s, 1) if compile else None,
                   "max_new_tokens": new_tokens}
         for batch in SERVE_BATCHES:
