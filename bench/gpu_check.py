@@ -145,8 +145,9 @@ def run_worker(pending: list[str], flags: list[str], deadline: float) -> list[di
                 results.append(emit({"part": pending.pop(0), "ok": False, "error": f"the worker process ended (exit "
                                      f"code {code}) during this part; its log is above on stderr"}))
                 return results
-            record = _json_record(line)
+            log, record = _json_record(line)
             if record is not None and record.get("part") == part:
+                sys.stderr.write(f"{log}\n" if log else "")
                 results.append(emit(record))
                 pending.pop(0)
                 part_start, allowance = time.monotonic(), 0
@@ -159,13 +160,16 @@ def run_worker(pending: list[str], flags: list[str], deadline: float) -> list[di
         child.wait()
 
 
-def _json_record(line: str) -> dict | None:
-    if not line.startswith("{"):
-        return None
+def _json_record(line: str) -> tuple[str, dict | None]:
+    """(what precedes it, a worker's part record): the record also when a log without a final newline ran into it;
+    (line, None) for other lines."""
+    start = line.find('{"part": ')
+    if start < 0:
+        return line, None
     try:
-        return json.loads(line)
-    except json.JSONDecodeError:  # a log line that happens to start with "{": forwarded to stderr as it is
-        return None
+        return line[:start], json.loads(line[start:])
+    except json.JSONDecodeError:  # a log line that merely contains the marker
+        return line, None
 
 
 # ----------------------------------------------------------------------------------------------------------------------
