@@ -66,7 +66,7 @@ def part_names(profile: bool) -> list[str]:
 
 
 def budget_of(part: str) -> float:
-    return BUDGET_S.get(part, BUDGET_S.get(part.split("/")[0], 30))
+    return BUDGET_S[part] if part in BUDGET_S else BUDGET_S[part.split("/")[0]]  # mix/zero3 -> mix
 
 
 # ----------------------------------------------------------------------------------------------------------------------
