@@ -107,7 +107,8 @@ def _tiny(stage: str) -> TrainConfig:
         full, model=tiny_config(TINY_VOCAB_SIZE, long_context=long_context), tokenizer="tiny",
         data=DataConfig(jsonl_files=[str(SAMPLE_DATA / files[stage])], max_seq_len=seq_len, max_eval_batches=8),
         optim=OptimConfig(initial_lr=lr[0], max_lr=lr[1], min_lr=lr[0] / 10, weight_decay=0.01),
-        recipe_global_batch=None, micro_batch_size=8, grad_accum_steps=2, epochs={"pretrain_stage0": 4, "pretrain_stage1": 1}.get(stage, 3), deepspeed=DeepSpeedConfig(zero_stage=2),
+        micro_batch_size=8, grad_accum_steps=2, epochs={"pretrain_stage0": 4, "pretrain_stage1": 1}.get(stage, 3), deepspeed=DeepSpeedConfig(zero_stage=2),
+        recipe_global_batch=None,  # tuned as it runs: no adjustment for the world size
         precision="fp32", save_every_steps=50, eval_every_steps=50, eval_max_new_tokens=24,
         eval_prompts=TINY_PRETRAIN_PROMPTS if full.task == "pretrain" else TINY_CHAT_PROMPTS)
     if stage == "grpo":

@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass
 
 from model import ModelConfig, count_parameters
 from model.head import chunk_positions
-from trainer.config import TrainConfig, global_batch
+from trainer.config import GRPOConfig, TrainConfig, global_batch
 
 GB = 1e9
 
@@ -173,29 +173,32 @@ def estimate(config: TrainConfig, world_size: int, device: str = "cuda", backend
         else:
             grads = psi * p // n + (psi * 4 // n if mixed else 0)
         optimizer = psi * (12 if mixed else 8)
-        if zero > 0 or mixed:
+        if zero > 0 or precision == "bf16":  # ZeRO-0 in bf16 is DeepSpeed's BF16_Optimizer, which splits them too
             optimizer //= n
         if ds.offload_optimizer:
             fp32_grads = psi * 4 // n if mixed and zero > 0 else 0
             cpu += optimizer + fp32_grads
             grads -= fp32_grads
             optimizer = 0
-        bucket = int(ds.extra.get("zero_optimization", {}).get("reduce_bucket_size", 5e8))
+        zero_settings = {"reduce_bucket_size": 5e8, "stage3_max_live_parameters": 1e9,  # as trainer/backend.py sets
+                         **ds.extra.get("zero_optimization", {})}
+        bucket = int(zero_settings["reduce_bucket_size"])
         overlap = device == "cuda"
         if zero == 1:
             buffers = min(bucket, psi) * p
         elif zero == 2:
             buffers = bucket * p * (2 if overlap else 1)
         elif zero == 3:
-            buffers = (min(psi, int(1e9)) + bucket) * p
+            buffers = (min(psi, int(zero_settings["stage3_max_live_parameters"])) + bucket) * p
         else:
             buffers = 0
     else:  # one device or DDP: fp32 weights, gradients and moments; autocast computes in bf16
         p = 4
         params, grads, optimizer = psi * 4, psi * 4, psi * 8
         buffers = psi * 4 if backend == "ddp" else 0
+    grpo = config.grpo or GRPOConfig()
     copies = 0
-    if config.task == "dpo" or (config.task == "grpo" and config.grpo is not None and config.grpo.beta > 0):
+    if config.task == "dpo" or (config.task == "grpo" and grpo.beta > 0):
         copies += psi * p  # the frozen reference, whole on every rank
     if config.task == "grpo" and zero == 3:
         copies += psi * p  # the gathered copy generation runs on
@@ -206,11 +209,11 @@ def estimate(config: TrainConfig, world_size: int, device: str = "cuda", backend
     if config.task == "dpo":
         rows *= 2  # chosen and rejected in one forward
     elif config.task == "grpo":
-        group = config.grpo.group_size if config.grpo else 8
-        rows = rows * group // config.grad_accum_steps  # the rollout split into accumulation steps
+        rows = rows * grpo.group_size // config.grad_accum_steps  # the rollout split into accumulation steps
     tokens = rows * seq_len
-    has_mask = True  # pretraining packs documents (a document mask); the other tasks pad
-    kv_saved = m.hidden_size if (device == "cuda" and has_mask) else m.num_key_value_heads * m.head_dim
+    # Every task's batches carry a mask (pretraining packs documents, the others pad), and with a mask CUDA's attention
+    # kernel needs the keys and values repeated per query head (model/attention.py); the CPU kernel does not.
+    kv_saved = m.hidden_size if device == "cuda" else m.num_key_value_heads * m.head_dim
     per_layer = [layer_activation_bytes(m, i, act, kv_saved) for i in range(m.num_hidden_layers)]
     outside = _norm_bytes(m.hidden_size, act) + act * m.hidden_size + 16  # head_norm, the head's input, ids and targets
     mask = rows * seq_len * seq_len * (act + (1 if config.task == "pretrain" else 0))  # the additive bias (+ bool mask)
@@ -225,9 +228,8 @@ def estimate(config: TrainConfig, world_size: int, device: str = "cuda", backend
         head += vocab * hidden * (4 + (act + 4 if act != 4 else 0)) + tokens * hidden * act
     rollout = 0
     if config.task == "grpo":
-        group = config.grpo.group_size if config.grpo else 8
         kv = m.num_key_value_heads * m.head_dim
-        rollout = config.micro_batch_size * group * seq_len * m.num_hidden_layers * 2 * kv * act
+        rollout = config.micro_batch_size * grpo.group_size * seq_len * m.num_hidden_layers * 2 * kv * act
 
     states = params + grads + optimizer + buffers + copies
     total = states + max(activations + head, rollout)
@@ -239,7 +241,7 @@ def estimate(config: TrainConfig, world_size: int, device: str = "cuda", backend
         stage=config.stage, world_size=n, backend=backend, precision=precision, zero_stage=zero, offload=offload,
         micro_batch_size=config.micro_batch_size, grad_accum_steps=config.grad_accum_steps, global_batch=batch,
         global_batch_tokens=batch * seq_len * (2 if config.task == "dpo" else 1)
-        * (config.grpo.group_size if config.task == "grpo" and config.grpo else 1),
+        * (grpo.group_size if config.task == "grpo" else 1),
         recipe_note=recipe_note, lr={"initial": config.optim.initial_lr, "max": config.optim.max_lr, "min": config.optim.min_lr},
         total_parameters=psi, sequences_per_micro_batch=rows, seq_len=seq_len,
         bytes={"parameters": params, "gradients": grads, "optimizer_states": optimizer, "zero_buffers": buffers,
