@@ -9,7 +9,7 @@ data.max_seq_len), Adam(W) as the optimizer, Ψ = total parameters and N = world
                     split over N; mixed precision adds the fp32 gradient partition the optimizer steps on (4Ψ/N)
   optimizer states  fp32 Adam moments (8Ψ) and, in mixed precision, the fp32 master weights (4Ψ), split over N from
                     ZeRO-1 on (bf16 ZeRO-0 splits them too: DeepSpeed's BF16_Optimizer); on the CPU with offload_optimizer
-  ZeRO buffers      ZeRO-1/2 gradient reduce buckets (reduce_bucket_size, two with overlap_comm under ZeRO-2); ZeRO-3
+  ZeRO buffers      ZeRO-1/2 gradient reduce buckets (reduce_bucket_size, two with overlap_comm on CUDA); ZeRO-3
                     the gathered parameters (min(Ψ, stage3_max_live_parameters) in the training dtype: with Cortex's
                     max reuse distance the whole model stays gathered through forward and backward) and one reduce
                     bucket; DDP its gradient buckets (4Ψ)
@@ -102,7 +102,7 @@ class MemoryPlan:
         zero = f"ZeRO-{self.zero_stage}" if self.backend == "deepspeed" else self.backend
         lines = [
             f"stage {self.stage}: {self.world_size} GPU(s), {zero}, {self.precision}{', offload ' + self.offload if self.offload else ''}",
-            f"  model: {self.total_parameters / 1e6:,.0f}M parameters",
+            f"  model: {self.total_parameters:,} parameters",
             f"  micro-batch: {self.sequences_per_micro_batch} sequences x {self.seq_len} tokens; "
             f"{self.grad_accum_steps} accumulation step(s)",
             f"  global batch: {self.global_batch} ({self.world_size} GPUs x {self.micro_batch_size} x "
@@ -184,9 +184,7 @@ def estimate(config: TrainConfig, world_size: int, device: str = "cuda", backend
                          **ds.extra.get("zero_optimization", {})}
         bucket = int(zero_settings["reduce_bucket_size"])
         overlap = device == "cuda"
-        if zero == 1:
-            buffers = min(bucket, psi) * p
-        elif zero == 2:
+        if zero in (1, 2):  # contiguous_gradients: the reduce bucket, allocated whole (twice with overlap_comm)
             buffers = bucket * p * (2 if overlap else 1)
         elif zero == 3:
             buffers = (min(psi, int(zero_settings["stage3_max_live_parameters"])) + bucket) * p
