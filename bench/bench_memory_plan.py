@@ -3,9 +3,10 @@
     OMP_NUM_THREADS=1 python3 bench/bench_memory_plan.py     # one JSON line per case
 
 Each case runs in a child process: after the imports and a warm-up step of a toy model (torch's own memory and what it
-loads on first use are the baseline, not counted) the peak RSS is reset (/proc/self/clear_refs), then the model is built and trains a few optimizer steps of the pretraining loss on one
-device in fp32 (packed documents with their mask, as the pretrain task feeds them); the peak RSS minus the baseline is
-compared with the plan's total for the same config on device 'cpu'. Linux only.
+loads on first use are the baseline, not counted) the peak RSS is reset (/proc/self/clear_refs), then the model is
+built and trains a few optimizer steps of the pretraining loss on one device in fp32 (packed documents with their
+mask, as the pretrain task feeds them); the peak RSS minus the baseline is compared with the plan's total for the same
+config on device 'cpu'. Linux only.
 """
 from __future__ import annotations
 
@@ -52,7 +53,8 @@ steps = int(sys.argv[2])
 generator = torch.Generator().manual_seed(0)
 batches = []
 for _ in range(steps):
-    ids = torch.randint(3, config.model.vocab_size, (config.micro_batch_size, config.data.max_seq_len), generator=generator)
+    shape = (config.micro_batch_size, config.data.max_seq_len)
+    ids = torch.randint(3, config.model.vocab_size, shape, generator=generator)
     ids[:, 100::200] = 2  # documents end with </s> (id 2) every 200 tokens
     position_ids, doc_mask = packed_positions_and_mask(ids, eos_id=2)
     batches.append(dict(input_ids=ids, position_ids=position_ids, doc_boundary_mask=doc_mask))

@@ -91,7 +91,8 @@ def test_plan_prints_the_table_and_json_without_training(tmp_path, capsys):
     env = {**os.environ, "CORTEX_RUN_DIR": str(tmp_path / "runs"), "OMP_NUM_THREADS": "1"}
     env.pop("CORTEX_PRESET", None)
     done = subprocess.run([sys.executable, "train_mix.py", "--plan", "--json", "--world-size", "4",
-                           "--activation-checkpointing"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+                           "--activation-checkpointing"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     plan = json.loads(done.stdout)
     assert (plan["world_size"], plan["zero_stage"], plan["global_batch"], plan["recipe_note"]) == (4, 3, 72, None)

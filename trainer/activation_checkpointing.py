@@ -1,15 +1,15 @@
 """Activation checkpointing per transformer block, applied from the trainer side (model/ knows nothing of it).
 
-Each block of `model.layers` keeps only its inputs in forward; its inner activations (attention, MoE routing and experts)
-are recomputed during backward by torch.utils.checkpoint (non-reentrant). What that means for the pieces of a step:
+Each block of `model.layers` keeps only its inputs in forward; its inner activations (attention, MoE routing and
+experts) are recomputed during backward by torch.utils.checkpoint (non-reentrant). What that means for the pieces of a step:
   - the aux loss: the block's output is computed once; the recompute only refills saved tensors, so the loss the
     model sums over layers is never counted twice;
   - dropout: checkpoint saves the RNG state and restores it for the recompute, so the masks are the same;
   - forward hooks that count things (the router statistics, trainer/metrics.py) ask `is_recomputing()` and skip the
     recompute;
   - DeepSpeed ZeRO-3: the recompute calls the submodules again, and their hooks gather the partitioned weights again.
-Parameter names do not change (the block's `forward` is replaced on the instance, nothing is wrapped), so checkpoints and
-state dicts are the same with and without it. Eval, generation and no-grad forwards run the block as it is.
+Parameter names do not change (the block's `forward` is replaced on the instance, nothing is wrapped), so checkpoints
+and state dicts are the same with and without it. Eval, generation and no-grad forwards run the block as it is.
 """
 from __future__ import annotations
 

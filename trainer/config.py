@@ -117,7 +117,8 @@ def global_batch(config: TrainConfig, world_size: int) -> int:
     return world_size * config.micro_batch_size * (1 if config.task == "grpo" else config.grad_accum_steps)
 
 
-def fit_global_batch(config: TrainConfig, world_size: int, keep_accumulation: bool = False) -> tuple[TrainConfig, str | None]:
+def fit_global_batch(config: TrainConfig, world_size: int,
+                     keep_accumulation: bool = False) -> tuple[TrainConfig, str | None]:
     """The run's config for world_size ranks, and a note when it differs from the recipe's global batch.
 
     The rule: the global batch the learning rates were tuned for is kept by changing grad_accum_steps when

@@ -8,7 +8,8 @@ data.max_seq_len), Adam(W) as the optimizer, Ψ = total parameters and N = world
   gradients         ZeRO-0/1 bf16: the full fp32 accumulation (BF16_Optimizer) or the full bf16 gradients, ZeRO-2/3:
                     split over N; mixed precision adds the fp32 gradient partition the optimizer steps on (4Ψ/N)
   optimizer states  fp32 Adam moments (8Ψ) and, in mixed precision, the fp32 master weights (4Ψ), split over N from
-                    ZeRO-1 on (bf16 ZeRO-0 splits them too: DeepSpeed's BF16_Optimizer); on the CPU with offload_optimizer
+                    ZeRO-1 on (bf16 ZeRO-0 splits them too: DeepSpeed's BF16_Optimizer); on the CPU with
+                    offload_optimizer
   ZeRO buffers      ZeRO-1/2 gradient reduce buckets (reduce_bucket_size, two with overlap_comm on CUDA); ZeRO-3
                     the gathered parameters (min(Ψ, stage3_max_live_parameters) in the training dtype: with Cortex's
                     max reuse distance the whole model stays gathered through forward and backward) and one reduce
@@ -23,8 +24,8 @@ data.max_seq_len), Adam(W) as the optimizer, Ψ = total parameters and N = world
   rollout           GRPO's generation: the KV cache of micro_batch_size x group_size sequences (not at the same time as
                     the activations, so the total takes the larger of the two)
 
-total = parameters + gradients + optimizer states + ZeRO buffers + model copies + max(activations + head, rollout). It is
-an estimate of the peak of what tensors hold, like torch.cuda.max_memory_allocated: the CUDA context (~0.5 GB),
+total = parameters + gradients + optimizer states + ZeRO buffers + model copies + max(activations + head, rollout).
+It is an estimate of the peak of what tensors hold, like torch.cuda.max_memory_allocated: the CUDA context (~0.5 GB),
 allocator fragmentation and NCCL buffers come on top, so leave ~10% free. README "Planning memory" compares it with
 measured peaks.
 """
@@ -101,7 +102,8 @@ class MemoryPlan:
         gb = lambda x: f"{x / GB:8.2f} GB"  # noqa: E731
         zero = f"ZeRO-{self.zero_stage}" if self.backend == "deepspeed" else self.backend
         lines = [
-            f"stage {self.stage}: {self.world_size} GPU(s), {zero}, {self.precision}{', offload ' + self.offload if self.offload else ''}",
+            f"stage {self.stage}: {self.world_size} GPU(s), {zero}, {self.precision}"
+            f"{', offload ' + self.offload if self.offload else ''}",
             f"  model: {self.total_parameters:,} parameters",
             f"  micro-batch: {self.sequences_per_micro_batch} sequences x {self.seq_len} tokens; "
             f"{self.grad_accum_steps} accumulation step(s)",
@@ -118,7 +120,8 @@ class MemoryPlan:
             f"    optimizer states      {gb(b['optimizer_states'])}",
             f"    ZeRO / DDP buffers    {gb(b['zero_buffers'])}",
             f"    model copies          {gb(b['model_copies'])}",
-            f"    activations           {gb(b['activations'])}   ({self.activation_bytes_per_token / 1e6:.2f} MB per token)",
+            f"    activations           {gb(b['activations'])}   "
+            f"({self.activation_bytes_per_token / 1e6:.2f} MB per token)",
             f"      with checkpointing  {gb(b['activations_checkpointed'])}",
             f"    head buffers          {gb(b['head'])}",
         ]
@@ -240,7 +243,8 @@ def estimate(config: TrainConfig, world_size: int, device: str = "cuda", backend
         micro_batch_size=config.micro_batch_size, grad_accum_steps=config.grad_accum_steps, global_batch=batch,
         global_batch_tokens=batch * seq_len * (2 if config.task == "dpo" else 1)
         * (grpo.group_size if config.task == "grpo" else 1),
-        recipe_note=recipe_note, lr={"initial": config.optim.initial_lr, "max": config.optim.max_lr, "min": config.optim.min_lr},
+        recipe_note=recipe_note,
+        lr={"initial": config.optim.initial_lr, "max": config.optim.max_lr, "min": config.optim.min_lr},
         total_parameters=psi, sequences_per_micro_batch=rows, seq_len=seq_len,
         bytes={"parameters": params, "gradients": grads, "optimizer_states": optimizer, "zero_buffers": buffers,
                "model_copies": copies, "activations": activations, "activations_checkpointed": checkpointed,
