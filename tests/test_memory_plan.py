@@ -46,6 +46,7 @@ def test_layer_activation_bytes_match_what_autograd_saves(dtype):
         assert counted == pytest.approx(sum(saved.values()), rel=0.01), index
 
 
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="measures peak RSS through Linux's /proc")
 def test_plan_matches_measured_peak_memory_and_checkpointing_lowers_it():
     """One-device fp32 training steps of a small MoE on CPU, peak RSS measured in a child process."""
     small = replace(SMALL, data=replace(SMALL.data, max_seq_len=256))
