@@ -36,15 +36,16 @@ import os
 from dataclasses import asdict, dataclass
 
 from model import ModelConfig, count_parameters
-from model.head import chunk_positions
+from model.head import CHUNK_ELEMENTS
 from trainer.config import GRPOConfig, TrainConfig, global_batch
 
 GB = 1e9
 
 
-def _norm_bytes(dim: int, act: int) -> int:
-    """RMSNorm per row: fp32 keeps the normalised x; lower precisions keep x in fp32 and the normalised x cast back."""
-    return (4 if act == 4 else 4 + act) * dim + 4
+def _norm_bytes(width: int, rows: int, act: int) -> int:
+    """RMSNorm of `rows` rows per token, `width` elements in all: fp32 keeps the normalised x (our CPU function);
+    lower precisions keep x in fp32 and the normalised x cast back. Plus 1 / rms per row."""
+    return (4 if act == 4 else 4 + act) * width + 4 * rows
 
 
 def layer_activation_bytes(config: ModelConfig, layer_idx: int, act: int, kv_saved: int) -> int:
@@ -54,11 +55,13 @@ def layer_activation_bytes(config: ModelConfig, layer_idx: int, act: int, kv_sav
     (num_key_value_heads x head_dim, or hidden_size where CUDA's masked kernel needs them repeated per query head)."""
     h, heads = config.hidden_size, config.num_attention_heads
     kv = config.num_key_value_heads * config.head_dim
-    qk_norms = _norm_bytes(h, act) + _norm_bytes(kv, act) if config.use_qk_norm else 0
+    qk_norms = 0
+    if config.use_qk_norm:
+        qk_norms = _norm_bytes(h, heads, act) + _norm_bytes(kv, config.num_key_value_heads, act)
     # attn_norm, its output (the q/k/v projections' input), q/k norms, rotated q, k and v, the attention output (also
     # o_proj's input), the log-sum-exp per head
-    attention = _norm_bytes(h, act) + act * h + qk_norms + act * h + 2 * act * kv_saved + act * h + 4 * heads
-    ffn = _norm_bytes(h, act) + act * h  # mlp_norm and its output
+    attention = _norm_bytes(h, 1, act) + act * h + qk_norms + act * h + 2 * act * kv_saved + act * h + 4 * heads
+    ffn = _norm_bytes(h, 1, act) + act * h  # mlp_norm and its output
     if config.is_moe_layer(layer_idx):
         moe = config.moe_config
         k, experts = moe.num_experts_per_tok, moe.n_routed_experts
@@ -216,12 +219,12 @@ def estimate(config: TrainConfig, world_size: int, device: str = "cuda", backend
     # kernel needs the keys and values repeated per query head (model/attention.py); the CPU kernel does not.
     kv_saved = m.hidden_size if device == "cuda" else m.num_key_value_heads * m.head_dim
     per_layer = [layer_activation_bytes(m, i, act, kv_saved) for i in range(m.num_hidden_layers)]
-    outside = _norm_bytes(m.hidden_size, act) + act * m.hidden_size + 16  # head_norm, the head's input, ids and targets
+    outside = _norm_bytes(m.hidden_size, 1, act) + act * m.hidden_size + 16  # head_norm, the head's input, ids, targets
     mask = rows * seq_len * seq_len * (act + (1 if config.task == "pretrain" else 0))  # the additive bias (+ bool mask)
     activations = tokens * (sum(per_layer) + outside) + mask
     checkpointed = tokens * (m.num_hidden_layers * act * m.hidden_size + max(per_layer) + outside) + mask
     vocab, hidden = m.vocab_size, m.hidden_size
-    chunk = min(chunk_positions(vocab), tokens)
+    chunk = min(max(1, CHUNK_ELEMENTS // vocab), tokens)  # positions per chunk of the head (model/head.py)
     head = chunk * vocab * (4 + (act if act != 4 else 0))  # fp32 logits chunk (+ its low-precision copy)
     if config.task == "grpo":
         head += chunk * vocab * 4  # the probabilities kept for the entropy
