@@ -24,8 +24,9 @@ data.max_seq_len), Adam(W) as the optimizer, Ψ = total parameters and N = world
   rollout           GRPO's generation: the KV cache of micro_batch_size x group_size sequences (not at the same time as
                     the activations, so the total takes the larger of the two)
 
-total = parameters + gradients + optimizer states + ZeRO buffers + model copies + max(activations + head, rollout).
-It is an estimate of the peak of what tensors hold, like torch.cuda.max_memory_allocated: the CUDA context (~0.5 GB),
+total = parameters + gradients + optimizer states + ZeRO buffers + model copies + max(activations + head, rollout);
+with checkpointing the head's buffers and the recomputed layer are not live at once (the head's backward comes first),
+so its activations count the kept layer inputs plus the larger of the two. It is an estimate of the peak of what tensors hold, like torch.cuda.max_memory_allocated: the CUDA context (~0.5 GB),
 allocator fragmentation and NCCL buffers come on top, so leave ~10% free. README "Planning memory" compares it with
 measured peaks.
 """
@@ -222,7 +223,9 @@ def estimate(config: TrainConfig, world_size: int, device: str = "cuda", backend
     outside = _norm_bytes(m.hidden_size, 1, act) + act * m.hidden_size + 16  # head_norm, the head's input, ids, targets
     mask = rows * seq_len * seq_len * (act + (1 if config.task == "pretrain" else 0))  # the additive bias (+ bool mask)
     activations = tokens * (sum(per_layer) + outside) + mask
-    checkpointed = tokens * (m.num_hidden_layers * act * m.hidden_size + max(per_layer) + outside) + mask
+    kept = tokens * (m.num_hidden_layers * act * m.hidden_size + outside) + mask  # checkpointing: the layers' inputs
+    recomputed = tokens * max(per_layer)  # one layer at a time, in backward
+    checkpointed = kept + recomputed
     vocab, hidden = m.vocab_size, m.hidden_size
     chunk = min(max(1, CHUNK_ELEMENTS // vocab), tokens)  # positions per chunk of the head (model/head.py)
     head = chunk * vocab * (4 + (act if act != 4 else 0))  # fp32 logits chunk (+ its low-precision copy)
@@ -237,7 +240,8 @@ def estimate(config: TrainConfig, world_size: int, device: str = "cuda", backend
 
     states = params + grads + optimizer + buffers + copies
     total = states + max(activations + head, rollout)
-    total_checkpointed = states + max(checkpointed + head, rollout)
+    # with checkpointing the head is done (its backward comes first) before any layer is recomputed
+    total_checkpointed = states + max(kept + max(head, recomputed), rollout)
     batch = global_batch(config, n)
     offload = ", ".join(k for k, on in (("optimizer", ds.offload_optimizer), ("parameters", ds.offload_param))
                         if on and backend == "deepspeed")
