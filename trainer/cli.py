@@ -44,6 +44,9 @@ def parse_overrides(config: TrainConfig, argv: list[str]) -> tuple[TrainConfig, 
     parser.add_argument("--save-every-steps", type=int)
     parser.add_argument("--eval-every-steps", type=int)
     parser.add_argument("--seed", type=int)
+    parser.add_argument("--no-samples", action="store_true", help="no sample generations at evals and the stage's end")
+    parser.add_argument("--keep-checkpoints", action="store_true",
+                        help="a completed stage keeps all its checkpoints (default: only the last, beside the weights)")
     parser.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction,
                         help="recompute each layer's activations in backward: less memory, about a third more compute")
     parser.add_argument("--plan", action="store_true", help="print the memory per GPU, global batch and learning rates "
@@ -64,6 +67,10 @@ def parse_overrides(config: TrainConfig, argv: list[str]) -> tuple[TrainConfig, 
                  "seed", "activation_checkpointing"):
         if getattr(args, name) is not None:
             changes[name] = getattr(args, name)
+    if args.no_samples:
+        changes["samples"] = False
+    if args.keep_checkpoints:
+        changes["keep_checkpoints_after_stage"] = True
     if args.zero_stage is not None:
         changes["deepspeed"] = replace(config.deepspeed, zero_stage=args.zero_stage)
     if (args.world_size is not None or args.json) and not args.plan:
