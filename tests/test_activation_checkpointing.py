@@ -34,19 +34,19 @@ def model_run(checkpointing: bool):
     loss = loss_of(model, batch(0))
     loss.backward()
     grads = {name: p.grad for name, p in model.named_parameters()}
-    return loss.detach(), grads, stats.counts, stats.tokens
+    return loss.detach(), grads, stats.sums, stats.tokens
 
 
 def test_same_loss_gradients_and_router_counts_with_dropout():
-    loss, grads, counts, tokens = model_run(False)
-    ckpt_loss, ckpt_grads, ckpt_counts, ckpt_tokens = model_run(True)
+    loss, grads, sums, tokens = model_run(False)
+    ckpt_loss, ckpt_grads, ckpt_sums, ckpt_tokens = model_run(True)
     assert ckpt_loss == loss
     assert grads.keys() == ckpt_grads.keys()
     for name in grads:
         torch.testing.assert_close(ckpt_grads[name], grads[name], rtol=0, atol=1e-7, msg=name)
     # the router hook fires again in the recompute: it must not count those tokens twice
     assert ckpt_tokens == tokens == [64] * len(tokens)
-    assert all(torch.equal(a, b) for a, b in zip(ckpt_counts, counts))
+    assert all(torch.equal(a, b) for a, b in zip(ckpt_sums, sums))  # expert counts and entropy sums
 
 
 def test_parameter_names_and_no_grad_forwards_are_unchanged():
