@@ -1,19 +1,25 @@
 """Command line of the stage scripts: `python3 train_x.py [--max-steps N] [--init-from PATH] ...`.
 
 The stage's settings come from utils.py; these flags only override a few of them for one run. `--plan` prints the
-memory the stage needs per GPU and the global batch and learning rates it implies, and trains nothing.
+memory the stage needs per GPU and the global batch and learning rates it implies, and trains nothing. A data or
+settings error (trainer/errors.py) ends the script with one line on the console and exit status 2; its traceback goes to
+the run's log.txt.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+import time
+import traceback
 from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
+from model import WeightsMismatchError
 from trainer.config import TrainConfig, fit_global_batch
 from trainer.dpo import DPOTask
+from trainer.errors import InputError
 from trainer.grpo import GRPOTask
 from trainer.tasks import LanguageModelingTask, Task
 from trainer.tokenizer import get_tokenizer
@@ -97,4 +103,20 @@ def run(config: TrainConfig, data_files: Sequence[Path], argv: list[str] | None 
                                     keep_accumulation=args.grad_accum_steps is not None)
     if note and int(os.environ.get("RANK", 0)) == 0:
         print(f"stage {config.stage}: {note}", flush=True)
-    return run_stage(config, lambda c: build_task(c, data_files))
+    try:
+        return run_stage(config, lambda c: build_task(c, data_files))
+    except (InputError, WeightsMismatchError) as e:  # anything else is a bug: its traceback stays on the console
+        raise SystemExit(report_input_error(e, Path(config.run_root) / config.stage)) from None
+
+
+def report_input_error(error: Exception, run_path: Path) -> int:
+    """The error's message on the console (each rank of a multi-process run says its own), its traceback appended to
+    run_path/log.txt; returns the exit status, 2."""
+    log = run_path / "log.txt"
+    prefix = f"[rank {os.environ['RANK']}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+    run_path.mkdir(parents=True, exist_ok=True)
+    with open(log, "a", encoding="utf-8") as f:
+        f.write(f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {prefix}error in PID {os.getpid()}:\n"
+                + "".join(traceback.format_exception(error)))
+    print(f"{prefix}error: {error} (traceback in {log})", file=sys.stderr, flush=True)
+    return 2

@@ -42,7 +42,7 @@ class DataConfig:
     # Or raw JSONL files tokenised at load (the bundled sample data of the tiny preset).
     jsonl_files: list[str] = field(default_factory=list)
     max_seq_len: int = 512            # pretrain window / SFT truncation length
-    eval_fraction: float = 0.01       # held-out share of the stage's data (JSONL uses its own "split" field)
+    eval_fraction: float = 0.01       # held-out share of the stage's first file (JSONL uses its own "split" field)
     max_eval_batches: int = 20
     delete_consumed_files: bool = False
 
