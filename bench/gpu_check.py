@@ -79,13 +79,14 @@ def main() -> int:
     parser.add_argument("--parts", nargs="+", help="run only these parts (names as printed, e.g. mix/zero3)")
     parser.add_argument("--budget-s", type=float, default=TOTAL_BUDGET_S, help="total time budget (default 480 s)")
     parser.add_argument("--peak-flops", type=float, help="device peak FLOP/s for MFU (default: known GPUs, bf16 dense)")
+    parser.add_argument("--activation-checkpointing", action="store_true", help="train with per-layer checkpointing")
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)  # internal: run parts, sharing this temp dir
     args = parser.parse_args()
     parts = args.parts or part_names(args.profile)
     if args.profile and "profile/pretrain_stage1" not in parts:
         parts = [*parts, "profile/pretrain_stage1"]
     if args.worker:
-        return worker(parts, args.smoke, args.peak_flops, args.worker)
+        return worker(parts, args.smoke, args.peak_flops, args.activation_checkpointing, args.worker)
     known = set(part_names(profile=True))
     unknown = [p for p in parts if p not in known]
     if unknown:
@@ -93,7 +94,8 @@ def main() -> int:
     start = time.monotonic()
     deadline = start + args.budget_s
     results, pending = [], list(parts)
-    flags = [*(["--smoke"] if args.smoke else []), *(["--peak-flops", str(args.peak_flops)] if args.peak_flops else [])]
+    flags = [*(["--smoke"] if args.smoke else []), *(["--peak-flops", str(args.peak_flops)] if args.peak_flops else []),
+             *(["--activation-checkpointing"] if args.activation_checkpointing else [])]
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp:  # synthetic data, reused by a restarted worker
         while pending:
             if time.monotonic() >= deadline:
@@ -179,10 +181,10 @@ def _json_record(line: str) -> tuple[str, dict | None]:
 # ----------------------------------------------------------------------------------------------------------------------
 # The worker: runs parts in order, one JSON line each
 
-def worker(parts: list[str], smoke: bool, peak_flops: float | None, tmp: Path) -> int:
+def worker(parts: list[str], smoke: bool, peak_flops: float | None, checkpointing: bool, tmp: Path) -> int:
     import torch
 
-    context = Context(smoke, peak_flops, tmp)
+    context = Context(smoke, peak_flops, checkpointing, tmp)
     for part in parts:
         start = time.perf_counter()
         try:
@@ -201,11 +203,11 @@ def worker(parts: list[str], smoke: bool, peak_flops: float | None, tmp: Path) -
 class Context:
     """What the parts of one worker share: the mode, a temp dir, the synthetic data and init weights written so far."""
 
-    def __init__(self, smoke: bool, peak_flops: float | None, tmp: Path):
+    def __init__(self, smoke: bool, peak_flops: float | None, checkpointing: bool, tmp: Path):
         from trainer.backend import pick_device
         from trainer.metrics import device_peak_flops
 
-        self.smoke, self.tmp = smoke, tmp
+        self.smoke, self.checkpointing, self.tmp = smoke, checkpointing, tmp
         self.device = pick_device()
         self.peak_flops = peak_flops or device_peak_flops(self.device)
         self.steps = STEPS["smoke" if smoke else "gpu"]
@@ -375,7 +377,8 @@ def part_config(context: Context, stage: str, backend: str, run_root: Path):
     config = replace(config, backend=name, deepspeed=deepspeed, tokenizer="tiny", run_root=str(run_root),
                      init_from=None, max_steps=context.steps, eval_every_steps=0, save_every_steps=0, eval_prompts=[],
                      log_every_steps=1, data=replace(config.data, files=[], jsonl_files=[], eval_fraction=0.0),
-                     precision="bf16" if context.cuda else config.precision, peak_flops=context.peak_flops)
+                     precision="bf16" if context.cuda else config.precision, peak_flops=context.peak_flops,
+                     activation_checkpointing=context.checkpointing)
     if context.smoke:  # seconds, not minutes, on a CI machine's CPU
         config = replace(config, micro_batch_size=min(config.micro_batch_size, SMOKE_MICRO_BATCH))
     elif stage == "grpo":
@@ -387,6 +390,7 @@ def part_config(context: Context, stage: str, backend: str, run_root: Path):
 
 def train_part(context: Context, stage: str, backend: str, deadline: float, profile: bool = False) -> dict:
     from trainer.cli import build_task
+    from trainer.memory_plan import estimate
     from trainer.metrics import read_metrics, train_flops_per_token
     from trainer.tokenizer import tiny_tokenizer
 
@@ -419,15 +423,18 @@ def train_part(context: Context, stage: str, backend: str, deadline: float, prof
     tokens_per_s = statistics.median(r["tokens_per_s"] for r in measured)
     flops_per_token = train_flops_per_token(config.model, config.data.max_seq_len)
     seen = [0] + [r["tokens_seen"] for r in records]  # cumulative: each step's own tokens are the differences
+    plan = estimate(config, 1, device=context.device.type)  # what --plan predicts, to set against the measured peak
     record = {
         "stage": stage, "backend": trainer.backend.name, "zero_stage": BACKENDS[backend][1],
-        "precision": trainer.backend.precision, "seq_len": config.data.max_seq_len,
+        "precision": trainer.backend.precision, "activation_checkpointing": config.activation_checkpointing,
+        "seq_len": config.data.max_seq_len,
         "micro_batch_size": config.micro_batch_size, "grad_accum_steps": config.grad_accum_steps,
         "steps": len(records), "tokens_per_s": round(tokens_per_s, 1),
         "mfu": round(tokens_per_s * flops_per_token / context.peak_flops, 4) if context.peak_flops else None,
         "model_flops_per_token": flops_per_token, "loss": [r.get("loss") for r in records],
         "step_s": [round((b - a) / r["tokens_per_s"], 3) for a, b, r in zip(seen, seen[1:], records)],
-        "setup_s": round(setup_s, 1), "budget_spent": budget_spent, **memory_record(context)}
+        "setup_s": round(setup_s, 1), "budget_spent": budget_spent, **memory_record(context),
+        "plan_gb": round((plan.total_checkpointed if config.activation_checkpointing else plan.total) / 2**30, 2)}
     if stage == "grpo":
         record |= {"max_new_tokens": config.grpo.max_new_tokens,
                    "rollout_tokens_per_s": records[0].get("gen_tokens_per_s")}

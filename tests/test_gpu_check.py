@@ -37,6 +37,7 @@ def test_smoke_runs_every_part_and_reports_speed_loss_and_profile():
         assert r["steps"] >= 2 and len(r["loss"]) == r["steps"] and len(r["step_s"]) == r["steps"], name
         assert all(math.isfinite(loss) for loss in r["loss"]), (name, r["loss"])
         assert r["tokens_per_s"] > 0 and all(s > 0 for s in r["step_s"]), name
+        assert r["plan_gb"] > 0 and r["activation_checkpointing"] is False, name  # --plan's estimate, for the GPU run
         assert r["mfu"] > 0 and abs(r["mfu"] - r["tokens_per_s"] * r["model_flops_per_token"] / 1e12) <= 1e-4, name
     assert parts["grpo/single"]["rollout_tokens_per_s"] > 0
 
