@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import glob
 import os
+import pickle
+import pickletools
 import re
 import socket
 import sys
@@ -229,7 +231,6 @@ class _ArrayWriter:
 # The original's pickles, read as a stream of opcodes
 
 def _opcode(name: str) -> int:
-    import pickle
     return getattr(pickle, name)[0]
 
 
@@ -430,41 +431,41 @@ class _PickleReader:
     def _expected(self, container) -> str:
         if container is None:
             return "expected a list of " + ("token ids" if self.task == "pretrain" else "items")
-        if isinstance(container, _Dict) or (container.field is None and self.task in ("dpo", "grpo")):
-            return f"item must be a dict with exactly the keys {COLLECTION_FIELDS[self.task]}, each a list of token ids"
         if container.field is None:
             return "expected a list of token ids"
         return "expected a flat list of integer token ids"
+
+    def _bad(self, container, what: str) -> TokenFileError:
+        """`what` (an int, a float (BINFLOAT) at byte 9, ...) found where `container` takes none."""
+        if isinstance(container, _Dict) or (isinstance(container, _List) and container.field is None
+                                            and self.task in ("dpo", "grpo")):
+            return self._error(f"{self._where(container)} must be a dict with exactly the keys "
+                               f"{COLLECTION_FIELDS[self.task]}, each a list of token ids; got {what}")
+        return self._error(f"{self._where(container)}: {self._expected(container)}, got {what}")
 
     def _dict_error(self, index: int) -> TokenFileError:
         return self._error(f"item {index} must be a dict with exactly the keys {COLLECTION_FIELDS[self.task]}, "
                            f"each a list of token ids")
 
     def _context(self):
-        """The container the next pushed value would go into."""
-        if not self.stack:
-            return None
-        top = self.stack[-1]
-        if isinstance(top, _Ints):
-            return top.into
-        container = self.stack[self.marks[-1] - 1] if self.marks and self.marks[-1] > 0 else top
+        """The container the next pushed value would most likely go into (for messages)."""
+        if self.marks and self.marks[-1] > 0:
+            container = self.stack[self.marks[-1] - 1]
+        else:
+            container = next((v for v in reversed(self.stack) if isinstance(v, (_List, _Dict))), None)
         return container if isinstance(container, (_List, _Dict)) else None
 
     def _unexpected(self, op: int, at: int) -> TokenFileError:
-        import pickletools
         if chr(op) not in pickletools.code2op:
             return self._error(f"not a valid token pickle: byte 0x{op:02x} at byte {self.offset + at} is no pickle "
                                f"opcode (a damaged or non-pickle file)")
         name = pickletools.code2op[chr(op)].name
         what = f"{_OPCODE_WORDS[name]} ({name})" if name in _OPCODE_WORDS else f"opcode {name}"
-        context = self._context()
         hint = (" (a protocol 0 text pickle: load it and dump it again with pickle protocol 2 or later)"
                 if op in TEXT_OPCODES else "")
-        return self._error(f"{self._where(context)}: {self._expected(context)}, got {what} at byte {self.offset + at}"
-                           f"{hint}")
+        return self._bad(self._context(), f"{what} at byte {self.offset + at}{hint}")
 
     def _refused(self, op: int, at: int, buf: bytes) -> TokenFileError:
-        import pickletools
         name = pickletools.code2op[chr(op)].name
         if op in (GLOBAL, INST):  # the module and name follow as two text lines
             lines = buf[at + 1:at + 513].split(b"\n")
@@ -523,8 +524,7 @@ class _PickleReader:
             into = self.stack[-2] if top is _MARK and len(self.stack) > 1 else top
             run = None
         if not isinstance(into, _List) or into.field is None:
-            context = into if isinstance(into, (_List, _Dict)) else self._context()
-            raise self._error(f"{self._where(context)}: {self._expected(context)}, got an int")
+            raise self._bad(into if isinstance(into, (_List, _Dict)) else self._context(), "an int")
         if into.index != into.field.lists - 1:
             raise self._error(f"{self._where(into)}: token ids added after the next list began: not a token pickle "
                               f"as pickle.dump writes it")
@@ -547,7 +547,18 @@ class _PickleReader:
         if self.stopped:
             raise self._error(f"data after the pickle's end at byte {self.offset + at}: not a token pickle")
         stack = self.stack
-        if op == MARK:
+        if op == MEMOIZE or op == BINPUT or op == LONG_BINPUT:
+            if not stack or stack[-1] is _MARK:
+                raise self._error(f"byte {self.offset + at}: a corrupt pickle (memoising an empty stack)")
+            if op == MEMOIZE:
+                index, self.memo_size = self.memo_size, self.memo_size + 1
+            else:
+                index = int.from_bytes(buf[at + 1:at + (2 if op == BINPUT else 5)], "little")
+            if isinstance(stack[-1], str):
+                self.memo_keys[index] = stack[-1]
+            else:
+                self.memo_keys.pop(index, None)
+        elif op == MARK:
             self.marks.append(len(stack))
             stack.append(_MARK)
         elif op == APPENDS or op == SETITEMS:
@@ -583,17 +594,6 @@ class _PickleReader:
                 stack.append(sys.intern(raw.decode("utf-8")))
             except UnicodeDecodeError as e:
                 raise self._error(f"byte {self.offset + at}: a corrupt pickle (a string that is not UTF-8)") from e
-        elif op == MEMOIZE or op == BINPUT or op == LONG_BINPUT:
-            if not stack or stack[-1] is _MARK:
-                raise self._error(f"byte {self.offset + at}: a corrupt pickle (memoising an empty stack)")
-            if op == MEMOIZE:
-                index, self.memo_size = self.memo_size, self.memo_size + 1
-            else:
-                index = int.from_bytes(buf[at + 1:at + (2 if op == BINPUT else 5)], "little")
-            if isinstance(stack[-1], str):
-                self.memo_keys[index] = stack[-1]
-            else:
-                self.memo_keys.pop(index, None)
         elif op == BINGET or op == LONG_BINGET:
             index = int.from_bytes(buf[at + 1:at + (2 if op == BINGET else 5)], "little")
             if index not in self.memo_keys:
@@ -640,20 +640,19 @@ class _PickleReader:
 
     def _append(self, target, items: list, at: int) -> None:
         if not isinstance(target, _List):
-            raise self._error(f"{self._where(target if isinstance(target, _Dict) else None)}: "
-                              f"{self._expected(target if isinstance(target, _Dict) else None)}, got an APPEND at "
-                              f"byte {self.offset + at}")
+            raise self._bad(target if isinstance(target, _Dict) else None, f"a list item (APPEND) at byte "
+                                                                           f"{self.offset + at}")
         for item in items:
             if target.field is not None:  # a list of token ids (already written)
                 if not (isinstance(item, _Ints) and item.into is target):
-                    raise self._error(f"{self._where(target)}: {self._expected(target)}, got {_describe(item)}")
+                    raise self._bad(target, _describe(item))
             elif self.task == "sft":
                 if not (isinstance(item, _List) and item.field is not None and item.index == target.count):
-                    raise self._error(f"{self._where(target)}: {self._expected(target)}, got {_describe(item)}")
+                    raise self._bad(target, _describe(item))
                 target.count += 1
             else:
                 if not (isinstance(item, _Dict) and item.index == target.count):
-                    raise self._error(f"{self._where(target)}: {self._expected(target)}, got {_describe(item)}")
+                    raise self._bad(target, _describe(item))
                 if len(item.keys) != len(self.fields):
                     raise self._dict_error(item.index)
                 target.count += 1
@@ -661,8 +660,7 @@ class _PickleReader:
     def _set_items(self, target, items: list, at: int) -> None:
         if not isinstance(target, _Dict):
             context = target if isinstance(target, _List) else None
-            raise self._error(f"{self._where(context)}: {self._expected(context)}, got a dict item (SETITEM) at byte "
-                              f"{self.offset + at}")
+            raise self._bad(context, f"a dict item (SETITEM) at byte {self.offset + at}")
         if len(items) % 2:
             raise self._dict_error(target.index)
         for key, value in zip(items[::2], items[1::2]):
