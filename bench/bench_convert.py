@@ -8,7 +8,7 @@ refuses every global, then numpy arrays), side by side on the same pickles; peak
 
 The pickles are written by the real pickle module with the original's protocol (pickle.dump's default, 4), token ids
 drawn uniformly from Cortex's 46957. Each conversion runs in a fresh process so that its peak resident memory
-(ru_maxrss) is its own; both conversions must give identical files (checked token by token). Prints one JSON line.
+(VmHWM) is its own; both conversions must give identical files (checked token by token). Prints one JSON line.
 """
 
 import argparse
@@ -34,7 +34,12 @@ ITEM_TOKENS = {"sft": (50, 2048), "dpo": (50, 1024), "grpo": (50, 300)}  # item 
 
 
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+    """This process's peak resident memory: VmHWM (Linux), which exec resets, where ru_maxrss would keep the size of
+    the process that spawned it."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def write_pickle(kind: str, tokens: int, path: Path, seed: int = 0) -> None:

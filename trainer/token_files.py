@@ -252,7 +252,7 @@ MAX_KEY_BYTES = 1024  # strings are only dict keys ('chosen', 'prompt', ...)
 
 # The length of every opcode this reader accepts with a fixed argument; 1 for the rest, also those it refuses (reading
 # stops at them, so what their length would have been never matters).
-OPCODE_LENGTH = np.ones(256, dtype=np.int64)
+OPCODE_LENGTH = np.ones(256, dtype=np.int16)
 for _code, _length in ((BININT1, 2), (BININT2, 3), (BININT, 5), (BINPUT, 2), (LONG_BINPUT, 5), (BINGET, 2),
                        (LONG_BINGET, 5), (PROTO, 2), (FRAME, 9)):
     OPCODE_LENGTH[_code] = _length
@@ -295,39 +295,51 @@ def _opcode_starts(data: np.ndarray) -> tuple[np.ndarray, int]:
         exits[lanes] = at
         lanes = lanes[at < ends[lanes]]
 
-    # Blocks whose true entry (the previous block's exit) is not on their guessed chain are walked from it; a walk that
-    # does not meet the chain moves the block's exit, so the next block is checked too.
+    # Blocks whose true entry (the previous block's exit) is not on their guessed chain are walked again from it, all at
+    # once, until they meet a marked opcode (from there the guessed chain is right) or leave the block. A block whose
+    # walk leaves it has a new exit, so the next block is walked too; a block waits while the one before it is pending.
+    blocks = len(starts)
     entries = np.concatenate([[0], exits[:-1]])
-    todo = np.flatnonzero((entries >= ends) | ~is_start[np.minimum(entries, n - 1)]).tolist()
-    i = 0
-    while i < len(todo):
-        block = todo[i]
-        i += 1
-        entry = 0 if block == 0 else int(exits[block - 1])
-        end, at, walked = int(ends[block]), entry, []
-        while at < end and not is_start[at]:
-            walked.append(at)
-            at += int(length[at])
-        if at < end:  # met the guessed chain: it is right from here on, and so is this block's exit
-            is_start[entry:at] = False
-        else:
-            is_start[entry:end] = False
-            if at != exits[block]:
-                exits[block] = at
-                if block + 1 < len(starts) and (i == len(todo) or todo[i] != block + 1):
-                    todo.insert(i, block + 1)
-        is_start[walked] = True
+    pending = np.flatnonzero((entries >= ends) | ~is_start[np.minimum(entries, n - 1)])
+    while pending.size:
+        ready = pending[~np.isin(pending - 1, pending)]
+        at = np.where(ready == 0, 0, exits[ready - 1])
+        end = ends[ready]
+        walked = []
+        lanes = np.flatnonzero((at < end) & ~is_start[np.minimum(at, n - 1)])
+        while lanes.size:
+            step = at[lanes]
+            walked.append(step)
+            step = step + length[step]
+            at[lanes] = step
+            lanes = lanes[(step < end[lanes]) & ~is_start[np.minimum(step, n - 1)]]
+        # everything the guessed chain marked before the meeting point (or in the whole block) was wrong
+        stop = np.minimum(at, end)
+        is_start[_ranges(starts[ready], stop)] = False
+        if walked:
+            is_start[np.concatenate(walked)] = True
+        left = at >= end
+        moved = ready[left & (at != exits[ready])]
+        exits[ready[left]] = at[left]
+        pending = np.union1d(np.setdiff1d(pending, ready), moved[moved + 1 < blocks] + 1)
     # what a block's guessed chain decoded before its true entry lies inside the previous block's last opcode
     entries = np.minimum(np.concatenate([[0], exits[:-1]]), ends)
-    skipped = np.flatnonzero(entries > starts)
-    for k in range(int((entries - starts).max(initial=0))):
-        skipped = skipped[entries[skipped] > starts[skipped] + k]
-        is_start[starts[skipped] + k] = False
+    is_start[_ranges(starts, entries)] = False
 
     positions = np.flatnonzero(is_start)
     if exits[-1] > n:  # the last opcode runs past the end of data
         return positions[:-1], int(positions[-1])
     return positions, n
+
+
+def _ranges(starts: np.ndarray, stops: np.ndarray) -> np.ndarray:
+    """The positions of the ranges [starts[i], stops[i]) (empty where stops <= starts), concatenated."""
+    sizes = np.maximum(stops - starts, 0)
+    total = int(sizes.sum())
+    if not total:
+        return np.zeros(0, dtype=np.int64)
+    first = np.repeat(np.cumsum(sizes) - sizes, sizes)
+    return np.repeat(starts, sizes) + np.arange(total) - first
 
 
 class _Mark:
@@ -411,6 +423,9 @@ class _PickleReader:
         self.dicts = 0
         self.stopped = False
         self.offset = 0  # the file offset of the chunk being read
+        self.frame_end = 0  # where the last frame ends: an opcode must begin there
+        self._frame_end_checked = True
+        self._positions, self._consumed = np.zeros(0, dtype=np.int64), 0  # the opcodes of the chunk being read
         self._carry = b""
 
     # --- errors ---
@@ -477,12 +492,23 @@ class _PickleReader:
         return self._error(f"refused to unpickle: it references {target} (at byte {self.offset + at}), which could run "
                            f"code. A token pickle holds only lists, dicts, ints and strings; do not use this file")
 
+    def _check_frame_end(self) -> None:
+        """A frame's end must fall between two opcodes (pickle would otherwise read the cut opcode differently);
+        checked once the opcodes around it are decoded."""
+        end = self.frame_end - self.offset
+        self._frame_end_checked = end <= self._consumed
+        if end < self._consumed and self._positions[np.searchsorted(self._positions, end)] != end:
+            raise self._error(f"a frame ending at byte {self.frame_end} cuts an opcode in two (a corrupt pickle)")
+
     # --- reading ---
     def feed(self, data: bytes) -> None:
         buf = self._carry + data
         array = np.frombuffer(buf + bytes(8), dtype=np.uint8)
         positions, consumed = _opcode_starts(array)
         self._carry = buf[consumed:]  # a cut-off opcode: at most a dict key's length
+        self._positions, self._consumed = positions, consumed
+        if not self._frame_end_checked:
+            self._check_frame_end()
         ops = array[positions]
         is_int = (ops == BININT1) | (ops == BININT2) | (ops == BININT)
         at = positions[is_int]
@@ -508,6 +534,8 @@ class _PickleReader:
         self.offset += consumed
 
     def finish(self) -> None:
+        if not self._frame_end_checked and self.frame_end != self.offset + len(self._carry):
+            raise self._error(f"a frame ending at byte {self.frame_end} cuts an opcode in two (a corrupt pickle)")
         if self._carry and self.stopped:
             raise self._error(f"data after the pickle's end at byte {self.offset}: not a token pickle")
         if not self.stopped:
@@ -604,10 +632,14 @@ class _PickleReader:
             if self.offset + at != 0 or buf[at + 1] > 5:
                 raise self._error(f"byte {self.offset + at}: PROTO {buf[at + 1]} (pickle protocols 1-5 are read, "
                                   f"and PROTO only as the first opcode)")
-        elif op == FRAME:  # frames only group opcodes for buffered reading; pickle checks only that they are there
-            if self.offset + at + 9 + int.from_bytes(buf[at + 1:at + 9], "little") > self.size:
+        elif op == FRAME:  # frames only group whole opcodes for buffered reading
+            if self.offset + at < self.frame_end:
+                raise self._error(f"byte {self.offset + at}: a corrupt pickle (a frame begins inside another)")
+            self.frame_end = self.offset + at + 9 + int.from_bytes(buf[at + 1:at + 9], "little")
+            if self.frame_end > self.size:
                 raise self._error(f"a frame at byte {self.offset + at} runs past the end of the file (it is cut short: "
                                   f"download or make it again)")
+            self._check_frame_end()
         elif op == STOP:
             self._stop(at)
         elif op in RUNS_CODE:
