@@ -7,7 +7,8 @@ refuses every global, then numpy arrays), side by side on the same pickles; peak
     python3 bench/bench_convert.py --sizes 1 10 --kinds pretrain     # smaller
 
 The pickles are written by the real pickle module with the original's protocol (pickle.dump's default, 4), token ids
-drawn uniformly from Cortex's 46957. Each conversion runs in a fresh process so that its peak resident memory
+drawn uniformly from Cortex's 46957. Times are wall-clock and CPU (user + system: steadier on a shared machine),
+medians over alternating rounds. Each conversion runs in a fresh process so that its peak resident memory
 (VmHWM) is its own; both conversions must give identical files (checked token by token). Prints one JSON line.
 """
 
@@ -82,13 +83,13 @@ def unpickle_convert(path: Path, kind: str, out: Path) -> None:
 
 def run_child(variant: str, kind: str, path: Path, out: Path) -> dict:
     base = peak_rss_mb()
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     if variant == "streaming":
         convert_pickle(path, kind, VOCAB, out)
     else:
         unpickle_convert(path, kind, out)
-    seconds = time.perf_counter() - start
-    return {"seconds": seconds, "peak_rss_mb": peak_rss_mb(), "start_rss_mb": base}
+    return {"seconds": time.perf_counter() - start, "cpu_seconds": time.process_time() - cpu_start,
+            "peak_rss_mb": peak_rss_mb(), "start_rss_mb": base}
 
 
 def in_child(*args: str) -> dict:
@@ -159,7 +160,9 @@ def main():
                    "identical": identical(kind, outs["streaming"], outs["unpickle"])}
             for variant, results in runs.items():
                 seconds = float(np.median([r["seconds"] for r in results]))
+                cpu_seconds = float(np.median([r["cpu_seconds"] for r in results]))
                 row[variant] = {"seconds": round(seconds, 2), "tokens_per_s": round(tokens / seconds),
+                                "cpu_seconds": round(cpu_seconds, 2), "tokens_per_cpu_s": round(tokens / cpu_seconds),
                                 "peak_rss_mb": round(max(r["peak_rss_mb"] for r in results)),
                                 "start_rss_mb": round(results[0]["start_rss_mb"])}
             if check_seconds is not None:

@@ -2,6 +2,7 @@
 faults of token files on disk: ids out of range, damaged .npy files, temporaries of killed writers."""
 import os
 import pickle
+import pickletools
 import signal
 import socket
 import subprocess
@@ -142,6 +143,12 @@ def test_shared_lists_cut_files_and_trailing_data_are_refused(tmp_path):
     (tmp_path / "cut2.pkl").write_bytes(pickle.dumps(list(range(50)), protocol=2)[:-1])
     with pytest.raises(TokenFileError, match=r"cut2\.pkl: the pickle ends at byte \d+ before its STOP opcode"):
         load_stream(tmp_path / "cut2.pkl", VOCAB)
+    int_opcode = next(at for op, _, at in pickletools.genops(data) if op.name == "BININT2")
+    cut_frame = bytearray(data)  # the first frame made to end inside an opcode
+    cut_frame[3:11] = (int_opcode + 1 - 11).to_bytes(8, "little")
+    (tmp_path / "frame.pkl").write_bytes(cut_frame)
+    with pytest.raises(TokenFileError, match=r"frame\.pkl: a frame ending at byte \d+ cuts an opcode in two"):
+        load_stream(tmp_path / "frame.pkl", VOCAB)
     (tmp_path / "trailing.pkl").write_bytes(data + b"K\x01")
     with pytest.raises(TokenFileError, match=r"trailing\.pkl: data after the pickle's end"):
         load_stream(tmp_path / "trailing.pkl", VOCAB)
