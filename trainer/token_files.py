@@ -265,9 +265,9 @@ def _opcode_starts(data: np.ndarray) -> tuple[np.ndarray, int]:
 
     An opcode's length says where the next begins, so decoding is sequential; in numpy it runs for every 64-byte block
     at once, each from its first byte as if an opcode began there. A block whose true first opcode begins elsewhere
-    (the previous one's last opcode ran into it) is walked again from there, one opcode at a time, until it meets the
-    guessed chain: the chains of a variable-length code meet within a few opcodes, so nearly all the work is
-    vectorised, and in the worst case (chains that never meet) the walk is still correct."""
+    (the previous one's last opcode ran into it) is walked again from there until it meets the guessed chain: the
+    chains of a variable-length code meet within a few opcodes, so the walks are short, and where chains never meet
+    (say a run of ids 0x4d4d, all bytes 'M') the walks cover whole blocks, slower but still exact."""
     n = len(data) - 8
     if n <= 0:
         return np.zeros(0, dtype=np.int64), 0
@@ -427,6 +427,11 @@ class _PickleReader:
         self._frame_end_checked = True
         self._positions, self._consumed = np.zeros(0, dtype=np.int64), 0  # the opcodes of the chunk being read
         self._carry = b""
+        self._handlers = {MEMOIZE: self._memoize, BINPUT: self._memoize, LONG_BINPUT: self._memoize, MARK: self._mark,
+                          APPENDS: self._add_items, SETITEMS: self._add_items, APPEND: self._add_item,
+                          SETITEM: self._add_item, EMPTY_LIST: self._empty_list, EMPTY_DICT: self._empty_dict,
+                          BINGET: self._get, LONG_BINGET: self._get, PROTO: self._proto, FRAME: self._frame,
+                          STOP: self._stop, **{code: self._string for code in STRINGS}}
 
     # --- errors ---
     def _error(self, message: str) -> TokenFileError:
@@ -497,7 +502,8 @@ class _PickleReader:
         checked once the opcodes around it are decoded."""
         end = self.frame_end - self.offset
         self._frame_end_checked = end <= self._consumed
-        if end < self._consumed and self._positions[np.searchsorted(self._positions, end)] != end:
+        index = np.searchsorted(self._positions, end)
+        if end < self._consumed and (index == len(self._positions) or self._positions[index] != end):
             raise self._error(f"a frame ending at byte {self.frame_end} cuts an opcode in two (a corrupt pickle)")
 
     # --- reading ---
@@ -528,7 +534,7 @@ class _PickleReader:
             if index - k > done:  # the token ids before this opcode
                 self._push_ints(values, tokens, done, index - k, in_range)
                 done = index - k
-            self._step(op, at, buf)
+            self._handlers.get(op, self._step)(op, at, buf)
         if len(values) > done:
             self._push_ints(values, tokens, done, len(values), in_range)
         self.offset += consumed
@@ -562,8 +568,8 @@ class _PickleReader:
             if bad.size:
                 where = f"token {into.count + bad[0]}" if self.task == "pretrain" else \
                     f"{self._where(into)} token {into.count + bad[0]}"
-                raise self._error(f"{where}: token ids must lie in [0, {self.vocab_size}), got {chunk[bad[0]]} (was the "
-                                  f"file made for another tokenizer? --vocab-size sets the vocabulary)")
+                raise self._error(f"{where}: token ids must lie in [0, {self.vocab_size}), got {chunk[bad[0]]} (made for "
+                                  f"another tokenizer? process_data.py convert --vocab-size sets the vocabulary)")
         into.field.tokens.write(tokens[start:end])
         into.count += end - start
         if run is None:
@@ -571,81 +577,101 @@ class _PickleReader:
         else:
             run.count += end - start
 
+    # --- one method per accepted opcode: (op, at: its offset in buf, buf) ---
     def _step(self, op: int, at: int, buf: bytes) -> None:
+        """Any opcode without a method of its own: refused."""
         if self.stopped:
             raise self._error(f"data after the pickle's end at byte {self.offset + at}: not a token pickle")
-        stack = self.stack
-        if op == MEMOIZE or op == BINPUT or op == LONG_BINPUT:
-            if not stack or stack[-1] is _MARK:
-                raise self._error(f"byte {self.offset + at}: a corrupt pickle (memoising an empty stack)")
-            if op == MEMOIZE:
-                index, self.memo_size = self.memo_size, self.memo_size + 1
-            else:
-                index = int.from_bytes(buf[at + 1:at + (2 if op == BINPUT else 5)], "little")
-            if isinstance(stack[-1], str):
-                self.memo_keys[index] = stack[-1]
-            else:
-                self.memo_keys.pop(index, None)
-        elif op == MARK:
-            self.marks.append(len(stack))
-            stack.append(_MARK)
-        elif op == APPENDS or op == SETITEMS:
-            if not self.marks:
-                raise self._error(f"byte {self.offset + at}: a corrupt pickle (APPENDS or SETITEMS without a MARK)")
-            mark = self.marks.pop()
-            items = stack[mark + 1:]
-            del stack[mark:]
-            target = stack[-1] if stack else None
-            self._append(target, items, at) if op == APPENDS else self._set_items(target, items, at)
-        elif op == APPEND or op == SETITEM:
-            size = 2 if op == APPEND else 3
-            if len(stack) < size or any(v is _MARK for v in stack[-size + 1:]):
-                raise self._error(f"byte {self.offset + at}: a corrupt pickle (APPEND or SETITEM without its values)")
-            items = stack[-size + 1:]
-            del stack[-size + 1:]
-            self._append(stack[-1], items, at) if op == APPEND else self._set_items(stack[-1], items, at)
-        elif op == EMPTY_LIST:
-            stack.append(self._new_list(at))
-        elif op == EMPTY_DICT:
-            if self.task not in ("dpo", "grpo") or self.top is None:
-                raise self._unexpected(op, at)
-            stack.append(_Dict(self.dicts))
-            self.dicts += 1
-        elif op in STRINGS:
-            size_bytes = STRINGS[op]
-            size = int.from_bytes(buf[at + 1:at + 1 + size_bytes], "little")
-            if size > MAX_KEY_BYTES:
-                raise self._error(f"a string of {size} bytes at byte {self.offset + at}: a token pickle holds no text "
-                                  f"but dict keys")
-            raw = buf[at + 1 + size_bytes:at + 1 + size_bytes + size]
-            try:
-                stack.append(sys.intern(raw.decode("utf-8")))
-            except UnicodeDecodeError as e:
-                raise self._error(f"byte {self.offset + at}: a corrupt pickle (a string that is not UTF-8)") from e
-        elif op == BINGET or op == LONG_BINGET:
-            index = int.from_bytes(buf[at + 1:at + (2 if op == BINGET else 5)], "little")
-            if index not in self.memo_keys:
-                raise self._error(f"{self._where(self._context())}: a second reference to an earlier list or dict "
-                                  f"(memo {index}, byte {self.offset + at}); each list of a token pickle is its own")
-            stack.append(self.memo_keys[index])
-        elif op == PROTO:
-            if self.offset + at != 0 or buf[at + 1] > 5:
-                raise self._error(f"byte {self.offset + at}: PROTO {buf[at + 1]} (pickle protocols 1-5 are read, "
-                                  f"and PROTO only as the first opcode)")
-        elif op == FRAME:  # frames only group whole opcodes for buffered reading
-            if self.offset + at < self.frame_end:
-                raise self._error(f"byte {self.offset + at}: a corrupt pickle (a frame begins inside another)")
-            self.frame_end = self.offset + at + 9 + int.from_bytes(buf[at + 1:at + 9], "little")
-            if self.frame_end > self.size:
-                raise self._error(f"a frame at byte {self.offset + at} runs past the end of the file (it is cut short: "
-                                  f"download or make it again)")
-            self._check_frame_end()
-        elif op == STOP:
-            self._stop(at)
-        elif op in RUNS_CODE:
+        if op in RUNS_CODE:
             raise self._refused(op, at, buf)
+        raise self._unexpected(op, at)
+
+    def _memoize(self, op: int, at: int, buf: bytes) -> None:
+        stack = self.stack
+        if not stack or stack[-1] is _MARK:
+            raise self._error(f"byte {self.offset + at}: a corrupt pickle (memoising an empty stack)")
+        if op == MEMOIZE:
+            index, self.memo_size = self.memo_size, self.memo_size + 1
         else:
+            index = int.from_bytes(buf[at + 1:at + (2 if op == BINPUT else 5)], "little")
+        if type(stack[-1]) is str:
+            self.memo_keys[index] = stack[-1]
+        elif self.memo_keys:
+            self.memo_keys.pop(index, None)
+
+    def _mark(self, op: int, at: int, buf: bytes) -> None:
+        self.marks.append(len(self.stack))
+        self.stack.append(_MARK)
+
+    def _add_items(self, op: int, at: int, buf: bytes) -> None:
+        """APPENDS, SETITEMS: the items after the last MARK into the object before it."""
+        if not self.marks:
+            raise self._error(f"byte {self.offset + at}: a corrupt pickle (APPENDS or SETITEMS without a MARK)")
+        stack, mark = self.stack, self.marks.pop()
+        items = stack[mark + 1:]
+        del stack[mark:]
+        target = stack[-1] if stack else None
+        self._append(target, items, at) if op == APPENDS else self._set_items(target, items, at)
+
+    def _add_item(self, op: int, at: int, buf: bytes) -> None:
+        """APPEND, SETITEM: one item (one key and value)."""
+        stack, size = self.stack, 2 if op == APPEND else 3
+        if len(stack) < size or any(v is _MARK for v in stack[-size + 1:]):
+            raise self._error(f"byte {self.offset + at}: a corrupt pickle (APPEND or SETITEM without its values)")
+        items = stack[-size + 1:]
+        if isinstance(items[-1], _Ints) and items[-1].count > 1:  # the stack holds several ids: APPEND takes one
+            raise self._error(f"byte {self.offset + at}: a corrupt pickle (APPEND onto an int)")
+        del stack[-size + 1:]
+        self._append(stack[-1], items, at) if op == APPEND else self._set_items(stack[-1], items, at)
+
+    def _empty_list(self, op: int, at: int, buf: bytes) -> None:
+        self.stack.append(self._new_list(at))
+
+    def _empty_dict(self, op: int, at: int, buf: bytes) -> None:
+        if self.task not in ("dpo", "grpo") or self.top is None:
             raise self._unexpected(op, at)
+        self.stack.append(_Dict(self.dicts))
+        self.dicts += 1
+
+    def _string(self, op: int, at: int, buf: bytes) -> None:
+        size_bytes = STRINGS[op]
+        size = int.from_bytes(buf[at + 1:at + 1 + size_bytes], "little")
+        if size > MAX_KEY_BYTES:
+            raise self._error(f"a string of {size} bytes at byte {self.offset + at}: a token pickle holds no text but "
+                              f"dict keys")
+        try:
+            self.stack.append(sys.intern(buf[at + 1 + size_bytes:at + 1 + size_bytes + size].decode("utf-8")))
+        except UnicodeDecodeError as e:
+            raise self._error(f"byte {self.offset + at}: a corrupt pickle (a string that is not UTF-8)") from e
+
+    def _get(self, op: int, at: int, buf: bytes) -> None:
+        index = int.from_bytes(buf[at + 1:at + (2 if op == BINGET else 5)], "little")
+        if index not in self.memo_keys:
+            raise self._error(f"{self._where(self._context())}: a second reference to an earlier list or dict "
+                              f"(memo {index}, byte {self.offset + at}); each list of a token pickle is its own")
+        self.stack.append(self.memo_keys[index])
+
+    def _proto(self, op: int, at: int, buf: bytes) -> None:
+        if self.offset + at != 0 or buf[at + 1] > 5:
+            raise self._error(f"byte {self.offset + at}: PROTO {buf[at + 1]} (pickle protocols 1-5 are read, and "
+                              f"PROTO only as the first opcode)")
+
+    def _frame(self, op: int, at: int, buf: bytes) -> None:
+        """Frames only group whole opcodes for buffered reading."""
+        if self.offset + at < self.frame_end:
+            raise self._error(f"byte {self.offset + at}: a corrupt pickle (a frame begins inside another)")
+        self.frame_end = self.offset + at + 9 + int.from_bytes(buf[at + 1:at + 9], "little")
+        if self.frame_end > self.size:
+            raise self._error(f"a frame at byte {self.offset + at} runs past the end of the file (it is cut short: "
+                              f"download or make it again)")
+        self._check_frame_end()
+
+    def _stop(self, op: int, at: int, buf: bytes) -> None:
+        if self.top is None or self.stack != [self.top] or self.marks:
+            raise self._error(f"the pickle ends (STOP at byte {self.offset + at}) with unfinished items: "
+                              f"{self._expected(None)}")
+        self.stopped = True
+        self._handlers = {}  # anything after STOP is refused
 
     def _new_list(self, at: int) -> _List:
         if self.top is None:  # the top-level list
@@ -700,12 +726,6 @@ class _PickleReader:
                     and value.field is self.fields[key] and value.index == target.index):
                 raise self._dict_error(target.index)
             target.keys.add(key)
-
-    def _stop(self, at: int) -> None:
-        if self.top is None or self.stack != [self.top] or self.marks:
-            raise self._error(f"the pickle ends (STOP at byte {self.offset + at}) with unfinished items: "
-                              f"{self._expected(None)}")
-        self.stopped = True
 
 
 PICKLE_READ_BYTES = 1 << 20  # per chunk: a few times this in numpy arrays is the reader's peak memory
