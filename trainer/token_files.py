@@ -185,7 +185,8 @@ class _ArrayWriter:
         np.lib.format.write_array_header_1_0(self._file, header)
 
     def write(self, array: np.ndarray) -> None:
-        self._flush_values()
+        if self._values:
+            self._flush_values()
         self._write(array)
 
     def _write(self, array: np.ndarray) -> None:
