@@ -1,4 +1,5 @@
-"""The training engine end to end on CPU, tiny preset: stages, hand-off, metrics, resume, DeepSpeed, non-finite guard."""
+"""The training engine end to end on CPU, tiny preset: stages, hand-off, metrics, resume, DeepSpeed (the non-finite guard:
+test_nonfinite.py)."""
 import json
 import pickle
 import shutil
@@ -17,12 +18,11 @@ from safetensors.torch import load_file
 import utils
 from model import CortexModel, save_weights
 from trainer.checkpoint import FINAL_WEIGHTS, resolve_init_weights
-from trainer.cli import build_task, get_tokenizer
-from trainer.loop import NonFiniteLossError, micro_batch_plan, run_stage
+from trainer.cli import build_task
+from trainer.loop import micro_batch_plan, run_stage
 from trainer.metrics import read_metrics
 from trainer.plot import plot_run
 from trainer.schedule import WarmupCosineSchedule
-from trainer.tasks import LanguageModelingTask
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -106,7 +106,8 @@ def test_pretrain_learns_and_hands_off_to_the_next_stage(tmp_path):
     gens = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
     assert len(gens) == 2 * len(utils.TINY_PRETRAIN_PROMPTS) and all(g["completion"] for g in gens)
     assert (out / FINAL_WEIGHTS).exists() and json.loads((out / "stage.json").read_text())["steps"] == 60
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step_00000040", "step_00000060"]
+    # the completed stage keeps its weights and only its last checkpoint (step 40's is gone)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step_00000060"]
 
     # the next stage starts from these weights automatically (strict load), and its first loss shows it
     nxt = train(tiny("pretrain_stage1", tmp_path, max_steps=2, eval_every_steps=0))
@@ -128,11 +129,22 @@ def test_sft_stages_run_end_to_end(tmp_path):
     model = CortexModel(utils.stage_config("cot", preset="tiny").model)
     torch.save(model.state_dict(), tmp_path / "published.bin")
     save_weights(model, tmp_path / "init.safetensors")
-    for stage, init in (("cot", "published.bin"), ("mix", "init.safetensors")):
-        out = train(tiny(stage, tmp_path, max_steps=4, eval_every_steps=2, init_from=str(tmp_path / init)))
+    for stage, init, samples in (("cot", "published.bin", True), ("mix", "init.safetensors", False)):
+        out = train(tiny(stage, tmp_path, max_steps=4, eval_every_steps=2, init_from=str(tmp_path / init),
+                         samples=samples))
         steps = read_metrics(out / "metrics.jsonl", "train")
         assert len(steps) == 4 and all(0 < s["trained_token_share"] < 1 for s in steps)
         assert (out / FINAL_WEIGHTS).exists()
+        assert (out / "generations.jsonl").exists() == samples  # --no-samples: evals without sample generations
+
+
+def test_cli_flags_for_samples_and_checkpoints():
+    from trainer.cli import parse_overrides
+
+    config = utils.stage_config("cot", preset="tiny")
+    assert config.samples and not config.keep_checkpoints_after_stage
+    changed = parse_overrides(config, ["--no-samples", "--keep-checkpoints"])
+    assert not changed.samples and changed.keep_checkpoints_after_stage
 
 
 def test_missing_previous_stage_and_bad_init_weights_are_clear_errors(tmp_path):
@@ -142,59 +154,6 @@ def test_missing_previous_stage_and_bad_init_weights_are_clear_errors(tmp_path):
     save_weights({"embed_tokens.weight": torch.zeros(3, 3)}, bad)
     with pytest.raises(Exception, match="embed_tokens.weight"):
         train(tiny("cot", tmp_path, init_from=str(bad), max_steps=1))
-
-
-class PoisonedTask(LanguageModelingTask):
-    """The real pretrain task, whose loss turns NaN on chosen micro-batches (as an fp16 overflow or a bad batch would)."""
-
-    def __init__(self, *args, nan_calls, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.nan_calls, self.calls = nan_calls, 0
-
-    def loss(self, forward, batch):
-        out = super().loss(forward, batch)
-        if torch.is_grad_enabled():  # training micro-batches only, not the eval loss
-            self.calls += 1
-            if self.nan_calls(self.calls):
-                out.loss = out.loss * float("nan")
-        return out
-
-
-def _poisoned(config, nan_calls):
-    return run_stage(config, lambda c: PoisonedTask(c, get_tokenizer(c.tokenizer), utils.data_files(c), kind="pretrain",
-                                                    nan_calls=nan_calls))
-
-
-def _poison_third(n: int) -> bool:
-    return n == 3
-
-
-@pytest.mark.parametrize("backend", ["single", "deepspeed"])
-def test_a_nonfinite_loss_skips_its_step_and_is_counted(tmp_path, backend):
-    config = tiny("pretrain_stage0", tmp_path, max_steps=6, eval_every_steps=0, backend=backend)
-    # DeepSpeed runs in its own process: it keeps process-group state that a later in-process run would trip over.
-    code = ("import pickle; from tests.test_engine import _poisoned, _poison_third; "
-            f"_poisoned(pickle.loads({pickle.dumps(config)!r}), _poison_third)")
-    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=script_env(tmp_path), capture_output=True,
-                          text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-4000:]
-    out = tmp_path / "pretrain_stage0"
-    steps = read_metrics(out / "metrics.jsonl")
-    assert [s.get("skipped_nonfinite", False) for s in steps] == [False, True, False, False, False, False]
-    assert steps[-1]["nonfinite_total"] == 1
-    weights = load_file(out / FINAL_WEIGHTS)
-    assert all(torch.isfinite(w).all() for w in weights.values())
-
-
-def test_repeated_nonfinite_losses_stop_the_run_and_keep_the_last_checkpoint(tmp_path):
-    config = tiny("pretrain_stage0", tmp_path, max_steps=20, eval_every_steps=0, save_every_steps=2)
-    with pytest.raises(NonFiniteLossError, match="5 non-finite losses in a row.*intact: .*step_00000006"):
-        _poisoned(config, lambda n: n > 9)  # micro-batches 1-9 fine (steps 1-4 complete), then NaN forever
-    ckpt = tmp_path / "pretrain_stage0" / "checkpoints"
-    assert (ckpt / "latest").read_text() == "step_00000006"  # steps 5-6 were skipped: the weights are those of step 4
-    state = torch.load(ckpt / "step_00000006" / "train_state.pt", weights_only=True)
-    assert all(torch.isfinite(v).all() for v in state["model"].values())
-    assert not (tmp_path / "pretrain_stage0" / FINAL_WEIGHTS).exists()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -279,7 +238,7 @@ def test_two_processes_match_one_process(tmp_path, one_process_losses, backend, 
 def test_deepspeed_one_process_variants_train_resume_and_consolidate(tmp_path, zero_stage, precision, offload):
     """ZeRO 0/1/3, fp32/bf16, CPU offload of optimizer and parameters: trains, writes fp32 weights, resumes exactly."""
     config = tiny("pretrain_stage0", tmp_path, max_steps=4, eval_every_steps=2, save_every_steps=2,
-                  backend="deepspeed", precision=precision)
+                  backend="deepspeed", precision=precision, keep_checkpoints_after_stage=True)  # step 2's is rolled back to
     config = replace(config, deepspeed=replace(config.deepspeed, zero_stage=zero_stage, offload_optimizer=offload,
                                                offload_param=offload))
     code = f"import pickle; from tests.test_engine import train; train(pickle.loads({pickle.dumps(config)!r}))"

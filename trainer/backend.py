@@ -1,10 +1,18 @@
 """Where the model runs: DeepSpeed ZeRO (0-3, optional CPU offload), plain DDP, or one device (cuda, mps, cpu).
 
 Every backend offers the same small surface to the training loop:
-    forward(**batch) -> model outputs      backward(loss)      step(lr) -> StepResult | None
-    save(dir) / load(dir)                  full_state_dict()   generation_model() context
-`step` is called after every micro-batch; it returns a StepResult only when an optimizer update happened
-(the end of a gradient-accumulation group). DeepSpeed decides that boundary itself; the others count micro-batches.
+    forward(**batch) -> model outputs      backward(loss, discard)      step(lr) -> StepResult | None
+    save(dir) / load(dir)                  full_state_dict()            generation_model() context
+`step` is called after every micro-batch; it returns a StepResult only at the end of a gradient-accumulation group
+(DeepSpeed decides that boundary itself; the others count micro-batches).
+
+Skipping a group: a group whose gradients are not finite is not applied. The weights and the optimizer state (Adam's
+moments and step count) stay exactly as they were, and the gradients are cleared. backward(loss, discard=True), used
+for a micro-batch whose loss is non-finite on some rank, back-propagates loss x NaN: the backward still runs on every
+micro-batch and every rank (DDP's all-reduce and ZeRO's hooks, buckets and reduce-scatters stay matched), and the
+group's gradients are certainly non-finite. The skip itself is then each optimizer's own overflow path: DeepSpeed's ZeRO
+1/2/3 and bf16/fp16 optimizers check the global gradient norm and discard the step (the fp16 loss-scale mechanism,
+`engine.was_step_applied()` is False), and the torch backends check the clipped norm before optimizer.step().
 """
 from __future__ import annotations
 
@@ -28,7 +36,7 @@ from trainer.config import TrainConfig
 @dataclass
 class StepResult:
     grad_norm: float | None
-    skipped: bool = False       # the update was skipped (non-finite loss or gradient)
+    skipped: bool = False       # the update was not applied (non-finite gradients)
 
 
 @dataclass
@@ -185,12 +193,13 @@ class TorchBackend(Backend):
         with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
             return self.train_model(**batch)
 
-    def backward(self, loss: torch.Tensor | None) -> None:
-        if loss is not None:
-            self.scaler.scale(loss / self.config.grad_accum_steps).backward()
+    def backward(self, loss: torch.Tensor, discard: bool = False) -> None:
+        if discard:
+            loss = loss * math.nan  # see the module docstring: the group's gradients become NaN, step() skips it
+        self.scaler.scale(loss / self.config.grad_accum_steps).backward()
         self._sync_ctx.__exit__(None, None, None)
 
-    def step(self, lr: float, skip: bool = False) -> StepResult | None:
+    def step(self, lr: float) -> StepResult | None:
         boundary = self.is_boundary()
         self.micro_step += 1
         if not boundary:
@@ -200,8 +209,8 @@ class TorchBackend(Backend):
         self.scaler.unscale_(self.optimizer)
         clip = self.config.optim.grad_clip
         grad_norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), clip if clip > 0 else math.inf)
-        grad_norm = float(grad_norm)
-        skipped = skip or not math.isfinite(grad_norm)
+        grad_norm = float(grad_norm)  # DDP: of the all-reduced gradients, the same on every rank
+        skipped = not math.isfinite(grad_norm)
         if skipped:
             self.scaler.update()  # fp16: lower the scale after an overflow
         else:
@@ -224,6 +233,20 @@ class TorchBackend(Backend):
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().to("cpu", torch.float32) for k, v in self.module.state_dict().items()}
+
+
+class AdamWSkippingNonFinite(torch.optim.AdamW):
+    """AdamW that changes nothing when a gradient is not finite, and says so in `overflow`, the attribute DeepSpeed's
+    engine reads to tell a skipped step (engine.was_step_applied()). ZeRO-0 in fp32 hands the gradients straight to
+    the client optimizer with no overflow check of its own; ZeRO 1-3 and the bf16/fp16 optimizers check before they
+    call this one."""
+    overflow = False
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        self.overflow = bool(grads) and not bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
+        return None if self.overflow else super().step(closure)
 
 
 def _skip_deepspeed_cpu_shm_build() -> None:
@@ -257,8 +280,8 @@ class DeepSpeedBackend(Backend):
                                          betas=config.optim.betas, eps=config.optim.eps, adamw_mode=True)
         else:
             # A torch optimizer: no op compiling, and fused kernels on CUDA.
-            optimizer = torch.optim.AdamW(param_groups(model, config.optim.weight_decay), lr=config.optim.initial_lr,
-                                          betas=config.optim.betas, eps=config.optim.eps, fused=device.type == "cuda")
+            optimizer = AdamWSkippingNonFinite(param_groups(model, config.optim.weight_decay), lr=config.optim.initial_lr,
+                                               betas=config.optim.betas, eps=config.optim.eps, fused=device.type == "cuda")
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                                  config=self.deepspeed_config(), dist_init_required=False)
         self.module = self.engine.module
@@ -301,26 +324,22 @@ class DeepSpeedBackend(Backend):
         for key in self._env_added:  # a later run in this process must not think it was launched distributed
             os.environ.pop(key, None)
 
-    def backward(self, loss: torch.Tensor | None) -> None:
-        if loss is None:
-            # A skipped (non-finite) micro-batch still has to take part in DeepSpeed's bookkeeping and gradient
-            # reduction: a zero loss over the parameters' own graph gives zero gradients.
-            loss = sum(p.sum() * 0.0 for p in self.module.parameters() if p.requires_grad)
-        self.engine.backward(loss)
+    def backward(self, loss: torch.Tensor, discard: bool = False) -> None:
+        # The real graph even when discarded: under ZeRO-3 the parameters are empty shards outside forward and
+        # backward, so no other graph over them exists (see the module docstring for the skip).
+        self.engine.backward(loss * math.nan if discard else loss)
 
-    def step(self, lr: float, skip: bool = False) -> StepResult | None:
+    def step(self, lr: float) -> StepResult | None:
         boundary = self.engine.is_gradient_accumulation_boundary()
         if boundary:
-            # DeepSpeed always steps at the boundary. A group with a non-finite loss is skipped with lr 0: AdamW then
-            # leaves the weights as they are (its decoupled weight decay is scaled by lr too).
             for group in self.optimizer.param_groups:
-                group["lr"] = 0.0 if skip else lr
+                group["lr"] = lr
         self.engine.step()
         if not boundary:
             return None
-        norm = self.engine.get_global_grad_norm()
+        norm = self.engine.get_global_grad_norm()  # None under ZeRO-0 in fp32 (the engine computes none)
         norm = float(norm) if norm is not None else None
-        return StepResult(norm, skip or (norm is not None and not math.isfinite(norm)))
+        return StepResult(norm, not self.engine.was_step_applied())
 
     def save(self, directory: Path) -> None:
         self.engine.save_checkpoint(str(directory), tag="deepspeed", save_latest=False)

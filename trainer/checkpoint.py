@@ -111,11 +111,12 @@ class RunDir:
             tmp = self.checkpoints / "latest.tmp"
             tmp.write_text(name)
             os.replace(tmp, self.checkpoints / "latest")
-            self._prune(keep_last)
+            self.prune_checkpoints(keep_last)
         backend.barrier()
         return final
 
-    def _prune(self, keep_last: int) -> None:
+    def prune_checkpoints(self, keep_last: int) -> None:
+        """Delete all but the newest keep_last complete checkpoints (0: keep all). Main rank only."""
         done = sorted(p for p in self.checkpoints.glob("step_*") if p.is_dir() and not p.name.endswith(".partial"))
         for old in done[:-keep_last] if keep_last > 0 else []:
             shutil.rmtree(old)

@@ -42,6 +42,9 @@ def parse_overrides(config: TrainConfig, argv: list[str]) -> TrainConfig:
     parser.add_argument("--save-every-steps", type=int)
     parser.add_argument("--eval-every-steps", type=int)
     parser.add_argument("--seed", type=int)
+    parser.add_argument("--no-samples", action="store_true", help="no sample generations at evals and the stage's end")
+    parser.add_argument("--keep-checkpoints", action="store_true",
+                        help="a completed stage keeps all its checkpoints (default: only the last, beside the weights)")
     # The deepspeed launcher appends --local_rank=N; LOCAL_RANK in the environment says the same, so it is ignored.
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -56,6 +59,10 @@ def parse_overrides(config: TrainConfig, argv: list[str]) -> TrainConfig:
                  "seed"):
         if getattr(args, name) is not None:
             changes[name] = getattr(args, name)
+    if args.no_samples:
+        changes["samples"] = False
+    if args.keep_checkpoints:
+        changes["keep_checkpoints_after_stage"] = True
     if args.zero_stage is not None:
         changes["deepspeed"] = replace(config.deepspeed, zero_stage=args.zero_stage)
     return replace(config, **changes)

@@ -93,12 +93,15 @@ class TrainConfig:
     init_from: str | None = "auto"     # "auto": previous stage's final weights; a .bin/.safetensors/run dir; None: random init
     run_root: str = "./runs"
     save_every_steps: int = 100
-    keep_last_checkpoints: int = 2
+    keep_last_checkpoints: int = 2     # while training; 0 keeps all
+    keep_checkpoints_after_stage: bool = False  # False: a completed stage keeps its final weights and its last checkpoint
     eval_every_steps: int = 100
     eval_prompts: list[str] = field(default_factory=list)
-    eval_max_new_tokens: int = 64
+    eval_max_new_tokens: int = 64      # per sample generation
+    samples: bool = True               # sample generations of eval_prompts at each eval and at the end of the stage
+    max_sample_prompts: int = 4        # at most this many eval_prompts are generated from each time
     log_every_steps: int = 1
-    max_consecutive_nonfinite: int = 5  # this many non-finite losses in a row stop the run
+    max_consecutive_nonfinite: int = 5  # this many optimizer steps in a row skipped (non-finite loss/gradient) stop the run
     max_steps: int | None = None       # stop early (smoke tests); the lr schedule still follows the data
     peak_flops: float | None = None    # per device, for MFU; None: looked up from the device name
     tokenizer: str = "cortex"          # "cortex": the Cortex 2.5 tokenizer (TOKEN_DIR or ./tokens); "tiny": our BPE of

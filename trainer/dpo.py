@@ -5,6 +5,8 @@ Per pair, with S(y) = sum of log pi(y_t | y_<t) over the response tokens (traini
     sigmoid: -(1 - eps) log sigmoid(beta delta) - eps log sigmoid(-beta delta)     (eps = label smoothing)
     ipo:     (delta - 1 / (2 beta))^2
     total = mean over pairs + nll_coef * mean over pairs of (-S_policy(chosen) / response tokens) + aux_loss_coef * aux
+Every micro-batch holds micro_batch_size pairs, so averaging the micro-batches equally over accumulation steps and
+ranks (what the backends do) is already the mean over the group's pairs: DPO is weighted by pairs, not tokens.
 
 The response is the last assistant turn after its <assistant> tag, up to and including its </s>: labels != -100 (the
 prompt turns are masked by the batch builder) and after the row's last <assistant>. The original also counted prompt

@@ -15,6 +15,8 @@ Loss (training.md 6.3), with m the completion mask (tokens up to and including <
     l_it = -min(s A_i, clip(s, 1 - eps_low, 1 + eps_high) A_i) + beta * KL_it,  KL = exp(ref - logp) - (ref - logp) - 1
     grpo: mean_i (sum_t m l / sum_t m)    bnpo: sum m l / sum m    dr_grpo: sum m l / (completions * max_new_tokens)
     total = that + aux_loss_coef * MoE aux loss.
+Each rank normalises its own rollout by its own denominator, and the ranks' gradients are averaged equally (not
+weighted by tokens across ranks, unlike pretraining and SFT).
 """
 from __future__ import annotations
 

@@ -61,14 +61,15 @@ class _Group:
 
     def __init__(self):
         self.metrics: dict[str, list[torch.Tensor]] = {}
-        self.tokens, self.bad, self.start = 0, False, time.perf_counter()
+        self.tokens, self.discarded, self.start = 0, False, time.perf_counter()
+        self.mean_loss_tokens: float | None = None  # token-weighted tasks: see Trainer._mean_loss_tokens
 
     @property
     def empty(self) -> bool:
-        return not self.metrics and self.tokens == 0 and not self.bad
+        return not self.metrics and self.tokens == 0 and not self.discarded
 
     def add(self, name: str, value: torch.Tensor) -> None:
-        self.metrics.setdefault(name, []).append(value.detach().float().cpu())
+        self.metrics.setdefault(name, []).append(value.detach().float())  # stays on the device until the step's log
 
 
 class Trainer:
@@ -153,7 +154,7 @@ class Trainer:
         c, backend = self.config, self.backend
         backend.module.train()
         self._group = _Group()
-        self._consecutive_bad = 0
+        self._consecutive_skipped = 0
         last_saved = state.step
         while state.epoch < c.epochs and state.step < end_step:
             while state.file_index < len(self.task.sources) and state.step < end_step:
@@ -163,6 +164,9 @@ class Trainer:
                                  f"({self.task.sources[state.file_index]}): {len(plan)} micro-batches per rank, "
                                  f"starting at {state.batch_index}")
                 while state.batch_index < len(plan) and state.step < end_step:
+                    if self.task.token_weighted and self._group.empty:  # the first micro-batch of a group
+                        rows = plan[state.batch_index:state.batch_index + c.grad_accum_steps]
+                        self._group.mean_loss_tokens = self._mean_loss_tokens(dataset, rows)
                     batch = _to_device(dataset.collate([dataset[int(i)] for i in plan[state.batch_index]]), backend.device)
                     # Usually one micro-batch per data batch; GRPO yields several updates on one rollout.
                     for micro_batch in self.task.micro_batches(batch, backend):
@@ -181,38 +185,55 @@ class Trainer:
                 state.epoch, state.file_index = state.epoch + 1, 0
         self._finish(state, eval_dataset)
 
+    def _mean_loss_tokens(self, dataset, rows: np.ndarray) -> float:
+        """The loss tokens of one accumulation group (this rank's micro-batches `rows` of the plan, all ranks), per
+        micro-batch: counted from the data before the group's first backward, with one all-reduce per group.
+
+        A token-weighted task divides each micro-batch's summed loss by this number. The backends average the
+        micro-batch losses over the grad_accum_steps (A) micro-batches and the world_size (W) ranks, so the group's
+        gradient is that of  sum over the group's micro-batches on all ranks of (summed loss) / (total loss tokens):
+        the token mean of one big batch, where a per-micro-batch token mean would weigh a short micro-batch's
+        tokens more."""
+        mine = sum(self.task.loss_tokens(dataset.collate([dataset[int(i)] for i in row])) for row in rows)
+        total = float(self.backend.all_reduce_sum(torch.tensor([float(mine)], dtype=torch.float64))[0])
+        return max(total, 1.0) / (len(rows) * self.info.world_size)
+
     def _train_micro_batch(self, batch, state: TrainerState, schedule: WarmupCosineSchedule, eval_dataset) -> None:
         c, backend, group = self.config, self.backend, self._group
+        if group.mean_loss_tokens is not None:
+            batch = {**batch, "mean_loss_tokens": group.mean_loss_tokens}
         out: LossOutput = self.task.loss(backend.forward, batch)
         # Every rank must agree, or the ranks would take different collective paths.
-        bad = backend.all_reduce_max(torch.tensor([float(not torch.isfinite(out.loss))]))[0] > 0
-        if bad:
-            self._consecutive_bad += 1
-            state.nonfinite_skipped += 1
-            group.bad = True
-            if self._consecutive_bad >= c.max_consecutive_nonfinite:
-                latest = self.run.latest_checkpoint()
-                raise NonFiniteLossError(
-                    f"{self._consecutive_bad} non-finite losses in a row (epoch {state.epoch}, file {state.file_index}, "
-                    f"micro-batch {state.batch_index}); stopping. The last good checkpoint is intact: "
-                    f"{latest or 'none saved yet'}. Lower the learning rate or check the data, then rerun the same "
-                    f"command to resume from it")
-            backend.backward(None)
-        else:
-            self._consecutive_bad = 0
-            backend.backward(out.loss)
+        nonfinite = bool(backend.all_reduce_max(torch.tensor([float(not torch.isfinite(out.loss))]))[0] > 0)
+        # A non-finite loss anywhere discards the whole group: its backward still runs (collectives stay matched)
+        # but makes the group's gradients NaN, so that the backend's step skips it (trainer/backend.py).
+        group.discarded |= nonfinite
+        backend.backward(out.loss, discard=nonfinite)
+        if not nonfinite:
             group.add("loss", out.loss)
             for k, v in out.metrics.items():
                 group.add(k, v)
         group.tokens += out.num_tokens
-        result = backend.step(schedule.lr_at(state.step), skip=group.bad)
+        result = backend.step(schedule.lr_at(state.step))
         if result is None:
             return
+        if group.discarded and not result.skipped:
+            raise RuntimeError(f"backend {backend.name} applied an update whose gradients were made NaN (a non-finite "
+                               f"loss): its optimizer has no overflow check, and the weights are now NaN")
         lr = schedule.lr_at(state.step)
         state.step += 1
         state.tokens_seen += group.tokens * self.info.world_size
+        self._consecutive_skipped = self._consecutive_skipped + 1 if result.skipped else 0
+        state.nonfinite_skipped += int(result.skipped)
         self._log_step(state, result, lr, group.metrics, group.tokens, time.perf_counter() - group.start)
         self._group = _Group()
+        if self._consecutive_skipped >= c.max_consecutive_nonfinite:
+            latest = self.run.latest_checkpoint()
+            raise NonFiniteLossError(
+                f"{self._consecutive_skipped} optimizer steps in a row skipped for a non-finite loss or gradient "
+                f"(epoch {state.epoch}, file {state.file_index}, micro-batch {state.batch_index}); stopping. The last "
+                f"good checkpoint is intact: {latest or 'none saved yet'}. Lower the learning rate or check the data, "
+                f"then rerun the same command to resume from it")
         if c.eval_every_steps and state.step % c.eval_every_steps == 0 and eval_dataset is not None:
             self._evaluate(state, eval_dataset)
         self._group.start = time.perf_counter()  # eval time is not training time
@@ -227,11 +248,11 @@ class Trainer:
                   "tokens_per_s": round(tokens_per_s, 1), "tokens_seen": state.tokens_seen}
         if self.peak_flops:
             record["mfu"] = tokens_per_s * self.flops_per_token / (self.peak_flops * self.info.world_size)
-        record.update(self.router_stats.summary(self.backend.all_reduce_sum))
         if result.skipped:
             record["skipped_nonfinite"] = True
         record["nonfinite_total"] = state.nonfinite_skipped
-        if state.step % self.config.log_every_steps == 0 or result.skipped:
+        if state.step % self.config.log_every_steps == 0 or result.skipped:  # the same decision on every rank
+            record.update(self.router_stats.summary(self.backend.all_reduce_sum))  # since the last logged step
             self.logger.log("train", record)
         self.logger.advance(1, {"loss": record.get("loss", float("nan")), "lr": lr})
 
@@ -267,7 +288,7 @@ class Trainer:
         self._sample_generations(state)
 
     def _sample_generations(self, state: TrainerState) -> None:
-        prompts = self.task.eval_prompts()
+        prompts = self.task.eval_prompts()[:self.config.max_sample_prompts] if self.config.samples else []
         if not prompts:
             return
         from model import generate
@@ -295,6 +316,8 @@ class Trainer:
                        "backend": backend.name, "precision": backend.precision, "world_size": self.info.world_size,
                        "train_config": _jsonable(asdict(c))}
             self.run.write_final(weights, c.model, summary)
+            if not c.keep_checkpoints_after_stage:  # the stage is done: its older ZeRO checkpoints are dead weight
+                self.run.prune_checkpoints(keep_last=1)
             self.logger.text(f"stage {c.stage} complete: weights in {self.run.path}")
         backend.barrier()
 

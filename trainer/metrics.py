@@ -40,7 +40,10 @@ def train_flops_per_token(config: ModelConfig, seq_len: int) -> float:
 
 class RouterStats:
     """Per MoE layer, during training forwards: the share of top-k assignments each expert received and the mean
-    entropy of the router distribution. Collected with forward hooks on the routers, so model/ knows nothing of it."""
+    entropy of the router distribution. Collected with forward hooks on the routers, so model/ knows nothing of it.
+
+    The hooks only add to per-layer tensors on the model's device (no host sync in the forward); summary() reads them
+    all in one transfer, once per logged step."""
 
     def __init__(self, model: torch.nn.Module):
         from model.moe import MoE
@@ -52,6 +55,8 @@ class RouterStats:
                 index = len(self.layers)
                 self.layers.append((name, module.num_experts, module.top_k))
                 self.handles.append(module.gate.register_forward_hook(self._hook(index, module)))
+        self.sums: list[torch.Tensor | None] = []  # per layer: [assignments per expert..., entropy sum], float32
+        self.tokens: list[int] = []
         self.reset()
 
     def _hook(self, index: int, moe):
@@ -60,34 +65,34 @@ class RouterStats:
                 return
             with torch.no_grad():
                 top = scores.topk(moe.top_k, dim=-1).indices.reshape(-1)
-                self.counts[index] += torch.bincount(top, minlength=moe.num_experts).to("cpu", torch.float64)
-                entropy = -(scores * scores.clamp_min(1e-20).log()).sum(-1)
-                self.entropy_sum[index] += float(entropy.sum())
-                self.tokens[index] += scores.shape[0]
+                entropy = -(scores * scores.clamp_min(1e-20).log()).sum()
+                step = torch.cat([torch.bincount(top, minlength=moe.num_experts).float(), entropy.float().view(1)])
+                self.sums[index] = step if self.sums[index] is None else self.sums[index] + step
+                self.tokens[index] += scores.shape[0]  # a shape: known on the host
         return hook
 
     def reset(self) -> None:
-        self.counts = [torch.zeros(e, dtype=torch.float64) for _, e, _ in self.layers]
-        self.entropy_sum = [0.0 for _ in self.layers]
+        self.sums = [None for _ in self.layers]
         self.tokens = [0 for _ in self.layers]
 
     def summary(self, all_reduce_sum) -> dict:
         """{'router/<layer>/load': [share per expert], 'router/<layer>/entropy': nats} since the last reset; summed over
-        ranks with all_reduce_sum (a function on a 1-d float tensor). Resets the counters."""
+        ranks with all_reduce_sum (a function on a 1-d float tensor, returning it on the CPU). Collective: every rank
+        calls it, also one whose layers saw no tokens. Resets the counters."""
         if not self.layers:
             return {}
-        flat = torch.cat([torch.cat([c, torch.tensor([e, float(t)], dtype=torch.float64)])
-                          for c, e, t in zip(self.counts, self.entropy_sum, self.tokens)])
-        flat = all_reduce_sum(flat)
-        out, offset = {}, 0
-        for name, num_experts, _ in self.layers:
-            counts = flat[offset:offset + num_experts]
-            entropy, tokens = flat[offset + num_experts], flat[offset + num_experts + 1]
-            offset += num_experts + 2
-            if tokens > 0:
+        parts = [torch.zeros(e + 1) if sums is None else sums for (_, e, _), sums in zip(self.layers, self.sums)]
+        device = next((p.device for p in parts if p.device.type != "cpu"), torch.device("cpu"))
+        flat = torch.cat([p.to(device) for p in parts]).cpu().double()  # the one device-to-host read
+        flat = all_reduce_sum(torch.cat([flat, torch.tensor(self.tokens, dtype=torch.float64)]))
+        out, offset, tokens = {}, 0, flat[-len(self.layers):]
+        for (name, num_experts, _), layer_tokens in zip(self.layers, tokens):
+            counts, entropy = flat[offset:offset + num_experts], flat[offset + num_experts]
+            offset += num_experts + 1
+            if layer_tokens > 0:
                 layer = name.replace("layers.", "").replace(".mlp", "")
                 out[f"router/{layer}/load"] = [round(float(x), 4) for x in counts / counts.sum()]
-                out[f"router/{layer}/entropy"] = round(float(entropy / tokens), 4)
+                out[f"router/{layer}/entropy"] = round(float(entropy / layer_tokens), 4)
         loads = [max(v) for k, v in out.items() if k.endswith("/load")]
         if loads:  # one-number summaries for the console: the busiest expert's share, the mean router entropy
             out["expert_load_max"] = max(loads)

@@ -36,12 +36,18 @@ def next_token_targets(labels: torch.Tensor) -> torch.Tensor:
     return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
 
 
-def lm_loss(forward, inputs: dict, labels: torch.Tensor) -> tuple[torch.Tensor, dict]:
-    """Next-token cross entropy, a token mean over the micro-batch (IGNORE_INDEX labels do not count), computed in fp32
-    by the model's chunked head without the (B, T, V) logits. Returns (loss, the model output)."""
+def loss_token_count(labels: torch.Tensor) -> int:
+    """The tokens a language-modelling loss is taken over: next-token targets that are not IGNORE_INDEX."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def lm_loss(forward, inputs: dict, labels: torch.Tensor, per_tokens: float | None = None) -> tuple[torch.Tensor, dict]:
+    """Next-token cross entropy summed over the micro-batch's loss tokens (IGNORE_INDEX labels do not count) and
+    divided by per_tokens, by default their own number (a token mean); computed in fp32 by the model's chunked head
+    without the (B, T, V) logits. Returns (loss, the model output)."""
     targets = next_token_targets(labels)
     out = forward(**inputs, targets=targets, sum_target_log_probs=True)
-    return -out["target_log_probs"] / (targets != IGNORE_INDEX).sum().clamp(min=1), out
+    return -out["target_log_probs"] / (per_tokens or (targets != IGNORE_INDEX).sum().clamp(min=1)), out
 
 
 def policy_autocast(backend):
@@ -74,6 +80,10 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 class Task:
     kind = "base"      # the data kind passed to trainer.data.load_dataset
     shuffle = True
+    # Token-weighted tasks: the loop counts the loss tokens of each accumulation group up front (loss_tokens of every
+    # micro-batch, all ranks) and passes their mean per micro-batch as batch["mean_loss_tokens"] (see
+    # Trainer._mean_loss_tokens); loss() divides its summed token loss by it. Other tasks weigh micro-batches equally.
+    token_weighted = False
     updates_per_batch = 1  # training micro-batches made from each data batch (GRPO: several updates per rollout)
     eval_loss_metric: str | None = "lm_loss"  # the eval_metrics entry logged as eval_loss (None: no eval loss)
 
@@ -105,6 +115,10 @@ class Task:
     def loss(self, forward, batch: dict[str, torch.Tensor]) -> LossOutput:
         raise NotImplementedError
 
+    def loss_tokens(self, batch: dict) -> int:
+        """The loss tokens of one collated micro-batch (token-weighted tasks only)."""
+        raise NotImplementedError
+
     def eval_metrics(self, batch: dict, backend) -> dict[str, torch.Tensor]:
         """Held-out metrics of one eval batch (0-d tensors, run under no_grad with the model in eval mode)."""
         return {self.eval_loss_metric: self.loss(backend.forward, batch).metrics[self.eval_loss_metric]}
@@ -119,15 +133,24 @@ class Task:
 
 
 class LanguageModelingTask(Task):
-    """Pretraining on packed windows (kind 'pretrain') and SFT on masked conversations (kind 'sft'): one loss."""
+    """Pretraining on packed windows (kind 'pretrain') and SFT on masked conversations (kind 'sft'): one loss.
+
+    Token-weighted: an accumulation group's lm loss is the token mean over all its micro-batches on all ranks, so a
+    short SFT micro-batch weighs what its tokens weigh (the original averaged per-micro-batch means equally). The MoE
+    aux loss stays a per-micro-batch mean, weighted equally."""
+    token_weighted = True
 
     def __init__(self, config, tokenizer, data_files, kind: str):
         super().__init__(config, tokenizer, data_files)
         self.kind = kind
         self.shuffle = kind == "sft"  # pretrain shards are already document-shuffled; windows stay in file order
 
+    def loss_tokens(self, batch):
+        return loss_token_count(batch["labels"])
+
     def loss(self, forward, batch):
-        lm, out = lm_loss(forward, model_inputs(batch), batch["labels"])
+        # batch["mean_loss_tokens"]: set by the training loop (the group's weighting); absent (eval): a token mean
+        lm, out = lm_loss(forward, model_inputs(batch), batch["labels"], batch.get("mean_loss_tokens"))
         aux = out.get("aux_loss")
         total = lm + self.config.aux_loss_coef * aux if aux is not None else lm
         metrics = {"lm_loss": lm.detach(), "aux_loss": (aux if aux is not None else torch.zeros(())).detach()}
