@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from trainer.errors import InputError
 from trainer.token_files import convert_pickle
 
 MODELSCOPE_DATASET = "qibin0506/Cortex-2.5-train-data"
@@ -48,7 +49,7 @@ STAGE_FILES: dict[str, list[str]] = {
 }
 
 
-class DataFileError(RuntimeError):
+class DataFileError(InputError, RuntimeError):
     """A stage data file is missing and could not be downloaded; the message says where to put it."""
 
 

@@ -19,6 +19,7 @@ import utils
 from model import CortexModel, save_weights
 from trainer.checkpoint import FINAL_WEIGHTS, resolve_init_weights
 from trainer.cli import build_task
+from trainer.errors import InputError
 from trainer.loop import micro_batch_plan, run_stage
 from trainer.metrics import read_metrics
 from trainer.plot import plot_run
@@ -143,12 +144,12 @@ def test_cli_flags_for_samples_and_checkpoints():
 
     config = utils.stage_config("cot", preset="tiny")
     assert config.samples and not config.keep_checkpoints_after_stage
-    changed = parse_overrides(config, ["--no-samples", "--keep-checkpoints"])
+    changed, _ = parse_overrides(config, ["--no-samples", "--keep-checkpoints"])
     assert not changed.samples and changed.keep_checkpoints_after_stage
 
 
 def test_missing_previous_stage_and_bad_init_weights_are_clear_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="Run train_pretrain_stage0.py first"):
+    with pytest.raises(InputError, match="Run train_pretrain_stage0.py first"):
         resolve_init_weights("auto", "pretrain_stage1", tmp_path)
     bad = tmp_path / "wrong.safetensors"
     save_weights({"embed_tokens.weight": torch.zeros(3, 3)}, bad)

@@ -4,17 +4,22 @@
         checkpoints/step_00000120/     model + optimizer (DeepSpeed shards or one file), trainer_state.json, rng_rank{r}.pt
         checkpoints/latest             name of the newest complete checkpoint
         metrics.jsonl  log.txt  generations.jsonl
+        .lock                          held (flock) by the process training the stage, released when it ends
         model.safetensors  model_config.json  stage.json     written when the stage completes: the next stage starts here
 
 A checkpoint is written into `<name>.partial/` and renamed when every rank has finished, so a crash at any moment leaves
-the previous checkpoint intact. Restarting the same command resumes from `latest`.
+the previous checkpoint intact. Restarting the same command resumes from `latest`; while a run trains the stage, a
+second one stops with an error naming the first (RunDir.lock).
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import random
 import shutil
+import socket
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -23,6 +28,7 @@ import torch
 
 from model import ModelConfig, load_weights, save_weights
 from trainer.config import STAGE_ORDER
+from trainer.errors import InputError
 
 FINAL_WEIGHTS = "model.safetensors"
 FINAL_CONFIG = "model_config.json"
@@ -76,9 +82,35 @@ class RunDir:
         self.path = Path(run_root) / stage
         self.stage = stage
         self.checkpoints = self.path / "checkpoints"
+        self._lock_file = None
 
     def create(self) -> None:
         self.checkpoints.mkdir(parents=True, exist_ok=True)
+
+    # --- one run at a time ---
+    def lock(self) -> str | None:
+        """Hold the run dir's lock while this process trains the stage; returns None, or who holds it already.
+
+        flock: the kernel releases it when the process ends, however it ends (kill -9 included), so no stale lock."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        f = open(self.path / ".lock", "a+", encoding="utf-8")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            f.close()
+            return holder
+        f.truncate(0)
+        f.write(f"PID {os.getpid()} on {socket.gethostname()} (started {time.strftime('%Y-%m-%d %H:%M:%S')})\n")
+        f.flush()
+        self._lock_file = f
+        return None
+
+    def unlock(self) -> None:
+        if self._lock_file is not None:
+            self._lock_file.close()
+            self._lock_file = None
 
     # --- resumable checkpoints ---
     def latest_checkpoint(self) -> Path | None:
@@ -88,8 +120,8 @@ class RunDir:
         name = pointer.read_text().strip()
         path = self.checkpoints / name
         if not (path / "trainer_state.json").exists():
-            raise RuntimeError(f"{pointer} names {name!r}, but {path} is not a complete checkpoint. Delete {pointer} to "
-                               f"start over, or point it at an existing checkpoint directory in {self.checkpoints}")
+            raise InputError(f"{pointer} names {name!r}, but {path} is not a complete checkpoint. Delete {pointer} to "
+                             f"start over, or point it at an existing checkpoint directory in {self.checkpoints}")
         return path
 
     def save_checkpoint(self, backend, state: TrainerState, keep_last: int) -> Path:
@@ -127,8 +159,8 @@ class RunDir:
         backend.load(path)
         rng_file = path / f"rng_rank{backend.info.rank}.pt"
         if not rng_file.exists():
-            raise RuntimeError(f"{rng_file} is missing: the checkpoint was written by {state.world_size} processes, "
-                               f"this run has {backend.info.world_size}")
+            raise InputError(f"{rng_file} is missing: the checkpoint was written by {state.world_size} processes, "
+                             f"this run has {backend.info.world_size}")
         set_rng_state(torch.load(rng_file, weights_only=True))
         return state
 
@@ -145,7 +177,7 @@ class RunDir:
 
 def previous_stage(stage: str) -> str | None:
     if stage not in STAGE_ORDER:
-        raise ValueError(f"unknown stage {stage!r}; stages are {', '.join(STAGE_ORDER)}")
+        raise InputError(f"unknown stage {stage!r}; stages are {', '.join(STAGE_ORDER)}")
     i = STAGE_ORDER.index(stage)
     return STAGE_ORDER[i - 1] if i > 0 else None
 
@@ -160,7 +192,7 @@ def resolve_init_weights(init_from: str | None, stage: str, run_root: str | Path
             return None
         weights = Path(run_root) / prev / FINAL_WEIGHTS
         if not weights.exists():
-            raise FileNotFoundError(
+            raise InputError(
                 f"stage {stage!r} starts from the weights of stage {prev!r}, but {weights} does not exist. Run "
                 f"train_{prev}.py first, or set init_from in utils.py (or --init-from) to a .bin/.safetensors file "
                 f"such as a published Cortex checkpoint")
@@ -169,8 +201,8 @@ def resolve_init_weights(init_from: str | None, stage: str, run_root: str | Path
     if path.is_dir():
         path = path / FINAL_WEIGHTS
     if not path.exists():
-        raise FileNotFoundError(f"init weights {init_from!r} not found (expected a .bin or .safetensors file, or a "
-                                f"stage run dir holding {FINAL_WEIGHTS})")
+        raise InputError(f"init weights {init_from!r} not found (expected a .bin or .safetensors file, or a "
+                         f"stage run dir holding {FINAL_WEIGHTS})")
     return path
 
 

@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import Dataset
 
 from model.head import IGNORE_INDEX  # the label value the model's head does not score (and the loss ignores)
+from trainer.errors import DataError
 from trainer.token_files import RaggedTokens, TokenFileError, load_collection, load_stream, token_dtype
 
 ROLES = ("system", "user", "assistant")
@@ -232,7 +233,7 @@ def read_jsonl(path: str | Path) -> list[tuple[str, object]]:
     """(location "file:line", parsed object) for every non-empty line."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path}: JSONL file not found")
+        raise DataError(f"{path}: JSONL file not found")
     records = []
     with open(path, encoding="utf-8") as f:
         for line_no, line in enumerate(f, 1):
@@ -240,7 +241,7 @@ def read_jsonl(path: str | Path) -> list[tuple[str, object]]:
                 try:
                     records.append((f"{path}:{line_no}", json.loads(line)))
                 except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{line_no}: invalid JSON ({e})") from e
+                    raise DataError(f"{path}:{line_no}: invalid JSON ({e})") from e
     return records
 
 
@@ -251,24 +252,24 @@ def select_split(records: list[tuple[str, object]], split: Split, eval_fraction:
         return [records[i] for i in heldout_range(len(records), split, eval_fraction)]
     for (where, record), present in zip(records, has_field):
         if not present or record["split"] not in ("train", "eval"):
-            raise ValueError(f"{where}: every line needs \"split\": \"train\" or \"eval\" once any line has one")
+            raise DataError(f"{where}: every line needs \"split\": \"train\" or \"eval\" once any line has one")
     return records if split == "all" else [(w, r) for w, r in records if r["split"] == split]
 
 
 def check_messages(messages, where: str) -> list[dict]:
     if not isinstance(messages, list) or not messages:
-        raise ValueError(f"{where}: expected a non-empty list of messages")
+        raise DataError(f"{where}: expected a non-empty list of messages")
     for m in messages:
         if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-            raise ValueError(f"{where}: each message needs a role in {ROLES} and a string content, got {m!r}")
+            raise DataError(f"{where}: each message needs a role in {ROLES} and a string content, got {m!r}")
         if not isinstance(m.get("think", ""), str):
-            raise ValueError(f"{where}: a message's think must be a string, got {m['think']!r}")
+            raise DataError(f"{where}: a message's think must be a string, got {m['think']!r}")
     return messages
 
 
 def _field(record, key: str, where: str):
     if not isinstance(record, dict) or key not in record:
-        raise ValueError(f"{where}: missing field {key!r}")
+        raise DataError(f"{where}: missing field {key!r}")
     return record[key]
 
 
@@ -276,7 +277,7 @@ def document_text(record, where: str) -> str:
     """{"text": ...} -> the text followed by </s> (every document ends in </s>)."""
     text = _field(record, "text", where)
     if not isinstance(text, str):
-        raise ValueError(f"{where}: \"text\" must be a string")
+        raise DataError(f"{where}: \"text\" must be a string")
     return text + "</s>"
 
 
@@ -294,10 +295,10 @@ def grpo_prompt_and_answer(record, where: str) -> tuple[list[dict], str]:
     """The prompt messages (ending with the user turn; the dataset appends <assistant>) and the gold answer string."""
     prompt = check_messages(_field(record, "prompt", where), where)
     if prompt[-1]["role"] == "assistant":
-        raise ValueError(f"{where}: a GRPO prompt ends with the user turn, not an assistant message")
+        raise DataError(f"{where}: a GRPO prompt ends with the user turn, not an assistant message")
     answer = _field(record, "answer", where)
     if not isinstance(answer, (str, int, float)) or isinstance(answer, bool):
-        raise ValueError(f"{where}: \"answer\" must be a string or a number")
+        raise DataError(f"{where}: \"answer\" must be a string or a number")
     return prompt, str(answer)
 
 

@@ -163,8 +163,8 @@ class GRPOTask(Task):
         self.updates_per_batch = g.grpo_steps * config.grad_accum_steps
         self._reference = None  # built on first use when beta > 0
 
-    def _load(self, path, split):
-        dataset = super()._load(path, split)
+    def _load(self, path, split, eval_fraction):
+        dataset = super()._load(path, split, eval_fraction)
         longest = int(dataset.prompts.lengths()[list(dataset.items)].max()) + 1 if len(dataset) else 0  # + <assistant>
         limit = self.config.data.max_seq_len - self.grpo.max_new_tokens
         if longest > limit:

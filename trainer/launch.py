@@ -6,12 +6,13 @@
 
 Launcher flags (everything between the script and `--`) go to the launcher: with DeepSpeed usable and GPUs present
 that is the `deepspeed` launcher (`--include`, `--exclude`, `--num_gpus`, `--num_nodes`, `--hostfile`, `--master_port`, ...).
-Otherwise the DeepSpeed process-count flags are translated for torchrun (several processes, e.g. on CPU with gloo)
-or the script runs in this process's interpreter. The exit status is the child's.
+Otherwise the DeepSpeed process-count flags are translated for torchrun (several processes, e.g. on CPU with gloo;
+torchrun's agent runs inside smart_train) or the script runs as one process. The exit status is the (failed) rank's.
 
-Both launchers start each rank as `python -m trainer.launch --run-rank SCRIPT [script args]` (see run_rank): the rank
+Every launch starts each rank as `python -m trainer.launch --run-rank SCRIPT [script args]` (see run_rank): the rank
 runs the script and then ends without the interpreter's final teardown, which could otherwise abort a rank that had
-completed its stage.
+completed its stage. Each rank also dies with smart_train: killed with -9, smart_train forwards nothing, and ranks
+left training would share the run dir with a rerun (the run dir's lock then stops the rerun, see trainer/checkpoint.py).
 """
 from __future__ import annotations
 
@@ -22,20 +23,27 @@ import os
 import runpy
 import shlex
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import threading
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 
 RUN_RANK = "--run-rank"
+LAUNCHER_ENV = "CORTEX_LAUNCHER"  # host:pid:start time of the smart_train process whose ranks must die with it
 
 
 @dataclass
 class LaunchPlan:
     command: list[str]
     env: dict[str, str] = field(default_factory=dict)  # extra environment for the child
+    torchrun: bool = False  # command is torchrun's: smart_train runs its agent in-process (see run_torchrun)
 
 
 def split_args(argv: list[str]) -> tuple[str, list[str], list[str]]:
@@ -99,14 +107,64 @@ def plan_launch(script: str, launcher_args: list[str], script_args: list[str], u
         if flags.master_port:
             cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={nproc}",
                    "--master_addr=127.0.0.1", f"--master_port={flags.master_port}"]
-        return LaunchPlan([*cmd, "-m", "trainer.launch", RUN_RANK, script, *script_args], env)
-    return LaunchPlan([sys.executable, script, *script_args], env)
+        return LaunchPlan([*cmd, "-m", "trainer.launch", RUN_RANK, script, *script_args], env, torchrun=True)
+    return LaunchPlan([sys.executable, "-m", "trainer.launch", RUN_RANK, script, *script_args], env)
+
+
+def process_start_time(pid: int) -> str | None:
+    """When a live process started (clock ticks after boot, from /proc): with the pid it names one process for good,
+    as pids are reused. None when it is gone or a zombie (dead, not yet reaped), or without /proc."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    state, *fields = stat[stat.rindex(")") + 2:].split()  # after the command name, which may hold spaces
+    return None if state in ("Z", "X") else fields[18]
+
+
+def launcher_identity() -> str | None:
+    start = process_start_time(os.getpid())
+    return f"{socket.gethostname()}:{os.getpid()}:{start}" if start else None
+
+
+def watch_launcher(identity: str, interval_s: float = 0.5) -> None:
+    """Kill this process (SIGKILL, as nothing else stops a rank blocked in a collective) once the launcher named by
+    identity has died. A background thread polls it: launchers between smart_train and the ranks (torchrun's agent,
+    DeepSpeed's runner and launch.py) do not pass on a kill -9 of smart_train, so each rank watches for itself."""
+    host, pid, start = identity.rsplit(":", 2)
+    if host != socket.gethostname():  # a rank on another node cannot see it
+        return
+
+    def watch():
+        while process_start_time(int(pid)) == start:
+            time.sleep(interval_s)
+        print(f"smart_train (PID {pid}) has ended: stopping this rank (PID {os.getpid()})", file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="launcher-watch", daemon=True).start()
+
+
+def run_torchrun(args: list[str]) -> int:
+    """torchrun's agent in this process: its ranks are this process's children, and a failed rank ends smart_train
+    with that rank's exit status, after the rank's own message (one line for a data error) rather than under
+    torchrun's 30-line traceback and report repeating it."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main as torchrun
+
+    try:
+        torchrun(args)
+    except ChildFailedError as e:
+        rank, failure = e.get_first_failure()
+        how = f"exit status {failure.exitcode}" if failure.exitcode > 0 else f"signal {-failure.exitcode}"
+        print(f"smart_train: rank {rank} failed ({how}); its message is above", file=sys.stderr, flush=True)
+        return failure.exitcode if failure.exitcode > 0 else 128 - failure.exitcode
+    return 0
 
 
 def run_rank(script: str, script_args: list[str]) -> None:
-    """One rank of a torchrun launch: run the script as `python SCRIPT` would; when it succeeds, the process then ends
-    as the interpreter ends one (non-daemon threads joined, atexit functions run, output flushed) minus the final
-    teardown.
+    """One rank of a launch: run the script as `python SCRIPT` would; when it succeeds or calls sys.exit, the process
+    then ends as the interpreter ends one (non-daemon threads joined, atexit functions run, output flushed, the exit
+    status) minus the final teardown. Under smart_train (LAUNCHER_ENV set) the rank dies with it (watch_launcher).
 
     Why: the process groups' C++ worker threads (gloo's pt_gloo_runloop) outlive the run: destroy_process_group() does
     not free groups that DeepSpeed (engine, optimizer, every parameter's ds_process_group, caches) and
@@ -116,20 +174,26 @@ def run_rank(script: str, script_args: list[str]) -> None:
     std::terminate ("terminate called without an active exception", SIGABRT) on a rank that had completed its stage.
     Without the teardown there is no race. Every rank has passed its last collective by then (Backend.close ends with
     a barrier), so no peer waits on this one.
-    An exception or sys.exit in the script takes the normal way out (traceback, its exit status)."""
-    succeeded = False
+    An exception in the script takes the normal way out (traceback, exit status 1)."""
+    exit_status = None
 
     def end_before_teardown():
-        if succeeded:
+        if exit_status is not None:
             sys.stdout.flush()
             sys.stderr.flush()
-            os._exit(0)
+            os._exit(exit_status)
 
+    if os.environ.get(LAUNCHER_ENV):
+        watch_launcher(os.environ[LAUNCHER_ENV])
     atexit.register(end_before_teardown)  # registered first, so it runs after every atexit function the script adds
     sys.argv = [script, *script_args]
     sys.path[0] = os.path.dirname(os.path.abspath(script))  # its imports resolve as under `python SCRIPT`
-    runpy.run_path(script, run_name="__main__")
-    succeeded = True
+    try:
+        runpy.run_path(script, run_name="__main__")
+    except SystemExit as e:  # Python prints a message given as the code; the status is then 1
+        exit_status = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+        raise
+    exit_status = 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -146,7 +210,11 @@ def main(argv: list[str] | None = None) -> int:
                          f"`smart_train train_pretrain_stage0.py`)")
     plan = plan_launch(script, launcher_args, script_args, deepspeed_usable())
     print("smart_train: run command:", shlex.join(plan.command), flush=True)
-    return subprocess.run(plan.command, env={**os.environ, **plan.env}).returncode
+    env = {**plan.env, LAUNCHER_ENV: launcher_identity() or ""}
+    if plan.torchrun:
+        os.environ.update(env)
+        return run_torchrun(plan.command[3:])
+    return subprocess.run(plan.command, env={**os.environ, **env}).returncode
 
 
 if __name__ == "__main__":

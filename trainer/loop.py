@@ -19,9 +19,11 @@ import numpy as np
 import torch
 
 from model import CortexModel, count_parameters
+from trainer.activation_checkpointing import enable_activation_checkpointing
 from trainer.backend import Backend, build_backend, dist_info_from_env
 from trainer.checkpoint import RunDir, TrainerState, load_init_weights, resolve_init_weights
 from trainer.config import TrainConfig
+from trainer.errors import InputError
 from trainer.metrics import MetricsLogger, RouterStats, device_peak_flops, train_flops_per_token
 from trainer.schedule import WarmupCosineSchedule
 from trainer.tasks import LossOutput, Task
@@ -80,7 +82,7 @@ class Trainer:
         self.task = make_task(config)
         self.tokenizer = self.task.tokenizer
         if self.tokenizer.vocab_size > config.model.vocab_size:
-            raise ValueError(f"the tokenizer has {self.tokenizer.vocab_size} ids but the model's vocab_size is "
+            raise InputError(f"the tokenizer has {self.tokenizer.vocab_size} ids but the model's vocab_size is "
                              f"{config.model.vocab_size}: they must match the stage config in utils.py")
         torch.manual_seed(config.seed)  # identical initial weights on every rank
         model = CortexModel(config.model)
@@ -88,6 +90,8 @@ class Trainer:
         self.init_path = init_path
         if init_path is not None:
             load_init_weights(model, init_path)
+        if config.activation_checkpointing:
+            enable_activation_checkpointing(model)
         self.backend: Backend = build_backend(config, model)
         seed_everything(config.seed + info.rank)  # dropout and sampling differ per rank
         self.info = self.backend.info
@@ -115,10 +119,20 @@ class Trainer:
             if self.info.is_main:
                 print(f"stage {c.stage} is already complete ({run.path}); delete that directory to train it again")
             return run.path
+        holder = None
         if self.info.is_main:
             run.create()
-        backend.barrier()
+            holder = run.lock()
+        if backend.all_reduce_max(torch.tensor([float(holder is not None)]))[0] > 0:  # every rank stops
+            raise InputError(f"{run.path} is being trained by {holder or 'another process (see rank 0)'}; wait for it "
+                             f"to finish or stop it, then rerun")
+        try:
+            return self._train()
+        finally:
+            run.unlock()
 
+    def _train(self) -> Path:
+        c, backend, run = self.config, self.backend, self.run
         total_steps = self.count_steps()
         schedule = WarmupCosineSchedule.from_ratio(c.optim.initial_lr, c.optim.max_lr, c.optim.min_lr, total_steps,
                                                    c.optim.warmup_ratio)
@@ -129,18 +143,25 @@ class Trainer:
             state = run.load_checkpoint(backend, latest)
             expected = (self.info.world_size, c.micro_batch_size, c.grad_accum_steps)
             if (state.world_size, state.micro_batch_size, state.grad_accum_steps) != expected:
-                raise RuntimeError(
+                raise InputError(
                     f"{latest} was written with world_size={state.world_size}, micro_batch_size={state.micro_batch_size}, "
                     f"grad_accum_steps={state.grad_accum_steps}; this run has {expected}. Resume with the same settings, "
                     f"or delete {run.path} to start the stage over")
 
         end_step = min(total_steps, c.max_steps) if c.max_steps else total_steps
         self.logger = MetricsLogger(run.path, self.info.is_main, end_step, state.step)
+        # Records past the checkpoint are of steps this run trains again; a fresh start drops the lost attempt's all.
+        self.logger.drop_records_after(state.step if latest is not None else -1)
         self.logger.text(f"stage {c.stage}: backend {backend.name}, precision {backend.precision}, "
                          f"world size {self.info.world_size}, {total_steps} optimizer steps "
                          f"({'resuming at step ' + str(state.step) if latest else 'from ' + str(self.init_path or 'random init')}), "
                          f"{count_parameters(c.model).total:,} parameters ({count_parameters(c.model).active:,} active per token)")
         eval_dataset = self.task.eval_dataset()
+        if eval_dataset is not None and (len(eval_dataset) < self.info.world_size or c.data.max_eval_batches < 1):
+            self.logger.text(f"no eval: {len(eval_dataset)} held-out items for {self.info.world_size} processes (each "
+                             f"evaluates at least one) and max_eval_batches={c.data.max_eval_batches}; raise "
+                             f"data.eval_fraction in utils.py, or mark more JSONL lines \"split\": \"eval\"")
+            eval_dataset = None
         if state.step == 0 and eval_dataset is not None:
             # The baseline every later eval loss is compared with.
             self.logger.log("eval", {"step": 0, "epoch": 0, "file": 0, "batch": 0, **self.eval_metrics(eval_dataset)})
@@ -155,7 +176,7 @@ class Trainer:
         backend.module.train()
         self._group = _Group()
         self._consecutive_skipped = 0
-        last_saved = state.step
+        last_saved = self._first_step = state.step
         while state.epoch < c.epochs and state.step < end_step:
             while state.file_index < len(self.task.sources) and state.step < end_step:
                 dataset = self.task.train_dataset(state.file_index)
@@ -258,24 +279,27 @@ class Trainer:
 
     @torch.no_grad()
     def eval_metrics(self, eval_dataset) -> dict[str, float]:
-        """The task's held-out metrics (Task.eval_metrics) averaged over up to max_eval_batches micro-batches, sharded
-        over ranks (equal counts per rank): {"eval_loss": the task's eval_loss_metric, "eval_<name>": the others}."""
-        c, backend = self.config, self.backend
-        n = min(len(eval_dataset) // (c.micro_batch_size * self.info.world_size), c.data.max_eval_batches)
-        if n == 0:
-            return {"eval_loss": float("nan")}
+        """The task's held-out metrics (Task.eval_metrics), an item-weighted mean over up to max_eval_batches
+        micro-batches per rank; every rank gets the same number of items (at least one: see train) and of batches, the
+        last one smaller when the held-out split does not fill it. {"eval_loss": the task's eval_loss_metric,
+        "eval_<name>": the others}."""
+        c, backend, world = self.config, self.backend, self.info.world_size
+        per_rank = min(len(eval_dataset), c.data.max_eval_batches * c.micro_batch_size * world) // world
         backend.module.eval()
         try:
-            per_batch = []
-            for b in range(n):
-                start = (b * self.info.world_size + self.info.rank) * c.micro_batch_size
-                items = [eval_dataset[i] for i in range(start, start + c.micro_batch_size)]
-                batch = _to_device(eval_dataset.collate(items), backend.device)
+            per_batch, sizes = [], []
+            for b in range(0, per_rank, c.micro_batch_size):
+                size = min(c.micro_batch_size, per_rank - b)  # batch b // micro_batch_size holds world x size items
+                start = b * world + self.info.rank * size
+                batch = _to_device(eval_dataset.collate([eval_dataset[i] for i in range(start, start + size)]),
+                                   backend.device)
                 per_batch.append(self.task.eval_metrics(batch, backend))
+                sizes.append(size)
         finally:
             backend.module.train()
         names = sorted(per_batch[0])
-        means = backend.all_reduce_mean(torch.stack([torch.stack([m[k].float().cpu() for m in per_batch]).mean()
+        weights = torch.tensor(sizes, dtype=torch.float32) / per_rank
+        means = backend.all_reduce_mean(torch.stack([(torch.stack([m[k].float().cpu() for m in per_batch]) * weights).sum()
                                                      for k in names]))
         values = dict(zip(names, means.tolist()))
         key = self.task.eval_loss_metric
@@ -306,7 +330,8 @@ class Trainer:
     def _finish(self, state: TrainerState, eval_dataset) -> None:
         c, backend = self.config, self.backend
         evaluated_now = c.eval_every_steps and state.step % c.eval_every_steps == 0
-        if eval_dataset is not None and not evaluated_now:
+        # Resumed from the final checkpoint (killed before the weights were written): its eval is logged already.
+        if eval_dataset is not None and not evaluated_now and state.step > self._first_step:
             self._evaluate(state, eval_dataset)
         self.run.save_checkpoint(backend, state, c.keep_last_checkpoints)
         weights = backend.full_state_dict()

@@ -3,6 +3,7 @@ the console, throughput and model FLOPs utilisation (MFU)."""
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import torch
 from tqdm import tqdm
 
 from model import ModelConfig, count_parameters
+from trainer.activation_checkpointing import is_recomputing
 
 # Dense bf16 peak FLOP/s per device, for MFU. Set TrainConfig.peak_flops for anything else.
 PEAK_BF16_FLOPS = {
@@ -61,7 +63,7 @@ class RouterStats:
 
     def _hook(self, index: int, moe):
         def hook(router, inputs, scores):
-            if not moe.training:  # eval and generation do not count
+            if not moe.training or is_recomputing():  # eval, generation and checkpointing's recompute do not count
                 return
             with torch.no_grad():
                 top = scores.topk(moe.top_k, dim=-1).indices.reshape(-1)
@@ -112,6 +114,16 @@ class MetricsLogger:
                         disable=True if not is_main else None,  # None: a bar on a terminal, plain log lines otherwise
                         desc=run_path.name, unit="step")
 
+    def drop_records_after(self, step: int) -> None:
+        """Rewrite metrics.jsonl and generations.jsonl without the records of steps after `step`: a resumed run trains
+        those steps again, and the resumed checkpoint holds everything logged up to its step (the eval at that step
+        included). A last line cut short by a kill goes too. Atomic; main process only, before anything is logged."""
+        if not self.is_main:
+            return
+        for path in (self.metrics_file, self.generations_file):
+            if path.exists():
+                _drop_records_after(path, step)
+
     def _append(self, path: Path, line: str) -> None:
         if path not in self._files:
             self._files[path] = open(path, "a", encoding="utf-8", buffering=1)
@@ -152,6 +164,31 @@ class MetricsLogger:
         for f in self._files.values():
             f.close()
         self._files.clear()
+
+
+def _drop_records_after(path: Path, step: int) -> None:
+    text = path.read_text(encoding="utf-8")
+    lines = text.splitlines(keepends=True)
+    kept = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines) and not line.endswith("\n"):  # the write a kill interrupted
+                continue
+            kept.append(line)  # not ours to judge: read_metrics names the line
+            continue
+        if not (isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] > step):
+            kept.append(line)
+    new_text = "".join(line if line.endswith("\n") else line + "\n" for line in kept)  # the next record starts a line
+    if new_text == text:
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(new_text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def _fmt(v) -> str:

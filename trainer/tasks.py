@@ -4,7 +4,7 @@ A task provides
     sources              the data files of one epoch, trained in order
     micro_batches(b)     the training micro-batches made from one data batch (default: the batch itself)
     train_dataset(i)     the (deterministic, indexable) training dataset of source i; its `collate` builds batches
-    eval_dataset()       held-out data for the eval loss
+    eval_dataset()       held-out data for the eval loss: the last eval_fraction of the first source only
     loss(forward, batch) -> LossOutput: the scalar to backpropagate, metrics to log, and the number of tokens trained
     eval_metrics(b, backend)  held-out metrics of one eval batch; eval_loss_metric names the one logged as eval_loss
 """
@@ -96,17 +96,20 @@ class Task:
     def sources(self) -> list[Path]:
         return self.data_files
 
-    def _load(self, path: Path, split: str) -> Dataset:
+    def _load(self, path: Path, split: str, eval_fraction: float) -> Dataset:
         return load_dataset(self.kind, path, self.tokenizer, self.config.data.max_seq_len, split=split,
-                            eval_fraction=self.config.data.eval_fraction)
+                            eval_fraction=eval_fraction)
 
     def train_dataset(self, index: int) -> Dataset:
-        return self._load(self.data_files[index], "train")
+        # Only the first source holds data out: the eval set is the same from step 0 on and needs no other file on
+        # disk (files are fetched as training reaches them); the others train in full. JSONL lines marked
+        # "split": "eval" are never trained, in any file.
+        return self._load(self.data_files[index], "train", self.config.data.eval_fraction if index == 0 else 0.0)
 
     def eval_dataset(self) -> Dataset | None:
         if self.config.data.eval_fraction <= 0:
             return None
-        return self._load(self.data_files[0], "eval")
+        return self._load(self.data_files[0], "eval", self.config.data.eval_fraction)
 
     def micro_batches(self, batch: dict, backend) -> Iterator[dict]:
         """The training micro-batches made from one data batch (each is followed by backend.step)."""

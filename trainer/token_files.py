@@ -36,6 +36,8 @@ from typing import Sequence
 
 import numpy as np
 
+from trainer.errors import DataError
+
 # Fields of each ragged collection kind; None means the field-less SFT naming (name.npy + name.offsets.npy).
 COLLECTION_FIELDS: dict[str, tuple[str | None, ...]] = {
     "sft": (None,),
@@ -44,7 +46,7 @@ COLLECTION_FIELDS: dict[str, tuple[str | None, ...]] = {
 }
 
 
-class TokenFileError(ValueError):
+class TokenFileError(DataError):
     """A token file is missing, malformed, or not safe to load."""
 
 

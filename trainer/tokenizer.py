@@ -35,6 +35,8 @@ import transformers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 from transformers import LlamaTokenizerFast, PreTrainedTokenizerFast
 
+from trainer.errors import InputError
+
 SPECIAL_TOKENS = ["</s>", "<pad>", "<unk>", "<user>", "<assistant>", "<think>", "</think>", "<system>", "<answer>", "</answer>"]
 THINK_SUFFIX, NO_THINK_SUFFIX = " /think", " /no think"
 ROLE_TAGS = {"system": "<system>", "user": "<user>", "assistant": "<assistant>"}
@@ -66,7 +68,7 @@ TINY_VOCAB_SIZE = 2048
 TINY_RECIPE_VERSION = 1  # bump when the BPE recipe changes, so cached tiny tokenizers are rebuilt
 
 
-class TokenizerFilesError(RuntimeError):
+class TokenizerFilesError(InputError, RuntimeError):
     """Tokenizer files are missing, corrupted or could not be downloaded. The message says which and how to fix it."""
 
 
