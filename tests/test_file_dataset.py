@@ -301,3 +301,18 @@ def test_a_converted_sft_file_is_not_read_as_a_pretrain_stream(pickle_hub, tmp_p
     path = FileDataset(["sft.pkl"], data_dir=tmp_path / "data", task="sft", vocab_size=VOCAB)[0]
     with pytest.raises(TokenFileError, match=r"sft\.pkl\.npy is an SFT collection \(sft\.pkl\.offsets\.npy lies"):
         load_stream(path, VOCAB)
+
+
+def test_a_damaged_converted_file_is_converted_again_as_its_error_says(pickle_hub, tmp_path):
+    from trainer.token_files import TokenFileError, load_collection
+
+    data_dir = tmp_path / "data"
+    path = FileDataset(["dpo.pkl"], data_dir=data_dir, task="dpo", vocab_size=VOCAB)[0]
+    damaged = data_dir / "dpo.pkl.rejected.npy"
+    damaged.write_bytes(damaged.read_bytes()[:-2])
+    with pytest.raises(TokenFileError, match=r"dpo\.pkl\.rejected\.npy: .*damaged.* delete dpo\.pkl\.converted\.json "
+                                             r"beside it and the next run converts dpo\.pkl again"):
+        load_collection(path, "dpo", VOCAB)
+    (data_dir / "dpo.pkl.converted.json").unlink()
+    path = FileDataset(["dpo.pkl"], data_dir=data_dir, task="dpo", vocab_size=VOCAB)[0]
+    assert [load_collection(path, "dpo", VOCAB)["rejected"][i].tolist() for i in range(2)] == [[3], [5, 6, 7]]
