@@ -44,9 +44,9 @@ GB = 1e9
 
 
 def _norm_bytes(width: int, rows: int, act: int) -> int:
-    """RMSNorm of `rows` rows per token, `width` elements in all: fp32 keeps the normalised x (our CPU function);
-    lower precisions keep x in fp32 and the normalised x cast back. Plus 1 / rms per row."""
-    return (4 if act == 4 else 4 + act) * width + 4 * rows
+    """RMSNorm of `rows` rows per token, `width` elements in all (F.rms_norm of x in fp32): x in fp32 and the normalised
+    x in the activations' dtype, plus 1 / rms per row."""
+    return (4 + act) * width + 4 * rows
 
 
 def layer_activation_bytes(config: ModelConfig, layer_idx: int, act: int, kv_saved: int) -> int:
@@ -68,9 +68,9 @@ def layer_activation_bytes(config: ModelConfig, layer_idx: int, act: int, kv_sav
         k, experts = moe.num_experts_per_tok, moe.n_routed_experts
         ffn += (4 * h if act != 4 else 0) + 4 * experts  # the router's fp32 input and its scores
         ffn += 12 * k + 16 * k  # top-k ids and weights; the sort's gather and scatter indices (int64)
-        # the K gathered token rows, each expert's gate and up projections, the experts' sorted and unsorted outputs
-        # (the latter in fp32 for the weighted sum)
-        ffn += act * k * h + 2 * act * k * moe.intermediate_size + act * k * h + 4 * k * h
+        # the K gathered token rows, each expert's gate and up projections, silu(gate) and their product, the experts'
+        # sorted and unsorted outputs (the latter in fp32 for the weighted sum)
+        ffn += act * k * h + 4 * act * k * moe.intermediate_size + act * k * h + 4 * k * h
         ffn += 4 * act * moe.intermediate_size * moe.n_shared_experts  # the shared expert's SwiGLU
     else:
         ffn += 4 * act * config.intermediate_size  # gate, up, silu(gate), their product
