@@ -247,7 +247,8 @@ def process(task: str, inputs: list[Path], out: Path, tokenizer, max_len: int = 
 
 
 def convert(path: Path, task: str, out: Path, vocab_size: int) -> dict:
-    """An original .pkl (loaded through the restricted unpickler) rewritten as our memory-mappable .npy files."""
+    """An original .pkl (read opcode by opcode, never unpickled, in flat memory) rewritten as our memory-mappable .npy
+    files."""
     files = [str(f) for f in convert_pickle(path, task, vocab_size, out)]
     if task == "pretrain":
         return {"task": task, "kept": 1, "tokens": int(len(load_stream(out, vocab_size))), "files": files}

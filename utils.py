@@ -8,8 +8,10 @@ Two presets, chosen with the environment variable CORTEX_PRESET:
 CORTEX_RUN_DIR sets where runs/<stage>/ go (default ./runs), CORTEX_DATA_DIR where the full preset's data files are
 downloaded to (default ./data), CORTEX_DATASET_ID the ModelScope dataset they come from (flags --run-dir, --data-dir,
 --dataset-id and --delete-consumed-files override them for one run). The learning rates of the full preset are the
-effective ones of the original 4-GPU run (global batch = micro batch x 4 GPUs x 3 accumulation steps); scale them if
-your global batch differs.
+effective ones of the original 4-GPU run (global batch = micro batch x 4 GPUs x 3 accumulation steps, GRPO 4 x 1
+prompt), recorded as recipe_global_batch: on another number of GPUs the run keeps that global batch through
+accumulation steps where it can, else scales the learning rates linearly, and says so at start
+(trainer.config.fit_global_batch).
 """
 from __future__ import annotations
 
@@ -20,13 +22,14 @@ from pathlib import Path
 from file_dataset import MODELSCOPE_DATASET, STAGE_FILES, FileDataset
 from model import cortex_2_5_config, tiny_config
 from trainer.cli import run
-from trainer.config import STAGE_ORDER, DataConfig, DeepSpeedConfig, DPOConfig, GRPOConfig, OptimConfig, TrainConfig
+from trainer.config import STAGE_ORDER, global_batch, DataConfig, DeepSpeedConfig, DPOConfig, GRPOConfig, OptimConfig, TrainConfig
 from trainer.tokenizer import TINY_VOCAB_SIZE
 
 REPO_ROOT = Path(__file__).resolve().parent
 SAMPLE_DATA = REPO_ROOT / "sample_data"
 
 # --- the full Cortex 2.5 recipe ------------------------------------------------------------------------------------
+RECIPE_WORLD_SIZE = 4  # the original run's GPUs: its learning rates are for 4 x micro batch x accumulation steps
 PRETRAIN_PROMPTS = ["床前明月光，", "今天天气很好，", "人工智能的发展", "中国的首都是"]
 CHAT_PROMPTS = ["请问一加一等于几？", "用一句话介绍你自己。", "小明有5个苹果，吃了2个，还剩几个？", "写一首关于秋天的短诗。"]
 GRPO_PROMPTS = ["小明有15个苹果，他给了小红6个，又买了8个。小明现在有多少个苹果？", "一本书有120页，小华每天读15页，几天能读完？",
@@ -40,7 +43,7 @@ def _data(stage: str, **kwargs) -> DataConfig:
                       dataset_id=os.environ.get("CORTEX_DATASET_ID", MODELSCOPE_DATASET), **kwargs)
 
 
-def _full(stage: str) -> TrainConfig:
+def _full_settings(stage: str) -> TrainConfig:
     long_context = stage != "pretrain_stage0"
     common = dict(stage=stage, model=cortex_2_5_config(long_context=long_context), grad_accum_steps=3,
                   deepspeed=DeepSpeedConfig(zero_stage=3), save_every_steps=100, eval_every_steps=100,
@@ -91,6 +94,11 @@ def _full(stage: str) -> TrainConfig:
     raise ValueError(f"unknown stage {stage!r}; stages are {', '.join(STAGE_ORDER)}")
 
 
+def _full(stage: str) -> TrainConfig:
+    config = _full_settings(stage)
+    return replace(config, recipe_global_batch=global_batch(config, RECIPE_WORLD_SIZE))
+
+
 # --- the tiny preset ------------------------------------------------------------------------------------------------
 TINY_PRETRAIN_PROMPTS = ["3 + 4 =", "The cat", "今天是星期"]
 TINY_CHAT_PROMPTS = ["What is 12 + 7?", "小明有5个苹果，吃了2个，还剩几个？"]
@@ -108,6 +116,7 @@ def _tiny(stage: str) -> TrainConfig:
         data=DataConfig(jsonl_files=[str(SAMPLE_DATA / files[stage])], max_seq_len=seq_len, max_eval_batches=8),
         optim=OptimConfig(initial_lr=lr[0], max_lr=lr[1], min_lr=lr[0] / 10, weight_decay=0.01),
         micro_batch_size=8, grad_accum_steps=2, epochs={"pretrain_stage0": 4, "pretrain_stage1": 1}.get(stage, 3), deepspeed=DeepSpeedConfig(zero_stage=2),
+        recipe_global_batch=None,  # tuned as it runs: no adjustment for the world size
         precision="fp32", save_every_steps=50, eval_every_steps=50, eval_max_new_tokens=24,
         eval_prompts=TINY_PRETRAIN_PROMPTS if full.task == "pretrain" else TINY_CHAT_PROMPTS)
     if stage == "grpo":

@@ -1,14 +1,11 @@
-"""Token-by-token decoding as one compiled graph per step: generate(..., compile=True) and the chat server's --compile.
+"""Token-by-token decoding as one torch.compile'd graph per step: generate(..., compile=True) and the server's --compile.
 
-Decoding one token eagerly runs some 300 small operations, and their dispatch (on a GPU, their kernel launches) costs
-more than their arithmetic. The step below has no data-dependent Python control flow, so torch.compile makes one graph
-of it: each row's new key/value are written at a position held in a tensor and attention reads the given cache width
-under a mask (no slicing to the current length), and the routed experts run from their stacked weights by index
-(RoutedExperts.gathered) instead of a Python loop over experts. It runs the model's own modules on the model's own
-weights (no copy), so it follows weight updates, and its numbers match eager decoding up to rounding order.
-torch.compile needs a C++ compiler on CPU and Triton on CUDA. It compiles a graph for the first shape (batch size,
-cache width) it sees and a dynamic one at the second; a batch of one row gets graphs of its own. Each takes seconds
-(the chat server compiles them at start).
+Eagerly, a decode step is some 300 small operations whose dispatch (on a GPU, kernel launches) costs more than their
+arithmetic. This step has no data-dependent control flow, so it compiles to one graph: each row's new key/value are
+written at a position held in a tensor, attention reads the whole cache under a mask, and each row's experts are picked
+from the stacked weights by index (RoutedExperts.gathered). It runs the model's own modules and weights (weight updates
+are seen) and matches eager decoding up to rounding order. It needs a C++ compiler on CPU, Triton on CUDA; each new
+shape (batch size, cache width) compiles for seconds, the second one a dynamic graph, and a batch of one its own.
 """
 
 import functools
@@ -22,8 +19,7 @@ from .kv_cache import KVCache
 
 class _WriteAtPositions:
     """The KVCache interface inside a compiled step: row b's new key/value go to position positions[b] of each layer's
-    buffer (B, n_kv, S, head_dim), and attention reads the whole buffer; the caller's bias masks what is not that row's
-    sequence so far."""
+    (B, n_kv, S, head_dim) buffer, and attention reads the whole buffer (the caller's bias masks the rest)."""
 
     def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], positions: torch.Tensor):
         self.keys, self.values, self.positions = keys, values, positions
@@ -38,16 +34,16 @@ class _WriteAtPositions:
 
 def decode_step(model: nn.Module, tokens: torch.Tensor, position_ids: torch.Tensor, write_positions: torch.Tensor,
                 attn_bias: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor]) -> torch.Tensor:
-    """One new token per row through the whole model.
+    """One new token per row through the whole model -> logits (B, V).
 
     tokens (B,); position_ids (B, 1) RoPE positions; write_positions (B,) each row's cache position for this token;
-    attn_bias (B, 1, 1, S) additive: 0 where a row may attend (its tokens so far and this one), finfo.min elsewhere;
-    keys / values: each layer's (B, n_kv, S, head_dim) cache, written in place. Returns the logits (B, V)."""
+    attn_bias (B, 1, 1, S) additive, 0 where a row may attend (its tokens so far and this one); keys / values: each
+    layer's (B, n_kv, S, head_dim) cache, written in place."""
     x = model.embed_tokens(tokens[:, None])
-    cos, signed_sin = model.rotary_emb(position_ids, x.dtype)
+    cos, sin = model.rotary_emb(position_ids, x.dtype)
     cache = _WriteAtPositions(keys, values, write_positions)
     for layer in model.layers:
-        x, _ = layer(x, cos, signed_sin, attn_bias, False, cache, gather_experts=True)
+        x, _ = layer(x, cos, sin, attn_bias, False, cache, gather_experts=True)
     return model.lm_head(model.head_norm(x))[:, -1]
 
 
@@ -59,9 +55,8 @@ def attention_bias(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 @functools.cache
 def _compiled() -> Callable:
-    # One compiled function for every model: the model is an argument, so its parameters are graph inputs and weight
-    # updates are seen without recompiling (only shapes, dtypes and devices are guarded). The C++ wrapper saves the
-    # Python cost of each kernel call.
+    # One compiled function for every model: the model is an argument, so its weights are graph inputs (guarded on
+    # shape, dtype and device only); the C++ wrapper saves the Python cost of each kernel call
     return torch.compile(decode_step, fullgraph=True, options={"cpp_wrapper": True})
 
 
@@ -74,8 +69,7 @@ def compiled_decode_step(model: nn.Module) -> Callable:
 
 
 class CompiledDecoder:
-    """Decodes into a fixed-size KVCache that already holds the prompt, one compiled step per token (all rows of the
-    batch share the cache's sequence axis, as in model.generate)."""
+    """Decodes into a fixed-size KVCache that holds the prompt, one compiled step per token (as in model.generate)."""
 
     def __init__(self, model: nn.Module, cache: KVCache, attention_mask: torch.Tensor | None):
         """attention_mask (B, P) of the prompt in the cache (None = no padding)."""
@@ -84,10 +78,8 @@ class CompiledDecoder:
             raise ValueError("CompiledDecoder needs a fixed-size KVCache (KVCache(max_length=...)) holding the prompt")
         self.cache = cache
         batch, _, max_length, _ = cache.keys[0].shape
-        length = cache.get_seq_len()
-        device = cache.keys[0].device
-        allowed = torch.zeros(batch, max_length, dtype=torch.bool, device=device)
-        allowed[:, :length] = True if attention_mask is None else attention_mask.bool()
+        allowed = torch.zeros(batch, max_length, dtype=torch.bool, device=cache.keys[0].device)
+        allowed[:, :cache.get_seq_len()] = True if attention_mask is None else attention_mask.bool()
         self.attn_bias = attention_bias(allowed, cache.keys[0].dtype)
 
     def step(self, tokens: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:

@@ -23,10 +23,8 @@ class RoPEConfig:
         if self.rope_type not in ("default", "yarn"):
             raise ValueError(f"RoPEConfig.rope_type={self.rope_type!r} is not supported; use 'default' or 'yarn'")
         if self.partial_rotary_factor != 1.0:
-            raise ValueError(
-                f"RoPEConfig.partial_rotary_factor={self.partial_rotary_factor} is not supported; "
-                "Cortex rotates the full head dimension, set it to 1.0"
-            )
+            raise ValueError(f"RoPEConfig.partial_rotary_factor={self.partial_rotary_factor} is not supported; "
+                             "Cortex rotates the full head dimension, set it to 1.0")
 
 
 @dataclass(kw_only=True)
@@ -48,9 +46,8 @@ class MoEConfig:
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise ValueError(f"MoEConfig.{name} must be an int >= 0, got {getattr(self, name)!r}")
         if self.num_experts_per_tok > self.n_routed_experts:
-            raise ValueError(
-                f"MoEConfig.num_experts_per_tok={self.num_experts_per_tok} exceeds n_routed_experts={self.n_routed_experts}"
-            )
+            raise ValueError(f"MoEConfig.num_experts_per_tok={self.num_experts_per_tok} exceeds "
+                             f"n_routed_experts={self.n_routed_experts}")
 
 
 @dataclass(kw_only=True)
@@ -73,26 +70,19 @@ class ModelConfig:
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.hidden_size % self.num_attention_heads:
-            raise ValueError(
-                f"hidden_size={self.hidden_size} is not divisible by num_attention_heads={self.num_attention_heads}"
-            )
+            raise ValueError(f"hidden_size={self.hidden_size} is not divisible by "
+                             f"num_attention_heads={self.num_attention_heads}")
         if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(
-                f"num_attention_heads={self.num_attention_heads} is not divisible by "
-                f"num_key_value_heads={self.num_key_value_heads}"
-            )
+            raise ValueError(f"num_attention_heads={self.num_attention_heads} is not divisible by "
+                             f"num_key_value_heads={self.num_key_value_heads}")
         if self.attention_implementation not in ("sdpa", "auto"):
-            raise ValueError(
-                f"attention_implementation={self.attention_implementation!r} is not supported; "
-                "this model always uses scaled_dot_product_attention ('sdpa' or 'auto')"
-            )
+            raise ValueError(f"attention_implementation={self.attention_implementation!r} is not supported; "
+                             "this model always uses scaled_dot_product_attention ('sdpa' or 'auto')")
         if not 0.0 <= self.attention_dropout < 1.0:
             raise ValueError(f"attention_dropout must be in [0, 1), got {self.attention_dropout}")
         if self.moe_config is not None and self.moe_config.n_dense_layer > self.num_hidden_layers:
-            raise ValueError(
-                f"moe_config.n_dense_layer={self.moe_config.n_dense_layer} exceeds "
-                f"num_hidden_layers={self.num_hidden_layers}"
-            )
+            raise ValueError(f"moe_config.n_dense_layer={self.moe_config.n_dense_layer} exceeds "
+                             f"num_hidden_layers={self.num_hidden_layers}")
 
     def to_dict(self) -> dict:
         """Plain JSON-serialisable dict (nested configs as dicts)."""
@@ -126,24 +116,12 @@ def _dataclass_from_dict(cls, data: dict):
 def cortex_2_5_config(long_context: bool = False) -> ModelConfig:
     """Cortex 2.5 (0.6B total, 0.2B active). Stage 0: 512 ctx, default RoPE; later stages: 2048 ctx, YaRN from 512."""
     return ModelConfig(
-        vocab_size=46957,
-        hidden_size=768,
-        intermediate_size=2048,
-        num_hidden_layers=24,
-        num_attention_heads=12,
-        num_key_value_heads=4,
-        max_position_embeddings=2048 if long_context else 512,
+        vocab_size=46957, hidden_size=768, intermediate_size=2048, num_hidden_layers=24, num_attention_heads=12,
+        num_key_value_heads=4, max_position_embeddings=2048 if long_context else 512,
         original_max_position_embeddings=512 if long_context else None,
         rope_config=RoPEConfig(rope_type="yarn" if long_context else "default", rope_theta=1e6),
-        moe_config=MoEConfig(
-            intermediate_size=1024,
-            n_dense_layer=1,
-            num_experts_per_tok=2,
-            n_shared_experts=1,
-            n_routed_experts=8,
-            seq_aux=True,
-            norm_topk_prob=True,
-        ),
+        moe_config=MoEConfig(intermediate_size=1024, n_dense_layer=1, num_experts_per_tok=2, n_shared_experts=1,
+                             n_routed_experts=8, seq_aux=True, norm_topk_prob=True),
     )
 
 
@@ -157,19 +135,10 @@ def cortex_2_5_dense_config(long_context: bool = False) -> ModelConfig:
 def tiny_config(vocab_size: int, long_context: bool = False) -> ModelConfig:
     """A tiny MoE config with the Cortex structure (dense layer 0, shared + routed experts) for tests and CPU runs."""
     cortex = cortex_2_5_config(long_context)
-    return replace(
-        cortex,
-        vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256 if long_context else 128,
-        original_max_position_embeddings=128 if long_context else None,
-        attention_dropout=0.0,
-        moe_config=replace(cortex.moe_config, intermediate_size=32, n_routed_experts=4),
-    )
+    return replace(cortex, vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256 if long_context else 128,
+                   original_max_position_embeddings=128 if long_context else None, attention_dropout=0.0,
+                   moe_config=replace(cortex.moe_config, intermediate_size=32, n_routed_experts=4))
 
 
 @dataclass(frozen=True)

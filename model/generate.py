@@ -15,16 +15,9 @@ from .compiled_decode import CompiledDecoder
 from .kv_cache import KVCache
 
 
-def process_logits(
-    logits: torch.Tensor,
-    *,
-    temperature: float | None = None,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    repetition_penalty: float = 1.0,
-    seen_tokens: torch.Tensor | None = None,
-    suppress_token_ids: Sequence[int] = (),
-) -> torch.Tensor:
+def process_logits(logits: torch.Tensor, *, temperature: float | None = None, top_k: int | None = None,
+                   top_p: float | None = None, repetition_penalty: float = 1.0, seen_tokens: torch.Tensor | None = None,
+                   suppress_token_ids: Sequence[int] = ()) -> torch.Tensor:
     """logits (B, V) -> processed fp32 logits; seen_tokens (B, V) bool marks the tokens the penalty applies to."""
     logits = logits.float()
     if repetition_penalty != 1.0 and seen_tokens is not None:
@@ -68,21 +61,10 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int, device=None) -
 
 
 @torch.no_grad()
-def _decode(
-    model: nn.Module,
-    prompts: Sequence[Sequence[int]],
-    *,
-    max_new_tokens: int,
-    pad_token_id: int,
-    stop_token_ids: Sequence[int] = (),
-    temperature: float | None = None,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    repetition_penalty: float = 1.0,
-    suppress_token_ids: Sequence[int] = (),
-    generator: torch.Generator | None = None,
-    compile: bool = False,
-) -> Iterator[torch.Tensor]:
+def _decode(model: nn.Module, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, pad_token_id: int,
+            stop_token_ids: Sequence[int] = (), temperature: float | None = None, top_k: int | None = None,
+            top_p: float | None = None, repetition_penalty: float = 1.0, suppress_token_ids: Sequence[int] = (),
+            generator: torch.Generator | None = None, compile: bool = False) -> Iterator[torch.Tensor]:
     """Yields the next token of every row (B,) per step."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -110,15 +92,9 @@ def _decode(
         next_position = position_ids[:, -1:] + 1
         decoder = CompiledDecoder(model, cache, attention_mask) if compile else None
         for step in range(max_new_tokens):
-            logits = process_logits(
-                logits,
-                temperature=temperature,
-                top_k=top_k,
-                top_p=top_p,
-                repetition_penalty=repetition_penalty,
-                seen_tokens=seen_tokens,
-                suppress_token_ids=suppress_token_ids,
-            )
+            logits = process_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p,
+                                    repetition_penalty=repetition_penalty, seen_tokens=seen_tokens,
+                                    suppress_token_ids=suppress_token_ids)
             tokens = select_tokens(logits, temperature, generator).masked_fill(finished, pad_token_id)
             yield tokens
             finished |= torch.isin(tokens, stop_ids)
@@ -154,9 +130,8 @@ def generate(model: nn.Module, prompt_ids: Sequence[int], **kwargs) -> list[int]
     return list(generate_stream(model, prompt_ids, **kwargs))
 
 
-def batch_generate(
-    model: nn.Module, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, pad_token_id: int, **sampling
-) -> torch.Tensor:
+def batch_generate(model: nn.Module, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, pad_token_id: int,
+                   **sampling) -> torch.Tensor:
     """Generate for several prompts at once (left-padded, per-row positions, one KV cache); sampling as in
     generate_stream.
 

@@ -4,16 +4,11 @@ import torch
 
 
 class KVCache:
-    """Two modes:
+    """`KVCache()` grows by concatenation with no limit (the reference's behaviour); `KVCache(max_length=N)` allocates N
+    positions per layer on first use and writes in place (no copy of the past per step), and refuses to go past N.
 
-    * `KVCache()`: grows by concatenation, no length limit (the reference's behaviour).
-    * `KVCache(max_length=N)`: N positions per layer are allocated on first use and written in place, so each decode step
-      costs no reallocation or copy of the past. Going past N raises an error.
-
-    All rows of a batch share the sequence axis; rows of different lengths are left-padded and masked by the caller's
-    attention_mask (B, S). `keys[i]` / `values[i]` hold layer i's storage (in fixed-size mode the whole buffer, of which the
-    first `get_seq_len(i)` positions are valid).
-    """
+    All rows share the sequence axis: rows of different lengths are left-padded and masked by the caller's
+    attention_mask (B, S). keys[i] / values[i] hold layer i's storage; its first get_seq_len(i) positions are valid."""
 
     def __init__(self, max_length: int | None = None):
         if max_length is not None and max_length < 1:
@@ -49,14 +44,12 @@ class KVCache:
             self.values[layer_idx] = torch.cat((self.values[layer_idx], value), dim=-2)
         else:
             if end > self.max_length:
-                raise RuntimeError(
-                    f"KVCache is full: it holds {start} of max_length={self.max_length} positions and {key.shape[-2]} "
-                    "more were added; create it with a larger max_length (prompt length + max new tokens)"
-                )
+                raise RuntimeError(f"KVCache is full: it holds {start} of max_length={self.max_length} positions and "
+                                   f"{key.shape[-2]} more were added; create it with a larger max_length (prompt "
+                                   "length + max new tokens)")
             if key.shape[0] != self.keys[layer_idx].shape[0]:
-                raise RuntimeError(
-                    f"KVCache was allocated for batch size {self.keys[layer_idx].shape[0]}, got {key.shape[0]}"
-                )
+                raise RuntimeError(f"KVCache was allocated for batch size {self.keys[layer_idx].shape[0]}, "
+                                   f"got {key.shape[0]}")
             self.keys[layer_idx][:, :, start:end] = key
             self.values[layer_idx][:, :, start:end] = value
         self.lengths[layer_idx] = end

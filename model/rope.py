@@ -75,21 +75,17 @@ class RotaryEmbedding(nn.Module):
         return self
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """position_ids (B or 1, T) -> (cos, signed sin), each (B or 1, 1, T, head_dim) (broadcast over heads), computed
-        in fp32, cast to dtype.
-
-        The signed sin has its first half negated, so that rotate_half(x) * sin == x.roll(D/2) * signed_sin exactly."""
+        """position_ids (B or 1, T) -> cos, sin (B or 1, 1, T, head_dim), broadcast over heads; fp32, cast to dtype."""
         freqs = position_ids.float()[:, None, :, None] * self.inv_freq  # an elementwise product is immune to autocast
         angles = torch.cat((freqs, freqs), dim=-1)
-        cos = angles.cos() * self.attention_scaling
-        sin = angles.sin() * self.attention_scaling
-        half = freqs.shape[-1]
-        signed_sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
-        return cos.to(dtype), signed_sin.to(dtype)
+        return (angles.cos() * self.attention_scaling).to(dtype), (angles.sin() * self.attention_scaling).to(dtype)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
-    """Half-split RoPE, x' = x * cos + rotate_half(x) * sin with rotate_half([x1, x2]) = [-x2, x1].
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
 
-    x (B, heads, T, D); cos / signed_sin (B or 1, 1, T, D) from RotaryEmbedding."""
-    return (x * cos) + (x.roll(x.shape[-1] // 2, dims=-1) * signed_sin)
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Half-split (GPT-NeoX / HF) RoPE of x (B, heads, T, D)."""
+    return x * cos + rotate_half(x) * sin

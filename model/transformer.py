@@ -3,12 +3,10 @@
 import torch
 from torch import nn
 
-from .attention import Attention
+from .attention import Attention, build_attention_bias
 from .config import ModelConfig
-from .embedding import TokenEmbedding
-from .head import LMHead
+from .head import LMHead, compute_dtype
 from .kv_cache import KVCache
-from .masks import attention_dtype, build_attention_bias
 from .mlp import MLP
 from .moe import MoE, RoutedExperts
 from .norm import RMSNorm
@@ -26,8 +24,8 @@ class DecoderLayer(nn.Module):
         self.is_moe = config.is_moe_layer(layer_idx)
         self.mlp = MoE(config) if self.is_moe else MLP(config.hidden_size, config.intermediate_size)
 
-    def forward(self, x, cos, signed_sin, attn_bias, is_causal, cache, gather_experts: bool = False):
-        h = self.attn(self.attn_norm(x), cos, signed_sin, attn_bias, is_causal, cache) + x
+    def forward(self, x, cos, sin, attn_bias, is_causal, cache, gather_experts: bool = False):
+        h = self.attn(self.attn_norm(x), cos, sin, attn_bias, is_causal, cache) + x
         if self.is_moe:
             ffn_out, aux_loss = self.mlp(self.mlp_norm(h), gather_experts)
         else:
@@ -40,7 +38,7 @@ class CortexModel(nn.Module):
         super().__init__()
         self.config = config
         self.rotary_emb = RotaryEmbedding(config)
-        self.embed_tokens = TokenEmbedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, idx) for idx in range(config.num_hidden_layers))
         self.head_norm = RMSNorm(config.hidden_size)
         self.lm_head = LMHead(config.hidden_size, config.vocab_size)
@@ -48,26 +46,17 @@ class CortexModel(nn.Module):
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
-        # N(0, 0.02) for every Linear, Embedding and routed expert; norms stay 1 and the router keeps its
-        # kaiming-uniform init
+        # N(0, 0.02) for every Linear, Embedding and routed expert; norms stay 1, the router keeps its kaiming init
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
         elif isinstance(module, RoutedExperts):
-            module.normal_init_(std=0.02)
+            module.init_weights(lambda weight: nn.init.normal_(weight, mean=0.0, std=0.02))
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-        doc_boundary_mask: torch.Tensor | None = None,
-        past_key_values: KVCache | None = None,
-        use_cache: bool = False,
-        logits_to_keep: int = 0,
-        targets: torch.Tensor | None = None,
-        sum_target_log_probs: bool = False,
-        return_entropy: bool = False,
-    ) -> dict:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, doc_boundary_mask: torch.Tensor | None = None,
+                past_key_values: KVCache | None = None, use_cache: bool = False, logits_to_keep: int = 0,
+                targets: torch.Tensor | None = None, sum_target_log_probs: bool = False,
+                return_entropy: bool = False) -> dict:
         """
         input_ids: (B, T) new tokens.
         attention_mask: (B, P+T), True/1 = real token, False/0 = padding; must cover the cached positions too.
@@ -80,8 +69,8 @@ class CortexModel(nn.Module):
         targets: (B, T or k) token ids to score instead of returning logits (-100 = not scored): position t scores
             targets[:, t], so for next-token prediction pass the inputs shifted left. Computed in chunks of positions
             without materialising the (B, T, V) logits (model/head.py).
-        sum_target_log_probs: return the sum of the target log-probs (0-d) rather than one per position, which lets
-            backward skip recomputing logits (use it for a cross-entropy loss).
+        sum_target_log_probs: return the sum of the target log-probs (0-d) rather than one per position, which spares
+            backward a projection (use it for a cross-entropy loss).
         return_entropy: also return each kept position's entropy (no gradient), with targets.
 
         Returns {'logits': (B, T or k, V), or None with targets, 'aux_loss': sum of the MoE layers' aux losses (0-d
@@ -101,14 +90,13 @@ class CortexModel(nn.Module):
             position_ids = torch.arange(past_len, past_len + new_len, device=x.device).unsqueeze(0)
         elif position_ids.dim() != 2 or position_ids.shape[1] != new_len or position_ids.shape[0] not in (1, batch):
             raise ValueError(f"position_ids has shape {tuple(position_ids.shape)}, expected ({batch} or 1, {new_len})")
-        cos, signed_sin = self.rotary_emb(position_ids, x.dtype)
-        attn_bias, is_causal = build_attention_bias(
-            attention_mask, doc_boundary_mask, batch, new_len, past_len, attention_dtype(x), x.device
-        )
+        cos, sin = self.rotary_emb(position_ids, x.dtype)
+        attn_bias, is_causal = build_attention_bias(attention_mask, doc_boundary_mask, batch, new_len, past_len,
+                                                    compute_dtype(x), x.device)
 
         aux_loss = None
         for layer in self.layers:
-            x, layer_aux = layer(x, cos, signed_sin, attn_bias, is_causal, past_key_values)
+            x, layer_aux = layer(x, cos, sin, attn_bias, is_causal, past_key_values)
             if layer_aux is not None:
                 aux_loss = layer_aux if aux_loss is None else aux_loss + layer_aux
 
@@ -118,5 +106,5 @@ class CortexModel(nn.Module):
         out = {"aux_loss": aux_loss, "past_key_values": past_key_values}
         if targets is None:
             return out | {"logits": self.lm_head(x)}
-        log_probs, entropy = self.lm_head(x, targets, sum_target_log_probs, return_entropy)
+        log_probs, entropy = self.lm_head(x, targets, return_entropy, sum_target_log_probs)
         return out | {"logits": None, "target_log_probs": log_probs, "entropy": entropy}

@@ -29,14 +29,11 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
         state_dict = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
         reason = str(error).strip().splitlines()[0]
-        raise ValueError(
-            f"{path} could not be read as a plain tensor state dict with torch.load(weights_only=True): {reason}. "
-            "Arbitrary pickles are never loaded; the file must hold only tensors (torch.save(model.state_dict()) or "
-            "save_weights), or be a .safetensors file"
-        ) from error
-    if not isinstance(state_dict, dict) or not all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state_dict.items()
-    ):
+        raise ValueError(f"{path} could not be read as a plain tensor state dict with torch.load(weights_only=True): "
+                         f"{reason}. Arbitrary pickles are never loaded; the file must hold only tensors "
+                         "(torch.save(model.state_dict()) or save_weights), or be a .safetensors file") from error
+    if not isinstance(state_dict, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                   for k, v in state_dict.items()):
         raise ValueError(f"{path} does not hold a state dict (a dict of name -> tensor) but a {type(state_dict).__name__}")
     return state_dict
 
@@ -52,11 +49,8 @@ def check_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], sour
     expected = model.state_dict()
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
-    mismatched = [
-        f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in state_dict and state_dict[k].shape != v.shape
-    ]
+    mismatched = [f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
+                  for k, v in expected.items() if k in state_dict and state_dict[k].shape != v.shape]
     if not (missing or unexpected or mismatched):
         return
     parts = [f"{source} does not match the model ({type(model).__name__})"]
@@ -96,12 +90,8 @@ def save_weights(model_or_state_dict: nn.Module | dict[str, torch.Tensor], path:
 
 
 def _standalone(tensor: torch.Tensor) -> torch.Tensor:
-    """A contiguous CPU tensor that owns its storage. The routed experts' state-dict entries are views of stacked
-    weights: copied, each is written once and on its own (safetensors refuses tensors that share memory, and torch.save
-    would write the whole stack for any view of it)."""
+    """A contiguous CPU tensor that owns its storage: the routed experts' entries are views of stacked weights, which
+    safetensors refuses and torch.save would write whole for each view."""
     tensor = tensor.detach().cpu()
-    if tensor.is_contiguous() and tensor.storage_offset() == 0 and (
-        tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
-    ):
-        return tensor
-    return tensor.clone(memory_format=torch.contiguous_format)
+    owns_storage = tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
+    return tensor if owns_storage and tensor.is_contiguous() else tensor.clone(memory_format=torch.contiguous_format)

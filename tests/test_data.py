@@ -222,7 +222,7 @@ def test_malicious_pickle_is_refused_and_never_runs(tmp_path):
 
 @pytest.mark.parametrize("obj, kind, message", [
     ([1, 2.5, 3], "pretrain", "expected a flat list of integer token ids"),
-    ((1, 2, 3), "pretrain", "expected a list of token ids, got tuple"),
+    ((1, 2, 3), "pretrain", "the top level: expected a list of token ids, got an int"),
     ([[1, "a"]], "sft", "item 0: expected a flat list of integer token ids"),
     ([{"chosen": [1]}], "dpo", r"item 0 must be a dict with exactly the keys \('chosen', 'rejected'\)"),
     ([1, 2, 500], "pretrain", r"token ids must lie in \[0, 100\)"),

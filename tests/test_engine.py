@@ -144,7 +144,7 @@ def test_cli_flags_for_samples_and_checkpoints():
 
     config = utils.stage_config("cot", preset="tiny")
     assert config.samples and not config.keep_checkpoints_after_stage
-    changed = parse_overrides(config, ["--no-samples", "--keep-checkpoints"])
+    changed, _ = parse_overrides(config, ["--no-samples", "--keep-checkpoints"])
     assert not changed.samples and changed.keep_checkpoints_after_stage
 
 

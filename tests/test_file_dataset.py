@@ -508,7 +508,22 @@ def test_data_dir_dataset_id_and_deletion_are_set_by_environment_or_flag(monkeyp
     files = utils.data_files(config)
     assert (files.data_dir, files.dataset_id, files.delete_consumed) == (tmp_path / "shards", "me/my-data", False)
     flags = ["--data-dir", str(tmp_path / "d"), "--dataset-id", "o/n", "--delete-consumed-files"]
-    config = parse_overrides(config, flags)
+    config, _ = parse_overrides(config, flags)
     files = utils.data_files(config)
     assert (files.data_dir, files.dataset_id, files.delete_consumed) == (tmp_path / "d", "o/n", True)
-    assert not parse_overrides(config, ["--no-delete-consumed-files"]).data.delete_consumed_files
+    assert not parse_overrides(config, ["--no-delete-consumed-files"])[0].data.delete_consumed_files
+
+
+def test_a_damaged_converted_file_is_converted_again_as_its_error_says(pickle_hub, tmp_path):
+    from trainer.token_files import TokenFileError, load_collection
+
+    data_dir = tmp_path / "data"
+    path = FileDataset(["dpo.pkl"], data_dir=data_dir, task="dpo", vocab_size=VOCAB)[0]
+    damaged = data_dir / "dpo.pkl.rejected.npy"
+    damaged.write_bytes(damaged.read_bytes()[:-2])
+    with pytest.raises(TokenFileError, match=r"dpo\.pkl\.rejected\.npy: .*damaged.* delete dpo\.pkl\.converted\.json "
+                                             r"beside it and the next run converts dpo\.pkl again"):
+        load_collection(path, "dpo", VOCAB)
+    (data_dir / "dpo.pkl.converted.json").unlink()
+    path = FileDataset(["dpo.pkl"], data_dir=data_dir, task="dpo", vocab_size=VOCAB)[0]
+    assert [load_collection(path, "dpo", VOCAB)["rejected"][i].tolist() for i in range(2)] == [[3], [5, 6, 7]]

@@ -36,17 +36,21 @@ def _grads(loss, *tensors):
     return torch.autograd.grad(loss, tensors)
 
 
+@pytest.mark.parametrize("with_entropy", [False, True])
 @pytest.mark.parametrize("summed", [False, True])
-def test_log_probs_entropy_and_gradients_equal_the_full_logits_path(small_chunks, summed):
+def test_log_probs_entropy_and_gradients_equal_the_full_logits_path(small_chunks, summed, with_entropy):
     hidden, weight, targets = _inputs()
     expected, expected_entropy = _plain(hidden, weight, targets)
-    log_probs, entropy = target_log_probs(hidden, weight, targets, summed=summed, with_entropy=True)
-    assert torch.allclose(entropy, expected_entropy, atol=1e-5) and not entropy.requires_grad
-    if summed:
+    log_probs, entropy = target_log_probs(hidden, weight, targets, with_entropy=with_entropy, summed=summed)
+    if with_entropy:
+        assert torch.allclose(entropy, expected_entropy, atol=1e-5) and not entropy.requires_grad
+    else:
+        assert entropy is None
+    if summed:  # gradients formed in forward, scaled by the upstream gradient in backward
         assert log_probs.shape == () and torch.allclose(log_probs, expected.sum(), atol=1e-4)
         upstream, expected_loss = -0.37, -0.37 * expected.sum()
         ours = _grads(upstream * log_probs, hidden, weight)
-    else:
+    else:  # logits computed again in backward
         assert log_probs.shape == (3, 7) and torch.allclose(log_probs, expected, atol=1e-5)
         assert (log_probs[targets == IGNORE_INDEX] == 0).all()
         upstream = torch.randn(3, 7, generator=torch.Generator().manual_seed(1))  # any per-position gradient
@@ -118,14 +122,6 @@ def test_model_scores_targets_like_its_logits(small_chunks):
     assert torch.allclose(kept, scored["target_log_probs"][:, -3:].sum(), atol=1e-5)
 
 
-def test_a_summed_score_is_backpropagated_once():
-    hidden, weight, targets = _inputs()
-    total, _ = target_log_probs(hidden, weight, targets, summed=True)
-    total.backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="backpropagated only once"):
-        total.backward()
-
-
 @pytest.mark.parametrize("with_entropy", [False, True])
 @pytest.mark.parametrize("summed", [False, True])
 def test_targets_too_unlikely_for_their_softmax_probability_still_get_exact_log_probs(small_chunks, summed, with_entropy):
@@ -134,11 +130,20 @@ def test_targets_too_unlikely_for_their_softmax_probability_still_get_exact_log_
     hidden = (hidden.detach() * 40).requires_grad_()
     expected, expected_entropy = _plain(hidden, weight, targets)
     assert expected.min() < -200  # some targets' probabilities are far below fp32's smallest (about 1e-45)
-    log_probs, entropy = target_log_probs(hidden, weight, targets, summed=summed, with_entropy=with_entropy)
-    want = expected.sum() if summed else expected
-    assert torch.allclose(log_probs, want, rtol=1e-5, atol=1e-4)
+    log_probs, entropy = target_log_probs(hidden, weight, targets, with_entropy=with_entropy, summed=summed)
+    assert torch.allclose(log_probs, expected.sum() if summed else expected, rtol=1e-5, atol=1e-4)
     if with_entropy:
         assert torch.allclose(entropy, expected_entropy, atol=1e-4)
     ours = _grads(log_probs.sum(), hidden, weight)
     for got, wanted in zip(ours, _grads(expected.sum(), hidden, weight)):
         assert torch.allclose(got, wanted, atol=1e-4)
+
+
+def test_a_summed_score_can_be_backpropagated_twice():
+    hidden, weight, targets = _inputs()
+    total, _ = target_log_probs(hidden, weight, targets, summed=True)
+    once = torch.autograd.grad(total, (hidden, weight), retain_graph=True)
+    total.backward(retain_graph=True)
+    total.backward()  # the gradients formed in forward are scaled out of place: the same again
+    for got, want in zip((hidden.grad, weight.grad), once):
+        assert torch.allclose(got, 2 * want, atol=1e-6)

@@ -153,6 +153,18 @@ def test_convert_original_pickle(tmp_path, capsys):
     assert fields["prompt"][0].tolist() == [46951, 333, 2] and fields["prompt"].tokens.dtype == np.uint16
 
 
+def test_convert_refuses_a_pickle_of_another_vocabulary_and_writes_nothing(tmp_path):
+    with open(tmp_path / "pretrain_short_0.pkl", "wb") as f:
+        pickle.dump([5, 6, 50000, 2], f)
+    with pytest.raises(SystemExit, match=r"pretrain_short_0\.pkl: token 2: token ids must lie in \[0, 46957\), got 50000"):
+        process_data.main(["convert", str(tmp_path / "pretrain_short_0.pkl"), "--task", "pretrain",
+                           "--out", str(tmp_path / "pretrain_short_0.npy")])
+    assert [p.name for p in tmp_path.iterdir()] == ["pretrain_short_0.pkl"]
+    counts = process_data.main(["convert", str(tmp_path / "pretrain_short_0.pkl"), "--task", "pretrain",
+                                "--out", str(tmp_path / "pretrain_short_0.npy"), "--vocab-size", "65536"])
+    assert counts["tokens"] == 4 and np.load(tmp_path / "pretrain_short_0.npy").dtype == np.uint32
+
+
 def test_our_format_passes_through_unchanged(tok, tmp_path, capsys):
     """Sample-data lines are already normalised: process_data gives exactly what loading the JSONL gives."""
     src = REPO_ROOT / "sample_data" / "mix.jsonl"

@@ -159,7 +159,10 @@ class Backend:
             # Every rank is past its last collective before any rank moves on: a rank started by smart_train then
             # ends its process at once (trainer/launch.py run_rank), and no peer may still be waiting on it.
             dist.barrier()
-            dist.destroy_process_group()
+            self._destroy_process_group()
+
+    def _destroy_process_group(self) -> None:
+        dist.destroy_process_group()
 
 
 class TorchBackend(Backend):
@@ -318,6 +321,11 @@ class DeepSpeedBackend(Backend):
 
     def forward(self, **batch):
         return self.engine(**batch)
+
+    def _destroy_process_group(self) -> None:
+        import deepspeed.comm
+
+        deepspeed.comm.destroy_process_group()  # also drops DeepSpeed's cached groups: a later run in this process works
 
     def close(self) -> None:
         super().close()

@@ -1,8 +1,9 @@
 """Command line of the stage scripts: `python3 train_x.py [--max-steps N] [--init-from PATH] ...`.
 
-The stage's settings come from utils.py; these flags only override a few of them for one run. A data or settings
-error (trainer/errors.py) ends the script with one line on the console and exit status 2; its traceback goes to the
-run's log.txt.
+The stage's settings come from utils.py; these flags only override a few of them for one run. `--plan` prints the
+memory the stage needs per GPU and the global batch and learning rates it implies, and trains nothing. A data or
+settings error (trainer/errors.py) ends the script with one line on the console and exit status 2; its traceback goes to
+the run's log.txt.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from typing import Callable, Sequence
 
 from file_dataset import FileDataset
 from model import WeightsMismatchError
-from trainer.config import TrainConfig
+from trainer.config import TrainConfig, fit_global_batch
 from trainer.dpo import DPOTask
 from trainer.errors import InputError
 from trainer.grpo import GRPOTask
@@ -39,7 +40,7 @@ def build_task(config: TrainConfig, data_files: DataFiles) -> Task:
     raise ValueError(f"unknown task {config.task!r}: use pretrain, sft, grpo or dpo")
 
 
-def parse_overrides(config: TrainConfig, argv: list[str]) -> TrainConfig:
+def parse_overrides(config: TrainConfig, argv: list[str]) -> tuple[TrainConfig, argparse.Namespace]:
     parser = argparse.ArgumentParser(description=f"Train the Cortex stage {config.stage!r} (settings in utils.py)")
     parser.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (the stage then counts as done)")
     parser.add_argument("--init-from", help="start from these weights (.bin, .safetensors or a stage run dir) instead of "
@@ -63,6 +64,12 @@ def parse_overrides(config: TrainConfig, argv: list[str]) -> TrainConfig:
     parser.add_argument("--delete-consumed-files", action=argparse.BooleanOptionalAction,
                         help="delete each data file once training is past it (the first stays: it holds the held-out "
                              "split); a second epoch downloads them again")
+    parser.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction,
+                        help="recompute each layer's activations in backward: less memory, about a third more compute")
+    parser.add_argument("--plan", action="store_true", help="print the memory per GPU, global batch and learning rates "
+                                                            "of this stage, and exit without training")
+    parser.add_argument("--world-size", type=int, help="--plan: the number of GPUs (default: the visible ones)")
+    parser.add_argument("--json", action="store_true", help="--plan: print JSON")
     # The deepspeed launcher appends --local_rank=N; LOCAL_RANK in the environment says the same, so it is ignored.
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -74,7 +81,7 @@ def parse_overrides(config: TrainConfig, argv: list[str]) -> TrainConfig:
     if args.run_dir is not None:
         changes["run_root"] = args.run_dir
     for name in ("backend", "precision", "micro_batch_size", "grad_accum_steps", "save_every_steps", "eval_every_steps",
-                 "seed"):
+                 "seed", "activation_checkpointing"):
         if getattr(args, name) is not None:
             changes[name] = getattr(args, name)
     if args.no_samples:
@@ -87,15 +94,32 @@ def parse_overrides(config: TrainConfig, argv: list[str]) -> TrainConfig:
         changes["data"] = replace(config.data, **data_changes)
     if args.zero_stage is not None:
         changes["deepspeed"] = replace(config.deepspeed, zero_stage=args.zero_stage)
-    return replace(config, **changes)
+    if (args.world_size is not None or args.json) and not args.plan:
+        parser.error("--world-size and --json go with --plan")
+    if args.world_size is not None and args.world_size < 1:
+        parser.error(f"--world-size must be at least 1, got {args.world_size}")
+    return replace(config, **changes), args
 
 
 def run(config: TrainConfig, data_files: DataFiles | Callable[[TrainConfig], DataFiles], argv: list[str] | None = None
-        ) -> Path:
-    """Train the stage; data_files may be a function of the config, called once the flags are applied."""
+        ) -> Path | None:
+    """Train the stage (returns its run dir), or with --plan print its memory plan (returns None); data_files may be a
+    function of the config, called once the flags are applied."""
+    config, args = parse_overrides(config, sys.argv[1:] if argv is None else argv)
+    if args.plan:
+        from trainer.memory_plan import print_plan, visible_world_size
+
+        world_size = args.world_size or visible_world_size()
+        config, note = fit_global_batch(config, world_size, keep_accumulation=args.grad_accum_steps is not None)
+        print_plan(config, world_size, note, args.json)
+        return None
     from trainer.loop import run_stage
 
-    config = parse_overrides(config, sys.argv[1:] if argv is None else argv)
+    # Never silently: a world size other than the recipe's keeps its global batch or scales the lr, and says which.
+    config, note = fit_global_batch(config, int(os.environ.get("WORLD_SIZE", 1)),
+                                    keep_accumulation=args.grad_accum_steps is not None)
+    if note and int(os.environ.get("RANK", 0)) == 0:
+        print(f"stage {config.stage}: {note}", flush=True)
     files = data_files(config) if callable(data_files) else data_files
     try:
         return run_stage(config, lambda c: build_task(c, files))

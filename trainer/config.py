@@ -1,7 +1,7 @@
 """Training configuration as plain dataclasses. `utils.py` fills these in per stage; nothing here reads the environment."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from file_dataset import MODELSCOPE_DATASET
@@ -88,9 +88,13 @@ class TrainConfig:
     epochs: int = 1
     micro_batch_size: int = 4          # per device
     grad_accum_steps: int = 1
+    # The global batch the learning rates were tuned for: sequences (pairs for DPO, prompts for GRPO) per optimizer step
+    # over all ranks. None: whatever the run uses. See fit_global_batch for what happens when a run differs.
+    recipe_global_batch: int | None = None
     backend: Backend = "auto"          # auto: deepspeed when launched with several processes and it is installed
     precision: Precision = "auto"      # auto: bf16 on GPUs that support it, else fp32
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    activation_checkpointing: bool = False  # recompute each block's activations in backward (less memory, ~1/3 more compute)
     aux_loss_coef: float = 1e-3        # MoE load-balancing loss weight (the model returns it unscaled)
     seed: int = 42                     # each rank uses seed + rank
     init_from: str | None = "auto"     # "auto": previous stage's final weights; a .bin/.safetensors/run dir; None: random init
@@ -111,3 +115,39 @@ class TrainConfig:
                                        # the sample data; or a directory holding tokenizer files
     grpo: GRPOConfig | None = None     # task 'grpo' settings (None: the Cortex defaults)
     dpo: DPOConfig | None = None       # task 'dpo' settings (None: the Cortex defaults)
+
+
+def global_batch(config: TrainConfig, world_size: int) -> int:
+    """Sequences (pairs for DPO, prompts for GRPO) per optimizer step over all ranks. GRPO's accumulation splits one
+    rollout, so it does not add prompts."""
+    return world_size * config.micro_batch_size * (1 if config.task == "grpo" else config.grad_accum_steps)
+
+
+def fit_global_batch(config: TrainConfig, world_size: int,
+                     keep_accumulation: bool = False) -> tuple[TrainConfig, str | None]:
+    """The run's config for world_size ranks, and a note when it differs from the recipe's global batch.
+
+    The rule: the global batch the learning rates were tuned for is kept by changing grad_accum_steps when
+    world_size x micro_batch_size divides it (and accumulation was not set by hand: keep_accumulation, e.g. the
+    --grad-accum-steps flag); otherwise the learning rates (initial, max and min) are scaled linearly by
+    actual / recipe global batch, as the original recipe scaled them with the number of GPUs."""
+    recipe = config.recipe_global_batch
+    actual = global_batch(config, world_size)
+    if recipe is None or actual == recipe:
+        return config, None
+    per_step = world_size * config.micro_batch_size
+    if config.task != "grpo" and not keep_accumulation and recipe % per_step == 0:
+        accum = recipe // per_step
+        note = (f"world size {world_size} x micro-batch {config.micro_batch_size} x {config.grad_accum_steps} "
+                f"accumulation steps = {actual} differs from the recipe's global batch {recipe}: "
+                f"grad_accum_steps {config.grad_accum_steps} -> {accum} keeps it (learning rates unchanged)")
+        return replace(config, grad_accum_steps=accum), note
+    scale = actual / recipe
+    optim = replace(config.optim, initial_lr=config.optim.initial_lr * scale, max_lr=config.optim.max_lr * scale,
+                    min_lr=config.optim.min_lr * scale)
+    note = (f"global batch {actual} (world size {world_size} x micro-batch {config.micro_batch_size}"
+            f"{'' if config.task == 'grpo' else f' x {config.grad_accum_steps} accumulation steps'}) differs from the "
+            f"recipe's {recipe}, and accumulation cannot make them equal"
+            f"{' (set by hand)' if keep_accumulation and config.task != 'grpo' else ''}: learning rates scaled "
+            f"linearly by {actual}/{recipe} = {scale:.3g} (max_lr {config.optim.max_lr:.3g} -> {optim.max_lr:.3g})")
+    return replace(config, optim=optim), note

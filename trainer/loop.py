@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from model import CortexModel, count_parameters
+from trainer.activation_checkpointing import enable_activation_checkpointing
 from trainer.backend import Backend, build_backend, dist_info_from_env
 from trainer.checkpoint import RunDir, TrainerState, load_init_weights, resolve_init_weights, write_json_atomic
 from trainer.config import TrainConfig
@@ -102,6 +103,8 @@ class Trainer:
         self.init_path = init_path
         if init_path is not None:
             load_init_weights(model, init_path)
+        if config.activation_checkpointing:
+            enable_activation_checkpointing(model)
         self.backend: Backend = build_backend(config, model)
         seed_everything(config.seed + info.rank)  # dropout and sampling differ per rank
         self.info = self.backend.info

@@ -11,6 +11,7 @@ import torch
 from tqdm import tqdm
 
 from model import ModelConfig, count_parameters
+from trainer.activation_checkpointing import is_recomputing
 
 # Dense bf16 peak FLOP/s per device, for MFU. Set TrainConfig.peak_flops for anything else.
 PEAK_BF16_FLOPS = {
@@ -62,7 +63,7 @@ class RouterStats:
 
     def _hook(self, index: int, moe):
         def hook(router, inputs, scores):
-            if not moe.training:  # eval and generation do not count
+            if not moe.training or is_recomputing():  # eval, generation and checkpointing's recompute do not count
                 return
             with torch.no_grad():
                 top = scores.topk(moe.top_k, dim=-1).indices.reshape(-1)

@@ -1,4 +1,5 @@
-"""Token files on disk: our memory-mapped .npy format, and the original Cortex .pkl files through a restricted unpickler.
+"""Token files on disk: our memory-mapped .npy format, and the original Cortex .pkl files read by a streaming,
+restricted pickle reader.
 
 Our format (written by process_data.py; `np.load(..., mmap_mode="r")`, so a 1 GB shard costs O(1) RAM):
 
@@ -11,16 +12,24 @@ Our format (written by process_data.py; `np.load(..., mmap_mode="r")`, so a 1 GB
                       name.answer.npy   + name.answer.offsets.npy       no <assistant>; answer: the encoded gold answer)
 
 A collection is always addressed by `name.npy`, also when its fields live in per-field files. Token arrays are uint16
-when the vocabulary fits (<= 65535 ids, Cortex has 46957), else uint32.
+when the vocabulary fits (<= 65535 ids, Cortex has 46957), else uint32. Loading checks once per file and process that
+every id lies in [0, vocab_size), so a file made for another tokenizer fails at load, not in the embedding.
 
 The original's pickles hold a flat list[int] (pretrain), list[list[int]] (SFT), list[{'chosen','rejected'}] (DPO) or
-list[{'prompt','answer'}] (GRPO). They load into the same in-memory structures (a one-off RAM cost), through an
-unpickler that refuses every global, so a pickle cannot run code.
+list[{'prompt','answer'}] (GRPO), written by pickle.dump (protocol 4, Python 3.8+'s default; 1-5 are read). They are
+never unpickled: _PickleReader decodes their opcodes a chunk at a time and writes the token ids straight into our
+arrays, so memory stays flat whatever the file's size, and it accepts only the opcodes of these structures (a class or
+function reference, which is how a pickle runs code, is refused like any other).
 """
 from __future__ import annotations
 
+import glob
 import os
 import pickle
+import pickletools
+import re
+import socket
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -87,10 +96,40 @@ def collection_paths(path: str | Path, field: str | None) -> tuple[Path, Path]:
     return base.with_name(base.name + ".npy"), base.with_name(base.name + ".offsets.npy")
 
 
-def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
-    # Write to a temporary name and rename, so a crash never leaves a truncated file under the real name.
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_temporaries(path: Path) -> list[Path]:
+    """Delete path.tmp<PID>[.<host>] files that a killed writer of this machine left behind; returns them. Files of
+    live processes and of other machines (a data dir on a shared disk) are left alone."""
+    host = socket.gethostname()
+    pattern = re.compile(re.escape(path.name) + r"\.tmp(\d+)(?:\.(.+))?")
+    removed = []
+    for candidate in path.parent.glob(glob.escape(path.name) + ".tmp*"):
+        match = pattern.fullmatch(candidate.name)
+        if match is None or (match[2] is not None and match[2] != host) or _pid_alive(int(match[1])):
+            continue
+        candidate.unlink(missing_ok=True)
+        removed.append(candidate)
+    return removed
+
+
+def _temporary_path(path: Path) -> Path:
+    # Written under this name and renamed when complete, so a crash never leaves a truncated file under the real name.
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    remove_stale_temporaries(path)
+    return path.with_name(f"{path.name}.tmp{os.getpid()}.{socket.gethostname()}")
+
+
+def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
+    tmp = _temporary_path(path)
     with open(tmp, "wb") as f:
         np.save(f, array, allow_pickle=False)
     os.replace(tmp, path)
@@ -128,57 +167,624 @@ def save_collection(path: str | Path, kind: str,
     return written
 
 
+class _ArrayWriter:
+    """A 1-D array written in pieces, into a .npy file (its header written again with the final length at the end:
+    numpy leaves room for the length to grow) or, without a path, into memory."""
+
+    def __init__(self, path: Path | None, dtype: np.dtype):
+        self.path, self.dtype, self.count = path, np.dtype(dtype), 0
+        self._parts: list[np.ndarray] = []
+        self._values: list[int] = []  # single values (offsets), written in batches
+        self._file = None
+        if path is not None:
+            self._tmp = _temporary_path(path)
+            self._file = open(self._tmp, "wb", buffering=1 << 20)
+            self._write_header()
+            self._data_start = self._file.tell()
+
+    def _write_header(self) -> None:
+        header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False, "shape": (self.count,)}
+        np.lib.format.write_array_header_1_0(self._file, header)
+
+    def write(self, array: np.ndarray) -> None:
+        if self._values:
+            self._flush_values()
+        self._write(array)
+
+    def _write(self, array: np.ndarray) -> None:
+        if self._file is None:
+            self._parts.append(np.array(array, dtype=self.dtype))  # a copy: the caller reuses its buffer
+        else:
+            self._file.write(np.ascontiguousarray(array, dtype=self.dtype).data)
+        self.count += len(array)
+
+    def append(self, value: int) -> None:
+        self._values.append(value)
+        if len(self._values) >= 65536:
+            self._flush_values()
+
+    def _flush_values(self) -> None:
+        if self._values:
+            values, self._values = self._values, []
+            self._write(np.array(values, dtype=self.dtype))
+
+    def close(self) -> np.ndarray | None:
+        """The array when in memory; a file is completed under its temporary name (commit() renames it)."""
+        self._flush_values()
+        if self._file is None:
+            return np.concatenate(self._parts) if self._parts else np.zeros(0, dtype=self.dtype)
+        self._file.seek(0)
+        self._write_header()
+        if self._file.tell() != self._data_start:
+            raise RuntimeError(f"{self.path}: the .npy header changed size when its length was written")
+        self._file.close()
+        return None
+
+    def commit(self) -> Path:
+        os.replace(self._tmp, self.path)
+        return self.path
+
+    def discard(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._tmp.unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The original's pickles, read as a stream of opcodes
+
+def _opcode(name: str) -> int:
+    return getattr(pickle, name)[0]
+
+
+MARK, STOP, EMPTY_LIST, EMPTY_DICT = _opcode("MARK"), _opcode("STOP"), _opcode("EMPTY_LIST"), _opcode("EMPTY_DICT")
+APPEND, APPENDS, SETITEM, SETITEMS = _opcode("APPEND"), _opcode("APPENDS"), _opcode("SETITEM"), _opcode("SETITEMS")
+BININT1, BININT2, BININT = _opcode("BININT1"), _opcode("BININT2"), _opcode("BININT")
+BINPUT, LONG_BINPUT, MEMOIZE = _opcode("BINPUT"), _opcode("LONG_BINPUT"), _opcode("MEMOIZE")
+BINGET, LONG_BINGET = _opcode("BINGET"), _opcode("LONG_BINGET")
+SHORT_BINUNICODE, BINUNICODE, BINUNICODE8 = _opcode("SHORT_BINUNICODE"), _opcode("BINUNICODE"), _opcode("BINUNICODE8")
+PROTO, FRAME = _opcode("PROTO"), _opcode("FRAME")
+GLOBAL, INST, STACK_GLOBAL = _opcode("GLOBAL"), _opcode("INST"), _opcode("STACK_GLOBAL")
+# opcodes that call or import code; refused with their own message
+RUNS_CODE = {_opcode(name) for name in ("GLOBAL", "INST", "STACK_GLOBAL", "REDUCE", "BUILD", "OBJ", "NEWOBJ",
+                                        "NEWOBJ_EX", "EXT1", "EXT2", "EXT4", "PERSID", "BINPERSID")}
+TEXT_OPCODES = {_opcode(name) for name in ("INT", "LONG", "STRING", "UNICODE", "FLOAT", "LIST", "DICT", "TUPLE",
+                                           "GET", "PUT")}  # protocol 0's
+STRINGS = {SHORT_BINUNICODE: 1, BINUNICODE: 4, BINUNICODE8: 8}  # opcode -> bytes of its length field
+MAX_KEY_BYTES = 1024  # strings are only dict keys ('chosen', 'prompt', ...)
+
+# The length of every opcode this reader accepts with a fixed argument; 1 for the rest, also those it refuses (reading
+# stops at them, so what their length would have been never matters).
+OPCODE_LENGTH = np.ones(256, dtype=np.int16)
+for _code, _length in ((BININT1, 2), (BININT2, 3), (BININT, 5), (BINPUT, 2), (LONG_BINPUT, 5), (BINGET, 2),
+                       (LONG_BINGET, 5), (PROTO, 2), (FRAME, 9)):
+    OPCODE_LENGTH[_code] = _length
+LANE_BYTES = 64  # bytes each lane of _opcode_starts decodes
+
+
+def _opcode_starts(data: np.ndarray) -> tuple[np.ndarray, int]:
+    """(where each whole opcode of `data` starts, where the cut-off last one starts or len(data)); data begins with an
+    opcode and has 8 bytes of padding past its end (not part of it).
+
+    An opcode's length says where the next begins, so decoding is sequential; in numpy it runs for every 64-byte block
+    at once, each from its first byte as if an opcode began there. A block whose true first opcode begins elsewhere
+    (the previous one's last opcode ran into it) is walked again from there until it meets the guessed chain: the
+    chains of a variable-length code meet within a few opcodes, so the walks are short, and where chains never meet
+    (say a run of ids 0x4d4d, all bytes 'M') the walks cover whole blocks, slower but still exact."""
+    n = len(data) - 8
+    if n <= 0:
+        return np.zeros(0, dtype=np.int64), 0
+    body = data[:n]
+    length = OPCODE_LENGTH[body]
+    for code, size_bytes in STRINGS.items():
+        at = np.flatnonzero(body == code)
+        if at.size:
+            size = np.zeros(at.size, dtype=np.uint64)
+            for k in range(size_bytes):
+                size |= data[at + 1 + k].astype(np.uint64) << np.uint64(8 * k)
+            # a string longer than a dict key is refused when reached, so its length never matters (and counting it
+            # as 1 keeps the chains of the blocks that merely hit its byte inside some argument from jumping far)
+            length[at] = np.where(size > MAX_KEY_BYTES, 1, 1 + size_bytes + np.minimum(size, MAX_KEY_BYTES))
+
+    starts = np.arange(0, n, LANE_BYTES)
+    ends = np.minimum(starts + LANE_BYTES, n)
+    is_start = np.zeros(n, dtype=bool)
+    exits = starts.copy()
+    lanes = np.arange(len(starts))
+    while lanes.size:
+        at = exits[lanes]
+        is_start[at] = True
+        at += length[at]
+        exits[lanes] = at
+        lanes = lanes[at < ends[lanes]]
+
+    # Blocks whose true entry (the previous block's exit) is not on their guessed chain are walked again from it, all at
+    # once, until they meet a marked opcode (from there the guessed chain is right) or leave the block. A block whose
+    # walk leaves it has a new exit, so the next block is walked too; a block waits while the one before it is pending.
+    blocks = len(starts)
+    entries = np.concatenate([[0], exits[:-1]])
+    pending = np.flatnonzero((entries >= ends) | ~is_start[np.minimum(entries, n - 1)])
+    while pending.size:
+        ready = pending[~np.isin(pending - 1, pending)]
+        at = np.where(ready == 0, 0, exits[ready - 1])
+        end = ends[ready]
+        walked = []
+        lanes = np.flatnonzero((at < end) & ~is_start[np.minimum(at, n - 1)])
+        while lanes.size:
+            step = at[lanes]
+            walked.append(step)
+            step = step + length[step]
+            at[lanes] = step
+            lanes = lanes[(step < end[lanes]) & ~is_start[np.minimum(step, n - 1)]]
+        # everything the guessed chain marked before the meeting point (or in the whole block) was wrong
+        stop = np.minimum(at, end)
+        is_start[_ranges(starts[ready], stop)] = False
+        if walked:
+            is_start[np.concatenate(walked)] = True
+        left = at >= end
+        moved = ready[left & (at != exits[ready])]
+        exits[ready[left]] = at[left]
+        pending = np.union1d(np.setdiff1d(pending, ready), moved[moved + 1 < blocks] + 1)
+    # what a block's guessed chain decoded before its true entry lies inside the previous block's last opcode
+    entries = np.minimum(np.concatenate([[0], exits[:-1]]), ends)
+    is_start[_ranges(starts, entries)] = False
+
+    positions = np.flatnonzero(is_start)
+    if exits[-1] > n:  # the last opcode runs past the end of data
+        return positions[:-1], int(positions[-1])
+    return positions, n
+
+
+def _ranges(starts: np.ndarray, stops: np.ndarray) -> np.ndarray:
+    """The positions of the ranges [starts[i], stops[i]) (empty where stops <= starts), concatenated."""
+    sizes = np.maximum(stops - starts, 0)
+    total = int(sizes.sum())
+    if not total:
+        return np.zeros(0, dtype=np.int64)
+    first = np.repeat(np.cumsum(sizes) - sizes, sizes)
+    return np.repeat(starts, sizes) + np.arange(total) - first
+
+
+class _Mark:
+    pass
+
+
+_MARK = _Mark()
+
+
+class _Field:
+    """One output array of token ids (+ offsets, one per list, for a collection) and how many lists began in it."""
+
+    def __init__(self, name: str | None, tokens: _ArrayWriter, offsets: _ArrayWriter | None):
+        self.name, self.tokens, self.offsets, self.lists = name, tokens, offsets, 0
+        if offsets is not None:
+            offsets.append(0)
+
+    def begin_list(self) -> None:
+        if self.lists:
+            self.offsets.append(self.tokens.count)  # the previous list ends here
+        self.lists += 1
+
+    def writers(self) -> list[_ArrayWriter]:
+        return [self.tokens] + ([self.offsets] if self.offsets is not None else [])
+
+    def close(self):
+        if self.offsets is not None and self.lists:
+            self.offsets.append(self.tokens.count)
+        return [w.close() for w in self.writers()]
+
+
+class _List:
+    """A list being read: the top-level one of a collection (field None), or one holding token ids."""
+    __slots__ = ("field", "index", "count")
+
+    def __init__(self, field: _Field | None, index: int):
+        self.field, self.index, self.count = field, index, 0
+
+
+class _Dict:
+    __slots__ = ("index", "keys")
+
+    def __init__(self, index: int):
+        self.index, self.keys = index, set()
+
+
+class _Ints:
+    """Token ids pushed since a MARK (or for one APPEND), already written to `into`."""
+    __slots__ = ("into", "count")
+
+    def __init__(self, into: _List, count: int):
+        self.into, self.count = into, count
+
+
+def _describe(value) -> str:
+    return {_Ints: "an int", _List: "a list", _Dict: "a dict", str: "a string"}.get(type(value), "something else")
+
+
+_OPCODE_WORDS = {"BINFLOAT": "a float", "NONE": "None", "NEWTRUE": "a bool", "NEWFALSE": "a bool",
+                 "EMPTY_TUPLE": "a tuple", "TUPLE1": "a tuple", "TUPLE2": "a tuple", "TUPLE3": "a tuple",
+                 "LONG1": "an int beyond 32 bits", "LONG4": "an int beyond 32 bits", "EMPTY_LIST": "a list",
+                 "EMPTY_DICT": "a dict", "EMPTY_SET": "a set"}
+
+
+class _PickleReader:
+    """Reads an original token pickle of `task` fed in chunks, writing its token ids into `fields` as they come.
+
+    A small stack machine over the opcodes pickle.dump writes for these structures. Token ids are read as runs between
+    the other opcodes (vectorised); the stack holds lists, dicts, marks, short strings (dict keys) and counts of ids, never
+    the ids themselves: they are written to their list's field as soon as they are pushed, which is only allowed onto the
+    newest list of that field (anything else is refused, and refused files are never committed)."""
+
+    def __init__(self, path: Path, size: int, task: str, vocab_size: int, fields: dict[str | None, _Field]):
+        self.path, self.size, self.task, self.vocab_size, self.fields = path, size, task, vocab_size, fields
+        self.dtype = token_dtype(vocab_size)
+        self.stack: list = []
+        self.marks: list[int] = []  # stack indices of the MARKs
+        self.memo_keys: dict[int, str] = {}  # memoised strings; other memo entries are never needed
+        self.memo_size = 0
+        self.top: _List | None = None
+        self.dicts = 0
+        self.stopped = False
+        self.offset = 0  # the file offset of the chunk being read
+        self.frame_end = 0  # where the last frame ends: an opcode must begin there
+        self._frame_end_checked = True
+        self._positions, self._consumed = np.zeros(0, dtype=np.int64), 0  # the opcodes of the chunk being read
+        self._carry = b""
+        self._handlers = {MEMOIZE: self._memoize, BINPUT: self._memoize, LONG_BINPUT: self._memoize, MARK: self._mark,
+                          APPENDS: self._add_items, SETITEMS: self._add_items, APPEND: self._add_item,
+                          SETITEM: self._add_item, EMPTY_LIST: self._empty_list, EMPTY_DICT: self._empty_dict,
+                          BINGET: self._get, LONG_BINGET: self._get, PROTO: self._proto, FRAME: self._frame,
+                          STOP: self._stop, **{code: self._string for code in STRINGS}}
+
+    # --- errors ---
+    def _error(self, message: str) -> TokenFileError:
+        return TokenFileError(f"{self.path}: {message}")
+
+    def _where(self, container) -> str:
+        if container is None:
+            return "the top level"
+        if isinstance(container, _Dict):
+            return f"item {container.index}"
+        if container.field is None:  # the top-level list of a collection: its next item
+            return f"item {self.dicts if self.task in ('dpo', 'grpo') else self.fields[None].lists}"
+        if self.task == "pretrain":
+            return f"token {container.count}"
+        return f"item {container.index}" + (f" field {container.field.name!r}" if container.field.name else "")
+
+    def _expected(self, container) -> str:
+        if container is None:
+            return "expected a list of " + ("token ids" if self.task == "pretrain" else "items")
+        if container.field is None:
+            return "expected a list of token ids"
+        return "expected a flat list of integer token ids"
+
+    def _bad(self, container, what: str) -> TokenFileError:
+        """`what` (an int, a float (BINFLOAT) at byte 9, ...) found where `container` takes none."""
+        if isinstance(container, _Dict) or (isinstance(container, _List) and container.field is None
+                                            and self.task in ("dpo", "grpo")):
+            return self._error(f"{self._where(container)} must be a dict with exactly the keys "
+                               f"{COLLECTION_FIELDS[self.task]}, each a list of token ids; got {what}")
+        return self._error(f"{self._where(container)}: {self._expected(container)}, got {what}")
+
+    def _dict_error(self, index: int) -> TokenFileError:
+        return self._error(f"item {index} must be a dict with exactly the keys {COLLECTION_FIELDS[self.task]}, "
+                           f"each a list of token ids")
+
+    def _context(self):
+        """The container the next pushed value would most likely go into (for messages)."""
+        if self.marks and self.marks[-1] > 0:
+            container = self.stack[self.marks[-1] - 1]
+        else:
+            container = next((v for v in reversed(self.stack) if isinstance(v, (_List, _Dict))), None)
+        return container if isinstance(container, (_List, _Dict)) else None
+
+    def _unexpected(self, op: int, at: int) -> TokenFileError:
+        if chr(op) not in pickletools.code2op:
+            return self._error(f"not a valid token pickle: byte 0x{op:02x} at byte {self.offset + at} is no pickle "
+                               f"opcode (a damaged or non-pickle file)")
+        name = pickletools.code2op[chr(op)].name
+        what = f"{_OPCODE_WORDS[name]} ({name})" if name in _OPCODE_WORDS else f"opcode {name}"
+        hint = (" (a protocol 0 text pickle: load it and dump it again with pickle protocol 2 or later)"
+                if op in TEXT_OPCODES else "")
+        return self._bad(self._context(), f"{what} at byte {self.offset + at}{hint}")
+
+    def _refused(self, op: int, at: int, buf: bytes) -> TokenFileError:
+        name = pickletools.code2op[chr(op)].name
+        if op in (GLOBAL, INST):  # the module and name follow as two text lines
+            lines = buf[at + 1:at + 513].split(b"\n")
+            target = ".".join(line.decode("utf-8", "replace") for line in lines[:2]) if len(lines) > 2 else name
+        elif op == STACK_GLOBAL and len(self.stack) >= 2 and all(isinstance(v, str) for v in self.stack[-2:]):
+            target = ".".join(self.stack[-2:])
+        else:
+            target = f"opcode {name}"
+        return self._error(f"refused to unpickle: it references {target} (at byte {self.offset + at}), which could run "
+                           f"code. A token pickle holds only lists, dicts, ints and strings; do not use this file")
+
+    def _check_frame_end(self) -> None:
+        """A frame's end must fall between two opcodes (pickle would otherwise read the cut opcode differently);
+        checked once the opcodes around it are decoded."""
+        end = self.frame_end - self.offset
+        self._frame_end_checked = end <= self._consumed
+        index = np.searchsorted(self._positions, end)
+        if end < self._consumed and (index == len(self._positions) or self._positions[index] != end):
+            raise self._error(f"a frame ending at byte {self.frame_end} cuts an opcode in two (a corrupt pickle)")
+
+    # --- reading ---
+    def feed(self, data: bytes) -> None:
+        buf = self._carry + data
+        array = np.frombuffer(buf + bytes(8), dtype=np.uint8)
+        positions, consumed = _opcode_starts(array)
+        self._carry = buf[consumed:]  # a cut-off opcode: at most a dict key's length
+        self._positions, self._consumed = positions, consumed
+        if not self._frame_end_checked:
+            self._check_frame_end()
+        ops = array[positions]
+        is_int = (ops == BININT1) | (ops == BININT2) | (ops == BININT)
+        at = positions[is_int]
+        ops_int = ops[is_int]
+        # BININT1: 1 unsigned byte, BININT2: 2, BININT: 4 signed (little-endian)
+        values = array[at + 1].astype(np.int64) | (array[at + 2].astype(np.int64) << 8) * (ops_int != BININT1)
+        four = np.flatnonzero(ops_int == BININT)
+        if four.size:
+            high = array[at[four] + 3].astype(np.int64) << 16 | array[at[four] + 4].astype(np.int64) << 24
+            values[four] = ((values[four] | high) ^ (1 << 31)) - (1 << 31)
+        in_range = values.size == 0 or (values.min() >= 0 and values.max() < self.vocab_size)
+        tokens = values.astype(self.dtype) if in_range else values
+
+        others = np.flatnonzero(~is_int)
+        done = 0  # token ids handled so far
+        for k, (index, at, op) in enumerate(zip(others.tolist(), positions[others].tolist(), ops[others].tolist())):
+            if index - k > done:  # the token ids before this opcode
+                self._push_ints(values, tokens, done, index - k, in_range)
+                done = index - k
+            self._handlers.get(op, self._step)(op, at, buf)
+        if len(values) > done:
+            self._push_ints(values, tokens, done, len(values), in_range)
+        self.offset += consumed
+
+    def finish(self) -> None:
+        if not self._frame_end_checked and self.frame_end != self.offset + len(self._carry):
+            raise self._error(f"a frame ending at byte {self.frame_end} cuts an opcode in two (a corrupt pickle)")
+        if self._carry and self.stopped:
+            raise self._error(f"data after the pickle's end at byte {self.offset}: not a token pickle")
+        if not self.stopped:
+            raise self._error(f"the pickle ends at byte {self.offset + len(self._carry)} before its STOP opcode (the "
+                              f"file is cut short: download or make it again)")
+
+    def _push_ints(self, values: np.ndarray, tokens: np.ndarray, start: int, end: int, in_range: bool) -> None:
+        if self.stopped:
+            raise self._error(f"data after the pickle's end at byte {self.offset}: not a token pickle")
+        top = self.stack[-1] if self.stack else None
+        if isinstance(top, _Ints):
+            into, run = top.into, top
+        else:
+            into = self.stack[-2] if top is _MARK and len(self.stack) > 1 else top
+            run = None
+        if not isinstance(into, _List) or into.field is None:
+            raise self._bad(into if isinstance(into, (_List, _Dict)) else self._context(), "an int")
+        if into.index != into.field.lists - 1:
+            raise self._error(f"{self._where(into)}: token ids added after the next list began: not a token pickle "
+                              f"as pickle.dump writes it")
+        if not in_range:
+            chunk = values[start:end]
+            bad = np.flatnonzero((chunk < 0) | (chunk >= self.vocab_size))
+            if bad.size:
+                where = f"token {into.count + bad[0]}" if self.task == "pretrain" else \
+                    f"{self._where(into)} token {into.count + bad[0]}"
+                raise self._error(f"{where}: token ids must lie in [0, {self.vocab_size}), got {chunk[bad[0]]} (made for "
+                                  f"another tokenizer? process_data.py convert --vocab-size sets the vocabulary)")
+        into.field.tokens.write(tokens[start:end])
+        into.count += end - start
+        if run is None:
+            self.stack.append(_Ints(into, end - start))
+        else:
+            run.count += end - start
+
+    # --- one method per accepted opcode: (op, at: its offset in buf, buf) ---
+    def _step(self, op: int, at: int, buf: bytes) -> None:
+        """Any opcode without a method of its own: refused."""
+        if self.stopped:
+            raise self._error(f"data after the pickle's end at byte {self.offset + at}: not a token pickle")
+        if op in RUNS_CODE:
+            raise self._refused(op, at, buf)
+        raise self._unexpected(op, at)
+
+    def _memoize(self, op: int, at: int, buf: bytes) -> None:
+        stack = self.stack
+        if not stack or stack[-1] is _MARK:
+            raise self._error(f"byte {self.offset + at}: a corrupt pickle (memoising an empty stack)")
+        if op == MEMOIZE:
+            index, self.memo_size = self.memo_size, self.memo_size + 1
+        else:
+            index = int.from_bytes(buf[at + 1:at + (2 if op == BINPUT else 5)], "little")
+        if type(stack[-1]) is str:
+            self.memo_keys[index] = stack[-1]
+        elif self.memo_keys:
+            self.memo_keys.pop(index, None)
+
+    def _mark(self, op: int, at: int, buf: bytes) -> None:
+        self.marks.append(len(self.stack))
+        self.stack.append(_MARK)
+
+    def _add_items(self, op: int, at: int, buf: bytes) -> None:
+        """APPENDS, SETITEMS: the items after the last MARK into the object before it."""
+        if not self.marks:
+            raise self._error(f"byte {self.offset + at}: a corrupt pickle (APPENDS or SETITEMS without a MARK)")
+        stack, mark = self.stack, self.marks.pop()
+        items = stack[mark + 1:]
+        del stack[mark:]
+        target = stack[-1] if stack else None
+        self._append(target, items, at) if op == APPENDS else self._set_items(target, items, at)
+
+    def _add_item(self, op: int, at: int, buf: bytes) -> None:
+        """APPEND, SETITEM: one item (one key and value)."""
+        stack, size = self.stack, 2 if op == APPEND else 3
+        if len(stack) < size or any(v is _MARK for v in stack[-size + 1:]):
+            raise self._error(f"byte {self.offset + at}: a corrupt pickle (APPEND or SETITEM without its values)")
+        items = stack[-size + 1:]
+        if isinstance(items[-1], _Ints) and items[-1].count > 1:  # the stack holds several ids: APPEND takes one
+            raise self._error(f"byte {self.offset + at}: a corrupt pickle (APPEND onto an int)")
+        del stack[-size + 1:]
+        self._append(stack[-1], items, at) if op == APPEND else self._set_items(stack[-1], items, at)
+
+    def _empty_list(self, op: int, at: int, buf: bytes) -> None:
+        self.stack.append(self._new_list(at))
+
+    def _empty_dict(self, op: int, at: int, buf: bytes) -> None:
+        if self.task not in ("dpo", "grpo") or self.top is None:
+            raise self._unexpected(op, at)
+        self.stack.append(_Dict(self.dicts))
+        self.dicts += 1
+
+    def _string(self, op: int, at: int, buf: bytes) -> None:
+        size_bytes = STRINGS[op]
+        size = int.from_bytes(buf[at + 1:at + 1 + size_bytes], "little")
+        if size > MAX_KEY_BYTES:
+            raise self._error(f"a string of {size} bytes at byte {self.offset + at}: a token pickle holds no text but "
+                              f"dict keys")
+        try:
+            self.stack.append(sys.intern(buf[at + 1 + size_bytes:at + 1 + size_bytes + size].decode("utf-8")))
+        except UnicodeDecodeError as e:
+            raise self._error(f"byte {self.offset + at}: a corrupt pickle (a string that is not UTF-8)") from e
+
+    def _get(self, op: int, at: int, buf: bytes) -> None:
+        index = int.from_bytes(buf[at + 1:at + (2 if op == BINGET else 5)], "little")
+        if index not in self.memo_keys:
+            raise self._error(f"{self._where(self._context())}: a second reference to an earlier list or dict "
+                              f"(memo {index}, byte {self.offset + at}); each list of a token pickle is its own")
+        self.stack.append(self.memo_keys[index])
+
+    def _proto(self, op: int, at: int, buf: bytes) -> None:
+        if self.offset + at != 0 or buf[at + 1] > 5:
+            raise self._error(f"byte {self.offset + at}: PROTO {buf[at + 1]} (pickle protocols 1-5 are read, and "
+                              f"PROTO only as the first opcode)")
+
+    def _frame(self, op: int, at: int, buf: bytes) -> None:
+        """Frames only group whole opcodes for buffered reading."""
+        if self.offset + at < self.frame_end:
+            raise self._error(f"byte {self.offset + at}: a corrupt pickle (a frame begins inside another)")
+        self.frame_end = self.offset + at + 9 + int.from_bytes(buf[at + 1:at + 9], "little")
+        if self.frame_end > self.size:
+            raise self._error(f"a frame at byte {self.offset + at} runs past the end of the file (it is cut short: "
+                              f"download or make it again)")
+        self._check_frame_end()
+
+    def _stop(self, op: int, at: int, buf: bytes) -> None:
+        if self.top is None or self.stack != [self.top] or self.marks:
+            raise self._error(f"the pickle ends (STOP at byte {self.offset + at}) with unfinished items: "
+                              f"{self._expected(None)}")
+        self.stopped = True
+        self._handlers = {}  # anything after STOP is refused
+
+    def _new_list(self, at: int) -> _List:
+        if self.top is None:  # the top-level list
+            if self.stack:
+                raise self._unexpected(EMPTY_LIST, at)
+            self.top = _List(self.fields[None] if self.task == "pretrain" else None, 0)
+            if self.top.field is not None:
+                self.top.field.begin_list()
+            return self.top
+        if self.task == "pretrain":
+            raise self._unexpected(EMPTY_LIST, at)
+        if self.task == "sft":
+            field = self.fields[None]
+        else:  # a dict's value: its key was pushed just before
+            key = self.stack[-1]
+            if not isinstance(key, str):
+                raise self._unexpected(EMPTY_LIST, at)
+            if key not in self.fields:
+                raise self._dict_error(self.dicts - 1)
+            field = self.fields[key]
+        new = _List(field, field.lists)
+        field.begin_list()
+        return new
+
+    def _append(self, target, items: list, at: int) -> None:
+        if not isinstance(target, _List):
+            raise self._bad(target if isinstance(target, _Dict) else None, f"a list item (APPEND) at byte "
+                                                                           f"{self.offset + at}")
+        for item in items:
+            if target.field is not None:  # a list of token ids (already written)
+                if not (isinstance(item, _Ints) and item.into is target):
+                    raise self._bad(target, _describe(item))
+            elif self.task == "sft":
+                if not (isinstance(item, _List) and item.field is not None and item.index == target.count):
+                    raise self._bad(target, _describe(item))
+                target.count += 1
+            else:
+                if not (isinstance(item, _Dict) and item.index == target.count):
+                    raise self._bad(target, _describe(item))
+                if len(item.keys) != len(self.fields):
+                    raise self._dict_error(item.index)
+                target.count += 1
+
+    def _set_items(self, target, items: list, at: int) -> None:
+        if not isinstance(target, _Dict):
+            context = target if isinstance(target, _List) else None
+            raise self._bad(context, f"a dict item (SETITEM) at byte {self.offset + at}")
+        if len(items) % 2:
+            raise self._dict_error(target.index)
+        for key, value in zip(items[::2], items[1::2]):
+            if not (isinstance(key, str) and key in self.fields and key not in target.keys and isinstance(value, _List)
+                    and value.field is self.fields[key] and value.index == target.index):
+                raise self._dict_error(target.index)
+            target.keys.add(key)
+
+
+PICKLE_READ_BYTES = 1 << 20  # per chunk: a few times this in numpy arrays is the reader's peak memory
+
+
+def _read_pickle(path: str | Path, task: str, vocab_size: int, out: Path | None) -> dict[str | None, list]:
+    """{field: [tokens, offsets]} of the original pickle at `path`: in memory, or (with `out`) written as our files
+    (the values are then None, see _ArrayWriter.close) and committed only when the whole file was read."""
+    path = Path(path)
+    if not path.exists():
+        raise TokenFileError(f"{path}: file not found")
+    dtype = token_dtype(vocab_size)
+    names = (None,) if task == "pretrain" else collection_fields(task)
+    fields: dict[str | None, _Field] = {}
+    try:
+        for name in names:
+            if out is None:
+                tokens_path = offsets_path = None
+            else:
+                tokens_path, offsets_path = (out, None) if task == "pretrain" else collection_paths(out, name)
+            fields[name] = _Field(name, _ArrayWriter(tokens_path, dtype),
+                                  None if task == "pretrain" else _ArrayWriter(offsets_path, np.dtype(np.int64)))
+        with open(path, "rb") as f:
+            reader = _PickleReader(path, os.fstat(f.fileno()).st_size, task, vocab_size, fields)
+            while chunk := f.read(PICKLE_READ_BYTES):
+                reader.feed(chunk)
+        reader.finish()
+        arrays = {name: field.close() for name, field in fields.items()}
+    except BaseException:
+        for field in fields.values():
+            for writer in field.writers():
+                writer.discard()
+        raise
+    if out is not None:
+        for field in fields.values():
+            for writer in field.writers():
+                writer.commit()
+    return arrays
+
+
 def convert_pickle(path: str | Path, task: str, vocab_size: int, out: str | Path) -> list[Path]:
-    """An original .pkl of `task` ("pretrain", "sft", "dpo", "grpo"), loaded through the restricted unpickler, written
-    in our format as `out` (name.npy); returns the files written. Read that way from then on, the tokens are
-    memory-mapped (2 bytes each, shared by every process through the page cache) instead of unpickled into Python ints
-    (about 36 bytes each) by every process that reads the file."""
+    """An original .pkl of `task` ("pretrain", "sft", "dpo", "grpo") written in our format as `out` (name.npy);
+    returns the files written. Read that way from then on, the tokens are memory-mapped (2 bytes each, shared by every
+    process through the page cache) instead of unpickled into Python ints (about 36 bytes each) by every process that
+    reads the file. Memory stays flat whatever the file's size (PICKLE_READ_BYTES at a time)."""
+    out = Path(out)
+    if out.suffix != ".npy":
+        raise TokenFileError(f"{out}: token files are written as name.npy")
+    _read_pickle(path, task, vocab_size, out)
     if task == "pretrain":
-        return [save_stream(out, load_stream(path, vocab_size), vocab_size)]
-    return save_collection(out, task, load_collection(path, task, vocab_size), vocab_size)
+        return [out]
+    return [p for name in collection_fields(task) for p in collection_paths(out, name)]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Loading
-
-class _RefusedGlobal(pickle.UnpicklingError):
-    pass
-
-
-class _RefuseGlobalsUnpickler(pickle.Unpickler):
-    """Builds only what pickle opcodes make without imports (lists, dicts, ints, strings, ...); any class or function
-    reference, which is how a pickle runs code (__reduce__ -> os.system), is refused."""
-
-    def find_class(self, module: str, name: str):
-        raise _RefusedGlobal(f"{module}.{name}")
-
-
-def restricted_pickle_load(path: str | Path):
-    """Unpickle a token file without ever importing anything; the structure is validated by the caller."""
-    path = Path(path)
-    if not path.exists():
-        raise TokenFileError(f"{path}: file not found")
-    try:
-        with open(path, "rb") as f:
-            return _RefuseGlobalsUnpickler(f).load()
-    except _RefusedGlobal as e:
-        raise TokenFileError(f"{path}: refused to unpickle: it references {e}, which could run code. A token pickle "
-                             f"holds only lists, dicts, ints and strings; do not use this file") from e
-    except Exception as e:  # any other failure means a corrupt or non-pickle file
-        raise TokenFileError(f"{path}: not a valid token pickle ({type(e).__name__}: {e})") from e
-
-
-def _int_array(value, what: str) -> np.ndarray:
-    """A list of Python ints as an int64 array; anything else (floats, strings, nested lists, None) is refused."""
-    if not isinstance(value, list):
-        raise TokenFileError(f"{what}: expected a list of token ids, got {type(value).__name__}")
-    if not value:
-        return np.zeros(0, dtype=np.int64)
-    array = np.asarray(value)  # dtype follows the content: only all-int lists come out as an integer dtype
-    if array.ndim != 1 or array.dtype.kind not in "iu":
-        raise TokenFileError(f"{what}: expected a flat list of integer token ids")
-    return array.astype(np.int64, copy=False)
-
 
 def _check_integer_array(array: np.ndarray, what: str) -> np.ndarray:
     if array.ndim != 1 or array.dtype.kind not in "iu":
@@ -186,13 +792,53 @@ def _check_integer_array(array: np.ndarray, what: str) -> np.ndarray:
     return array
 
 
-def _load_npy(path: Path) -> np.ndarray:
+def _remake_hint(address: Path, task: str) -> str:
+    """How to make the token files addressed by `address` (name.npy) again."""
+    if address.name.endswith(".pkl.npy"):  # FileDataset's conversion of name.pkl
+        pkl = address.with_suffix("")
+        return (f"delete {pkl.name}.converted.json beside it and the next run converts {pkl.name} again (downloading it "
+                f"if it is gone), or run: python3 process_data.py convert {pkl} --task {task} --out {address}")
+    return (f"make it again with process_data.py (for an original .pkl: python3 process_data.py convert NAME.pkl "
+            f"--task {task} --out {address})")
+
+
+def _load_npy(path: Path, remake: str) -> np.ndarray:
+    remove_stale_temporaries(path)
     if not path.exists():
         raise TokenFileError(f"{path}: file not found (make token files with process_data.py)")
     try:
-        return np.load(path, mmap_mode="r", allow_pickle=False)
-    except ValueError as e:  # object arrays need pickle, which we never allow
-        raise TokenFileError(f"{path}: not a plain numeric .npy file ({e})") from e
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, EOFError) as e:  # a cut-off or damaged file; object arrays need pickle, which we never allow
+        raise TokenFileError(f"{path}: not a plain numeric .npy file, or a damaged one ({e}); {remake}") from e
+    return _check_integer_array(array, str(path))
+
+
+_CHECKED_RANGE: set[tuple] = set()  # token files (path, size, mtime, inode, vocab_size) this process already checked
+RANGE_CHECK_TOKENS = 1 << 24  # per chunk of the memory map
+
+
+def _check_token_range(tokens: np.ndarray, path: Path, vocab_size: int, remake: str,
+                       offsets: np.ndarray | None = None) -> None:
+    """Every id in [0, vocab_size): else the embedding fails steps later with a bare IndexError. Once per file and
+    process (a pass over the memory map, about a second per GB)."""
+    if tokens.dtype.kind == "u" and np.iinfo(tokens.dtype).max < vocab_size:
+        return
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino, vocab_size)
+    if key in _CHECKED_RANGE:
+        return
+    for start in range(0, len(tokens), RANGE_CHECK_TOKENS):
+        chunk = tokens[start:start + RANGE_CHECK_TOKENS]
+        if chunk.min() < 0 or chunk.max() >= vocab_size:
+            bad = start + int(np.flatnonzero((chunk < 0) | (chunk >= vocab_size))[0])
+            if offsets is None:
+                where = f"token {bad}"
+            else:
+                item = int(np.searchsorted(offsets, bad, side="right")) - 1
+                where = f"item {item} (its token {bad - int(offsets[item])})"
+            raise TokenFileError(f"{path}: {where} is id {tokens[bad]}, outside [0, {vocab_size}) of this model's "
+                                 f"vocabulary: the file was made for another tokenizer, or is damaged; {remake}")
+    _CHECKED_RANGE.add(key)
 
 
 def load_stream(path: str | Path, vocab_size: int) -> np.ndarray:
@@ -203,9 +849,12 @@ def load_stream(path: str | Path, vocab_size: int) -> np.ndarray:
         if offsets_path.exists():
             raise TokenFileError(f"{path} is an SFT collection ({offsets_path.name} lies beside it), not a pretrain "
                                  f"token stream")
-        return _check_integer_array(_load_npy(path), str(path))
+        remake = _remake_hint(path, "pretrain")
+        tokens = _load_npy(path, remake)
+        _check_token_range(tokens, path, vocab_size, remake)
+        return tokens
     if path.suffix == ".pkl":
-        return _checked_tokens(_int_array(restricted_pickle_load(path), str(path)), vocab_size, str(path))
+        return _read_pickle(path, "pretrain", vocab_size, None)[None][0]
     raise TokenFileError(f"{path}: unknown token file type (expected .npy or .pkl)")
 
 
@@ -214,9 +863,9 @@ def load_collection(path: str | Path, kind: str, vocab_size: int) -> dict[str | 
     path = Path(path)
     fields = collection_fields(kind)
     if path.suffix == ".npy":
-        out = {field: _load_ragged_npy(path, field) for field in fields}
+        out = {field: _load_ragged_npy(path, field, kind, vocab_size) for field in fields}
     elif path.suffix == ".pkl":
-        out = _collection_from_pickle(restricted_pickle_load(path), fields, vocab_size, str(path))
+        out = {field: RaggedTokens(*arrays) for field, arrays in _read_pickle(path, kind, vocab_size, None).items()}
     else:
         raise TokenFileError(f"{path}: unknown token file type (expected .npy or .pkl)")
     if len({len(r) for r in out.values()}) != 1:
@@ -224,28 +873,13 @@ def load_collection(path: str | Path, kind: str, vocab_size: int) -> dict[str | 
     return out
 
 
-def _load_ragged_npy(path: Path, field: str | None) -> RaggedTokens:
+def _load_ragged_npy(path: Path, field: str | None, kind: str, vocab_size: int) -> RaggedTokens:
     tokens_path, offsets_path = collection_paths(path, field)
-    tokens = _check_integer_array(_load_npy(tokens_path), str(tokens_path))
-    offsets = np.asarray(_check_integer_array(_load_npy(offsets_path), str(offsets_path)), dtype=np.int64)
+    remake = _remake_hint(path, kind)
+    tokens = _load_npy(tokens_path, remake)
+    offsets = np.asarray(_load_npy(offsets_path, remake), dtype=np.int64)
     if len(offsets) == 0 or offsets[0] != 0 or offsets[-1] != len(tokens) or np.any(np.diff(offsets) < 0):
-        raise TokenFileError(f"{offsets_path}: offsets must start at 0, never decrease and end at len({tokens_path.name})")
+        raise TokenFileError(f"{offsets_path}: offsets must start at 0, never decrease and end at len({tokens_path.name})"
+                             f"; {remake}")
+    _check_token_range(tokens, tokens_path, vocab_size, remake, offsets)
     return RaggedTokens(tokens, offsets)
-
-
-def _collection_from_pickle(items, fields: tuple[str | None, ...], vocab_size: int, what: str):
-    if not isinstance(items, list):
-        raise TokenFileError(f"{what}: expected a list of items, got {type(items).__name__}")
-    if fields == (None,):
-        per_field = {None: items}
-    else:
-        for i, item in enumerate(items):
-            if not isinstance(item, dict) or set(item) != set(fields):
-                raise TokenFileError(f"{what}: item {i} must be a dict with exactly the keys {fields}")
-        per_field = {field: [item[field] for item in items] for field in fields}
-    out = {}
-    for field, seqs in per_field.items():
-        arrays = [_int_array(s, f"{what}: item {i}" + (f" field {field!r}" if field else "")) for i, s in enumerate(seqs)]
-        ragged = RaggedTokens.from_sequences(arrays, np.dtype(np.int64))
-        out[field] = RaggedTokens(_checked_tokens(ragged.tokens, vocab_size, what), ragged.offsets)
-    return out
