@@ -282,9 +282,11 @@ class DeepSpeedBackend(Backend):
             optimizer = DeepSpeedCPUAdam(param_groups(model, config.optim.weight_decay), lr=config.optim.initial_lr,
                                          betas=config.optim.betas, eps=config.optim.eps, adamw_mode=True)
         else:
-            # A torch optimizer: no op compiling, and fused kernels on CUDA.
-            optimizer = AdamWSkippingNonFinite(param_groups(model, config.optim.weight_decay), lr=config.optim.initial_lr,
-                                               betas=config.optim.betas, eps=config.optim.eps, fused=device.type == "cuda")
+            # A torch optimizer: no op compiling, and fused kernels on CUDA. Only ZeRO-0 in fp32 lacks an overflow check
+            # of DeepSpeed's own (and pays for this one's gradient norm).
+            adamw = AdamWSkippingNonFinite if ds.zero_stage == 0 and precision == "fp32" else torch.optim.AdamW
+            optimizer = adamw(param_groups(model, config.optim.weight_decay), lr=config.optim.initial_lr,
+                              betas=config.optim.betas, eps=config.optim.eps, fused=device.type == "cuda")
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                                  config=self.deepspeed_config(), dist_init_required=False)
         self.module = self.engine.module

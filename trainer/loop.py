@@ -233,11 +233,17 @@ class Trainer:
                 self.logger.text(f"epoch {state.epoch}, file {state.file_index + 1}/{len(self.task.sources)} "
                                  f"({self.task.sources[state.file_index]}): {len(plan)} micro-batches per rank, "
                                  f"starting at {state.batch_index}")
+                group_batches = {}  # token-weighted tasks: the group's collated micro-batches, by plan index
                 while state.batch_index < len(plan) and state.step < end_step:
                     if self.task.token_weighted and self._group.empty:  # the first micro-batch of a group
-                        rows = plan[state.batch_index:state.batch_index + c.grad_accum_steps]
-                        self._group.mean_loss_tokens = self._mean_loss_tokens(dataset, rows)
-                    batch = _to_device(dataset.collate([dataset[int(i)] for i in plan[state.batch_index]]), backend.device)
+                        end = state.batch_index + c.grad_accum_steps
+                        group_batches = {b: dataset.collate([dataset[int(i)] for i in plan[b]])
+                                         for b in range(state.batch_index, min(end, len(plan)))}
+                        self._group.mean_loss_tokens = self._mean_loss_tokens(list(group_batches.values()))
+                    batch = group_batches.pop(state.batch_index, None)
+                    if batch is None:
+                        batch = dataset.collate([dataset[int(i)] for i in plan[state.batch_index]])
+                    batch = _to_device(batch, backend.device)
                     # Usually one micro-batch per data batch; GRPO yields several updates on one rollout.
                     for micro_batch in self.task.micro_batches(batch, backend):
                         if state.step >= end_step:  # max_steps may fall among one rollout's updates
@@ -260,8 +266,8 @@ class Trainer:
                 state.epoch, state.file_index = state.epoch + 1, 0
         self._finish(state, eval_dataset)
 
-    def _mean_loss_tokens(self, dataset, rows: np.ndarray) -> float:
-        """The loss tokens of one accumulation group (this rank's micro-batches `rows` of the plan, all ranks), per
+    def _mean_loss_tokens(self, batches: list[dict]) -> float:
+        """The loss tokens of one accumulation group (this rank's collated micro-batches `batches`, all ranks), per
         micro-batch: counted from the data before the group's first backward, with one all-reduce per group.
 
         A token-weighted task divides each micro-batch's summed loss by this number. The backends average the
@@ -269,9 +275,9 @@ class Trainer:
         gradient is that of  sum over the group's micro-batches on all ranks of (summed loss) / (total loss tokens):
         the token mean of one big batch, where a per-micro-batch token mean would weigh a short micro-batch's
         tokens more."""
-        mine = sum(self.task.loss_tokens(dataset.collate([dataset[int(i)] for i in row])) for row in rows)
+        mine = sum(self.task.loss_tokens(batch) for batch in batches)
         total = float(self.backend.all_reduce_sum(torch.tensor([float(mine)], dtype=torch.float64))[0])
-        return max(total, 1.0) / (len(rows) * self.info.world_size)
+        return max(total, 1.0) / (len(batches) * self.info.world_size)
 
     def _train_micro_batch(self, batch, state: TrainerState, schedule: WarmupCosineSchedule, eval_dataset) -> None:
         c, backend, group = self.config, self.backend, self._group
