@@ -376,8 +376,31 @@ class _Ints:
         self.into, self.count = into, count
 
 
+class _Items:
+    """`count` complete items of a collection, the first numbered `first`, read at once (_PickleReader._read_items)."""
+    __slots__ = ("first", "count")
+
+    def __init__(self, first: int, count: int):
+        self.first, self.count = first, count
+
+
 def _describe(value) -> str:
-    return {_Ints: "an int", _List: "a list", _Dict: "a dict", str: "a string"}.get(type(value), "something else")
+    return {_Ints: "an int", _List: "a list", _Dict: "a dict", str: "a string", _Items: "items"}.get(type(value),
+                                                                                                  "something else")
+
+
+def _items_pattern(task: str) -> re.Pattern:
+    """Runs of whole items as pickle.dump writes them with protocol 4 (the original's), over the bytes of a chunk's
+    opcodes other than ints, and only where the next opcode begins another item or ends the batch (so no later opcode
+    adds to the last of them). A token list: EMPTY_LIST MEMOIZE, then batches of ids (MARK ... APPENDS), then maybe one
+    id APPEND; a DPO or GRPO item: EMPTY_DICT MEMOIZE MARK, two keys (BINGET) each with its list, SETITEMS."""
+    def op(*codes):
+        return re.escape(bytes(codes))
+    token_list = op(EMPTY_LIST, MEMOIZE) + b"(?:" + op(MARK, APPENDS) + b")*" + op(APPEND) + b"?"
+    if task == "sft":
+        return re.compile(b"(?:" + token_list + b")+(?=[" + op(EMPTY_LIST, APPENDS) + b"])")
+    item = op(EMPTY_DICT, MEMOIZE, MARK) + (op(BINGET) + token_list) * 2 + op(SETITEMS)
+    return re.compile(b"(?:" + item + b")+(?=[" + op(EMPTY_DICT, APPENDS) + b"])")
 
 
 _OPCODE_WORDS = {"BINFLOAT": "a float", "NONE": "None", "NEWTRUE": "a bool", "NEWFALSE": "a bool",
@@ -409,6 +432,7 @@ class _PickleReader:
         self._frame_end_checked = True
         self._positions, self._consumed = np.zeros(0, dtype=np.int64), 0  # the opcodes of the chunk being read
         self._carry = b""
+        self._items = None if task == "pretrain" else _items_pattern(task)
         self._handlers = {MEMOIZE: self._memoize, BINPUT: self._memoize, LONG_BINPUT: self._memoize, MARK: self._mark,
                           APPENDS: self._add_items, SETITEMS: self._add_items, APPEND: self._add_item,
                           SETITEM: self._add_item, EMPTY_LIST: self._empty_list, EMPTY_DICT: self._empty_dict,
@@ -514,11 +538,18 @@ class _PickleReader:
         self._run_fields, self._run_lengths = [], []
 
         others = np.flatnonzero(~is_int)
+        ops, positions = ops[others], positions[others]
         ints_before = np.diff(others, prepend=-1) - 1  # token ids pushed right before each other opcode
-        for op, at, pushed in zip(ops[others].tolist(), positions[others].tolist(), ints_before.tolist()):
-            if pushed:
-                self._push_ints(pushed)
-            self._handlers.get(op, self._step)(op, at, buf)
+        runs = self._items.finditer(ops.tobytes()) if self._items else ()
+        steps = list(zip(ops.tolist(), positions.tolist(), ints_before.tolist()))
+        done = 0  # opcodes read
+        for first, end in [m.span() for m in runs] + [(len(ops), len(ops))]:
+            for op, at, pushed in steps[done:first]:
+                if pushed:
+                    self._push_ints(pushed)
+                self._handlers.get(op, self._step)(op, at, buf)
+            done = end if self._read_items(array, ops[first:end], positions[first:end], ints_before[first:end]) \
+                else first
         if len(values) > self._done:
             self._push_ints(len(values) - self._done)
         self._write_chunk(values.astype(self.dtype))
@@ -533,6 +564,51 @@ class _PickleReader:
         owner = np.repeat(np.array(self._run_fields, dtype=np.int64), self._run_lengths)
         for field in fields:
             field.write(tokens[owner == field.index])
+
+    def _read_items(self, data: np.ndarray, ops: np.ndarray, positions: np.ndarray, ints_before: np.ndarray) -> bool:
+        """Whole items (a run that _items_pattern found) read at once, as the opcode methods would read them; False
+        (nothing read) where those must: the run does not begin between items of the top-level list's batch, or an
+        item could be refused (ids out of range, misplaced or in the wrong number, keys not the task's)."""
+        stack, fields = self.stack, list(self.fields.values())
+        items = int((ops == (EMPTY_LIST if self.task == "sft" else EMPTY_DICT)).sum())
+        first = fields[0].lists if self.task == "sft" else self.dicts  # the number of the first item
+        if (not items or self.stopped or self.marks != [1] or stack[0] is not self.top
+                or not isinstance(stack[-1], (_Mark, _Items, _List if self.task == "sft" else _Dict))
+                or any(field.lists != first for field in fields)  # item i holds list i of each field
+                or (self.memo_keys and max(self.memo_keys) >= self.memo_size)):  # MEMOIZE overwrites no key
+            return False
+        ints = int(ints_before.sum())
+        placed = np.where(ops == APPENDS, True, ints_before == (ops == APPEND))  # ids only where they are appended
+        if self._first_bad < self._done + ints or not placed.all():
+            return False
+        lists = np.flatnonzero(ops == EMPTY_LIST)
+        if self.task == "sft":
+            list_fields = np.zeros(len(lists), dtype=np.int64)
+        else:  # each list's field, from the key memoised before it
+            field_of_memo = np.full(256, -1)
+            for index, key in self.memo_keys.items():
+                if index < 256 and key in self.fields:
+                    field_of_memo[index] = self.fields[key].index
+            list_fields = field_of_memo[data[positions[ops == BINGET] + 1]]
+            if (list_fields < 0).any() or (list_fields[0::2] == list_fields[1::2]).any():
+                return False
+        appended = np.flatnonzero(ints_before)
+        run_lists = np.searchsorted(lists, appended) - 1  # ids go into the list begun last
+        run_lengths = ints_before[appended]
+        list_tokens = np.bincount(run_lists, weights=run_lengths, minlength=len(lists)).astype(np.int64)
+        for field in fields:
+            tokens = list_tokens[list_fields == field.index]
+            field.starts += (field.count + np.cumsum(tokens) - tokens).tolist()
+            field.count += int(tokens.sum())
+            field.lists += len(tokens)
+        self._run_fields += list_fields[run_lists].tolist()
+        self._run_lengths += run_lengths.tolist()
+        self._done += ints
+        self.memo_size += int((ops == MEMOIZE).sum())
+        if self.task != "sft":
+            self.dicts += items
+        stack.append(_Items(first, items))
+        return True
 
     def finish(self) -> None:
         if not self._frame_end_checked and self.frame_end != self.offset + len(self._carry):
@@ -702,6 +778,8 @@ class _PickleReader:
             if target.field is not None:  # a list of token ids (already written)
                 if not (isinstance(item, _Ints) and item.into is target):
                     raise self._bad(target, _describe(item))
+            elif isinstance(item, _Items) and item.first == target.count:
+                target.count += item.count
             elif self.task == "sft":
                 if not (isinstance(item, _List) and item.field is not None and item.index == target.count):
                     raise self._bad(target, _describe(item))
