@@ -234,8 +234,8 @@ RUNS_CODE = {_opcode(name) for name in ("GLOBAL", "INST", "STACK_GLOBAL", "REDUC
 TEXT_OPCODES = {_opcode(name) for name in ("INT", "LONG", "STRING", "UNICODE", "FLOAT", "LIST", "DICT", "TUPLE",
                                            "GET", "PUT")}  # protocol 0's
 STRINGS = {SHORT_BINUNICODE: 1, BINUNICODE: 4, BINUNICODE8: 8}  # opcode -> bytes of its length field
-INT_BYTES = np.zeros(256, dtype=np.int8)  # opcode -> bytes of its int argument; 0: not an int
-INT_BYTES[[BININT1, BININT2, BININT]] = 1, 2, 4
+INT_MASK = np.zeros((256, 2), dtype=np.uint8)  # opcode -> masks of its int argument's first two bytes; 0: not an int
+INT_MASK[[BININT1, BININT2, BININT]] = (0xFF, 0), (0xFF, 0xFF), (0xFF, 0xFF)
 MAX_KEY_BYTES = 1024  # strings are only dict keys ('chosen', 'prompt', ...)
 
 # The length of every opcode this reader accepts with a fixed argument; 1 for the rest, also those it refuses (reading
@@ -522,16 +522,13 @@ class _PickleReader:
         if not self._frame_end_checked:
             self._check_frame_end()
         ops = array[positions]
-        int_bytes = INT_BYTES[ops]
-        is_int = int_bytes > 0
-        at = positions[is_int]
-        int_bytes = int_bytes[is_int]
+        is_int = INT_MASK[ops, 0] != 0
+        at, int_ops = positions[is_int], ops[is_int]
         # BININT1: 1 unsigned byte, BININT2: 2, BININT: 4 signed (little-endian)
-        values = array[at + 1].astype(np.int64) | (array[at + 2].astype(np.int64) << 8) * (int_bytes > 1)
-        four = np.flatnonzero(int_bytes == 4)
+        values = array[at + 1].astype(np.int32) | (array[at + 2] & INT_MASK[int_ops, 1]).astype(np.int32) << 8
+        four = np.flatnonzero(int_ops == BININT)
         if four.size:
-            high = array[at[four] + 3].astype(np.int64) << 16 | array[at[four] + 4].astype(np.int64) << 24
-            values[four] = ((values[four] | high) ^ (1 << 31)) - (1 << 31)
+            values[four] |= array[at[four] + 3].astype(np.int32) << 16 | array[at[four] + 4].astype(np.int32) << 24
         bad = np.flatnonzero((values < 0) | (values >= self.vocab_size))
         self._first_bad = int(bad[0]) if bad.size else len(values)  # the reader says in which list it lies
         self._values, self._done = values, 0
@@ -540,20 +537,23 @@ class _PickleReader:
         others = np.flatnonzero(~is_int)
         ops, positions = ops[others], positions[others]
         ints_before = np.diff(others, prepend=-1) - 1  # token ids pushed right before each other opcode
-        runs = self._items.finditer(ops.tobytes()) if self._items else ()
-        steps = list(zip(ops.tolist(), positions.tolist(), ints_before.tolist()))
         done = 0  # opcodes read
-        for first, end in [m.span() for m in runs] + [(len(ops), len(ops))]:
-            for op, at, pushed in steps[done:first]:
-                if pushed:
-                    self._push_ints(pushed)
-                self._handlers.get(op, self._step)(op, at, buf)
+        for first, end in [m.span() for m in self._items.finditer(ops.tobytes())] if self._items else []:
+            self._read_ops(buf, ops[done:first], positions[done:first], ints_before[done:first])
             done = end if self._read_items(array, ops[first:end], positions[first:end], ints_before[first:end]) \
                 else first
+        self._read_ops(buf, ops[done:], positions[done:], ints_before[done:])
         if len(values) > self._done:
             self._push_ints(len(values) - self._done)
         self._write_chunk(values.astype(self.dtype))
         self.offset += consumed
+
+    def _read_ops(self, buf: bytes, ops: np.ndarray, positions: np.ndarray, ints_before: np.ndarray) -> None:
+        """Opcodes other than ints, each by its method, after the ids pushed before it."""
+        for op, at, pushed in zip(ops.tolist(), positions.tolist(), ints_before.tolist()):
+            if pushed:
+                self._push_ints(pushed)
+            self._handlers.get(op, self._step)(op, at, buf)
 
     def _write_chunk(self, tokens: np.ndarray) -> None:
         """The chunk's token ids, each run into the field of the list it was pushed onto."""
