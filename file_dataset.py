@@ -10,15 +10,16 @@ qibin0506/Cortex-2.5-train-data into a data dir (default ./data).
 Files are fetched as training reaches them (indexing is "training reached file idx"): one process per machine (local
 rank 0) downloads while the others wait, and the next file is prefetched in a background thread. delete_consumed=True
 deletes each file once training has moved past it (off by default), except the first, whose held-out split every eval
-and every resume reads, and the last (each epoch ends with it); a converted .pkl goes as soon as it is
-converted. With deletion, each later epoch downloads (and converts) files 1..n-2 again, and says so.
+and every resume reads, and the last (each epoch ends with it); a converted .pkl goes as soon as it is converted. With
+deletion each later epoch downloads (and converts) the others again, and says so.
 `fetch(idx)` gets a file without deleting or prefetching anything (the eval split's file, counting).
 
-Two runs sharing a data dir download and convert a file once: the
-first holds data_dir/.NAME.lock meanwhile, the second waits for it. A download lands in data_dir/.download-NAME/ and is renamed into place only when complete (ModelScope checks the size
-and sha256 it lists), so the data dir never holds a partial file. A download cut short (kill, lost connection) leaves
-its partial file there, and the next download of NAME resumes it with an HTTP Range request (ModelScope's own resume);
-the directory of a file that is complete, and those of older versions (.download-NAME.XXXXXXXX), are removed.
+Two runs sharing a data dir download and convert a file once: the first holds data_dir/.NAME.lock meanwhile, the
+second waits for it, then finds it there. A download lands in data_dir/.download-NAME/ and is renamed into place only
+when complete (ModelScope checks the size and sha256 it lists), so the data dir never holds a partial file. A download
+cut short (kill, lost connection) leaves its partial file there, and the next download of NAME resumes it with an HTTP
+Range request (ModelScope's own resume); the directory of a file that is complete, and those of older versions
+(.download-NAME.XXXXXXXX), are removed.
 MODELSCOPE_ENDPOINT points the download at another hub (tests use a local server). `source_bytes(idx)` is a file's size
 as published (from the hub's listing before it is downloaded), which the trainer uses to estimate the length of a
 stage whose files are not all on disk yet (trainer/loop.py).

@@ -73,6 +73,24 @@ def test_conversion_matches_pickle_load_item_by_item(tmp_path, monkeypatch, kind
             == _expected(obj, kind)
 
 
+@pytest.mark.parametrize("read_bytes", [1 << 14, 1 << 20])
+def test_batches_of_1000_and_single_appends_match_pickle_load(tmp_path, monkeypatch, read_bytes):
+    """pickle.dump appends 1000 items per MARK ... APPENDS and a last single one with APPEND, to the top-level list and
+    to each token list; items written in either key order (runs of whole items are read at once)."""
+    monkeypatch.setattr(token_files, "PICKLE_READ_BYTES", read_bytes)
+    rng = np.random.default_rng(1)
+    sft = [rng.integers(0, VOCAB, n).tolist() for n in [1001, 2000, 0, 1, 2, 5] * 167]  # 1002 items
+    pkl = _dump(tmp_path / "sft.pkl", sft)
+    convert_pickle(pkl, "sft", VOCAB, tmp_path / "sft.npy")
+    assert _items(load_collection(tmp_path / "sft.npy", "sft", VOCAB), "sft") == {None: sft}
+    grpo = [{"prompt": rng.integers(0, VOCAB, 1001 if i % 100 == 0 else 30).tolist(),
+             "answer": rng.integers(0, VOCAB, i % 3).tolist()} for i in range(1001)]
+    grpo = [item if i % 2 else dict(reversed(item.items())) for i, item in enumerate(grpo)]
+    pkl = _dump(tmp_path / "grpo.pkl", grpo)
+    convert_pickle(pkl, "grpo", VOCAB, tmp_path / "grpo.npy")
+    assert _items(load_collection(tmp_path / "grpo.npy", "grpo", VOCAB), "grpo") == _expected(grpo, "grpo")
+
+
 def test_ids_beyond_uint16_convert_to_uint32(tmp_path):
     pkl = _dump(tmp_path / "big.pkl", [[70000, 1], [65536]])
     convert_pickle(pkl, "sft", 80000, tmp_path / "big.npy")

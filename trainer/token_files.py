@@ -248,7 +248,8 @@ LANE_BYTES = 64  # bytes of each block that _opcode_starts decodes as one lane
 MAX_OPCODE_BYTES = 1 + 8 + MAX_KEY_BYTES  # the longest opcode this reader accepts (a BINUNICODE8 dict key)
 
 
-def _walk(length: np.ndarray, at: np.ndarray, end: np.ndarray, stop: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+def _walk(length: np.ndarray, at: np.ndarray, end: np.ndarray,
+          stop: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
     """Follows the chains of opcodes from `at`, all at once, each while before its `end` and not on a `stop` mark:
     (the positions walked, concatenated; where each chain stopped)."""
     at = at.copy()
@@ -412,10 +413,12 @@ _OPCODE_WORDS = {"BINFLOAT": "a float", "NONE": "None", "NEWTRUE": "a bool", "NE
 class _PickleReader:
     """Reads an original token pickle of `task` fed in chunks, writing its token ids into `fields` as they come.
 
-    A small stack machine over the opcodes pickle.dump writes for these structures. Token ids are read as runs between
-    the other opcodes (vectorised); the stack holds lists, dicts, marks, short strings (dict keys) and counts of ids, never
-    the ids themselves: they are written to their list's field as soon as they are pushed, which is only allowed onto the
-    newest list of that field (anything else is refused, and refused files are never committed)."""
+    A small stack machine over the opcodes pickle.dump writes for these structures, one method per opcode. Token ids
+    are decoded a chunk at a time (vectorised) and pushed as runs between the other opcodes; the stack holds lists,
+    dicts, marks, short strings (dict keys) and counts of ids, never the ids themselves: those go to their list's field
+    (written once the chunk is read), and may only be pushed onto the newest list of that field (anything else is
+    refused, and refused files are never committed). Runs of whole items as pickle.dump writes them are read at once,
+    vectorised, where the methods would accept them (_read_items)."""
 
     def __init__(self, path: Path, size: int, task: str, vocab_size: int, fields: dict[str | None, _Field]):
         self.path, self.size, self.task, self.vocab_size, self.fields = path, size, task, vocab_size, fields
