@@ -29,7 +29,7 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
 
 from serving.chat import ChatRequest, ReplyPiece, RequestError, build_prompt, parse_web_request, stream_reply
-from serving.checkpoint import DTYPES, CheckpointError, load_for_serving
+from serving.checkpoint import DTYPES, QUANTIZE, CheckpointError, load_for_serving
 from serving.engine import Engine, GenerationRequest, QueueFullError
 from serving.openai_api import Completion, error_body, models_list, parse_openai_request, usage
 from trainer.tokenizer import Tokenizer, TokenizerFilesError
@@ -212,7 +212,11 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8080)
     parser.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: cuda, then mps, then cpu)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: bfloat16 on CUDA, else float32")
+    parser.add_argument("--dtype", choices=sorted(DTYPES),
+                        help="default: bfloat16 on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX), else float32")
+    parser.add_argument("--quantize", choices=QUANTIZE,
+                        help="int8: int8 weights with per-channel scales for the linear layers, experts and head "
+                             "(default: int8 on CPU, none on GPUs)")
     parser.add_argument("--slots", type=int, default=8, help="requests decoded together (KV cache rows)")
     parser.add_argument("--max-queue", type=int, default=32, help="requests waiting for a slot before 503s")
     parser.add_argument("--seed", type=int, help="sampling seed (default: random)")
@@ -220,10 +224,13 @@ def main(argv: list[str] | None = None):
                         help="decode with a torch.compile'd step (faster per token; compiles at start, needs a C++ "
                              "compiler on CPU or Triton on CUDA)")
     args = parser.parse_args(argv)
+    if args.compile and args.quantize == "int8":
+        parser.error("--compile decodes unquantized weights: pass --quantize none with it, or drop --compile")
+    quantize = "none" if args.compile else args.quantize  # the compiled step gathers unquantized expert weights
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     try:
-        served = load_for_serving(args.checkpoint, args.tokenizer, args.device, args.dtype)
+        served = load_for_serving(args.checkpoint, args.tokenizer, args.device, args.dtype, quantize)
         engine = Engine(served.model, served.tokenizer, slots=args.slots, max_queue=args.max_queue, seed=args.seed,
                         compile=args.compile)
         server = make_app_server(create_app(engine, served.tokenizer, served.name), args.host, args.port)
@@ -232,7 +239,7 @@ def main(argv: list[str] | None = None):
     except OSError as err:
         sys.exit(f"error: cannot listen on {args.host}:{args.port}: {err}")
     engine.start()
-    print(f"Cortex chat ({served.name}, {served.model.lm_head.weight.device}, {engine.max_context}-token context, "
+    print(f"Cortex chat ({served.name}, {engine.device}, {engine.max_context}-token context, "
           f"{args.slots} slots) on http://{args.host}:{server.port}", flush=True)
     try:
         server.serve_forever()

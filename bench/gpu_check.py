@@ -488,7 +488,7 @@ def serve_part(context: Context, compile: bool) -> dict:
     import torch
 
     from model import CortexModel, cortex_2_5_config, tiny_config
-    from serving.checkpoint import pick_dtype
+    from serving.checkpoint import pick_format
     from serving.engine import Engine, Finished, GenerationRequest, SamplingParams
     from trainer.tokenizer import tiny_tokenizer
 
@@ -496,7 +496,7 @@ def serve_part(context: Context, compile: bool) -> dict:
     config = tiny_config(tokenizer.vocab_size, long_context=True) if context.smoke else cortex_2_5_config(True)
     context.release_memory()
     torch.manual_seed(0)
-    dtype = pick_dtype(None, context.device)  # as app.py: bf16 on CUDA
+    dtype, _ = pick_format(None, "none", context.device)  # as app.py: bf16 on CUDA
     model = CortexModel(config).to(context.device, dtype).eval()
     start = time.perf_counter()
     engine = Engine(model, tokenizer, slots=max(SERVE_BATCHES), seed=0, compile=compile).start()

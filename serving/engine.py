@@ -95,7 +95,7 @@ class SlotKVCache:
 
     def __init__(self, model: CortexModel, slots: int, max_length: int):
         config = model.config
-        weight = model.lm_head.weight
+        weight = model.embed_tokens.weight  # never quantized: the model's dtype and device
         shape = (slots, config.num_key_value_heads, max_length, config.head_dim)
         self.keys = [weight.new_zeros(shape) for _ in range(config.num_hidden_layers)]
         self.values = [weight.new_zeros(shape) for _ in range(config.num_hidden_layers)]
@@ -174,7 +174,7 @@ class Engine:
         # A compiled step reads views of the cache up to some width: one spare position keeps every such view
         # non-contiguous alike, or the full-width view would be compiled again for its different strides.
         self.cache = SlotKVCache(model, slots, self.max_context + (1 if compile else 0))
-        self.device = model.lm_head.weight.device
+        self.device = model.embed_tokens.weight.device
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(seed if seed is not None else torch.seed())
         self.closing_ids = tokenizer.encode(THINK_BUDGET_CLOSING)

@@ -1,0 +1,100 @@
+"""model/quantize.py and the serving formats: int8 weight-only layers, --dtype/--quantize, the per-machine default."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import app as app_module
+from model.moe import RoutedExperts
+from model.quantize import Int8Linear, Int8RoutedExperts, quantize_int8, quantize_per_channel
+from serving.checkpoint import CheckpointError, default_format, load_for_serving, pick_format
+from serving.engine import Engine, Finished, GenerationRequest, SamplingParams
+from trainer.tokenizer import tiny_tokenizer
+
+from test_app_server import single_torch_thread, tiny_model, write_run_dir  # noqa: F401  (an autouse fixture)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    return tiny_model(tokenizer.vocab_size)
+
+
+def test_per_channel_int8_round_trips_each_row_within_half_a_step():
+    weight = torch.randn(2, 6, 10) * torch.tensor([1e-3, 1.0, 50.0, 1.0, 1.0, 0.0])[:, None]  # rows of any scale
+    weight_int8, scales = quantize_per_channel(weight)
+    assert weight_int8.dtype == torch.int8 and scales.shape == (2, 6)
+    assert weight_int8.abs().amax(dim=-1)[:, :5].eq(127).all()  # each row's largest weight uses the full range
+    error = (weight_int8.float() * scales[..., None] - weight).abs()
+    assert (error <= scales[..., None] / 2 + 1e-7).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_model_logits_stay_close_to_fp32(model, dtype):
+    quantized = quantize_int8(copy.deepcopy(model)).to(dtype)
+    kinds = {type(m) for m in quantized.modules()}
+    assert {Int8Linear, Int8RoutedExperts} <= kinds and not kinds & {nn.Linear, RoutedExperts, type(model.lm_head)}
+    ids = torch.randint(0, model.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected, got = model(ids)["logits"], quantized(ids)["logits"].float()
+    assert got.dtype == torch.float32 and got.shape == expected.shape
+    # int8 weights (and the kernel's bf16 activations): errors of a few percent of the logits' range at most
+    assert (got - expected).abs().max() < 0.04 * expected.abs().max()
+    assert (got.argmax(-1) == expected.argmax(-1)).float().mean() > 0.9
+    with pytest.raises(ValueError, match="only returns logits"):
+        quantized(ids, targets=ids)
+
+
+def greedy_without_cache(model, prompt: list[int], max_new_tokens: int, eos_id: int) -> list[int]:
+    """The whole sequence through the model for each token: no KV cache, no batching."""
+    tokens = []
+    with torch.no_grad():
+        while len(tokens) < max_new_tokens and eos_id not in tokens:
+            tokens.append(int(model(torch.tensor([prompt + tokens]))["logits"][0, -1].argmax()))
+    return tokens
+
+
+def test_greedy_decoding_of_an_int8_checkpoint_through_the_engine(tmp_path, model, tokenizer):
+    served = load_for_serving(write_run_dir(tmp_path / "run", model), device="cpu", dtype="float32", quantize="int8")
+    assert isinstance(served.model.lm_head, Int8Linear)
+    engine = Engine(served.model, served.tokenizer, slots=2, seed=0).start()
+    try:
+        prompts = [[5, 9, 30, 41], [100, 7], list(range(50, 70))]
+        requests = [engine.submit(GenerationRequest(p, SamplingParams(temperature=0.0, max_new_tokens=12),
+                                                    thinking=False)) for p in prompts]
+        for prompt, request in zip(prompts, requests):
+            tokens = []
+            while not isinstance(event := request.events.get(timeout=30), Finished):
+                tokens.append(event.token_id)
+            assert tokens == greedy_without_cache(served.model, prompt, 12, tokenizer.eos_id)
+    finally:
+        engine.stop()
+
+
+def test_bad_format_flags_get_a_clear_error(capsys):
+    with pytest.raises(SystemExit):
+        app_module.main(["--quantize", "int4"])
+    assert "--quantize: invalid choice: 'int4' (choose from" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        app_module.main(["--quantize", "int8", "--compile"])
+    assert "--compile decodes unquantized weights" in capsys.readouterr().err
+    with pytest.raises(CheckpointError, match="--quantize 'int4' is not one of none, int8"):
+        pick_format(None, "int4", torch.device("cpu"))
+    with pytest.raises(CheckpointError, match="--dtype 'fp8' is not one of"):
+        pick_format("fp8", None, torch.device("cpu"))
+    assert pick_format("bfloat16", "none", torch.device("cpu")) == (torch.bfloat16, "none")
+
+
+def test_default_format_follows_the_cpu():
+    cpu = torch.device("cpu")
+    assert default_format(cpu, "AVX2", False) == ("float32", "int8")  # no native bf16: bf16 prefill is slow
+    assert default_format(cpu, "AVX512", False) == ("float32", "int8")
+    assert default_format(cpu, "AVX512", True) == ("bfloat16", "int8")  # AVX512-BF16 or AMX
+    assert default_format(cpu, "DEFAULT", False) == ("float32", "int8")
+    assert default_format(torch.device("mps"), "DEFAULT", False) == ("float32", "none")
