@@ -92,7 +92,15 @@ def measure_format(name: str, weights: Path, out: Path) -> dict:
     return {"format": name, "dtype": dtype, "quantize": quantize, "startup_s": round(startup_s, 2),
             "ttft_512_s": round(ttft_s, 3), "decode_tok_s_batch1": round(decode_tps, 2),
             f"decode_tok_s_{SLOTS}_slots": round(slots_tps, 2), "greedy_tokens": len(greedy),
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
+            "rss_mb": resident_mb(), "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
+
+
+def resident_mb() -> int:
+    """The process's resident memory now (VmRSS), after serving; the peak includes loading."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return round(int(line.split()[1]) / 1024)
+    raise RuntimeError("no VmRSS in /proc/self/status")
 
 
 def quality(reference: dict, other: dict) -> dict:
@@ -138,6 +146,7 @@ def write_random_weights(path: Path):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--formats", default=",".join(FORMATS), help="comma-separated, fp32 first (the reference)")
     parser.add_argument("--rounds", type=int, default=1, help="passes over the formats, alternating their order")
     parser.add_argument("--gguf-f16", help="GGUF export at f16, compared with bf16")
     parser.add_argument("--gguf-q8", help="GGUF export at q8_0, compared with int8")
@@ -146,18 +155,21 @@ def main():
     if args.one:
         print(json.dumps(measure_format(args.one[0], Path(args.one[1]), Path(args.one[2]))))
         return
+    formats = args.formats.split(",")
+    if formats[0] != "fp32" or not set(formats) <= set(FORMATS):
+        parser.error(f"--formats must start with fp32 and name only {', '.join(FORMATS)}")
     capability, native_bf16 = cpu_features()
     with tempfile.TemporaryDirectory() as tmp:
         weights = Path(tmp) / "cortex.safetensors"
         write_random_weights(weights)
-        runs = {name: [] for name in FORMATS}
+        runs = {name: [] for name in formats}
         for round_idx in range(args.rounds):
-            for name in (list(FORMATS) if round_idx % 2 == 0 else list(FORMATS)[::-1]):
+            for name in (formats if round_idx % 2 == 0 else formats[::-1]):
                 child = subprocess.run([sys.executable, __file__, "--one", name, str(weights), f"{tmp}/{name}.pt"],
                                        check=True, capture_output=True, text=True, env=os.environ | {
                                            "PYTHONPATH": str(REPO_ROOT)})
                 runs[name].append(json.loads(child.stdout.strip().splitlines()[-1]))
-        saved = {name: torch.load(f"{tmp}/{name}.pt") for name in FORMATS}
+        saved = {name: torch.load(f"{tmp}/{name}.pt") for name in formats}
         from trainer.tokenizer import get_tokenizer
         prompt = held_out_ids(get_tokenizer("cortex"), PROMPT_TOKENS)
     results = {}

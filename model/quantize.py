@@ -2,8 +2,8 @@
 their fp32 bytes per token, which is what bounds CPU decoding.
 
 Each output channel gets one scale (its largest |weight| / 127). On CPU the products run in torch's own int8 kernel
-(torch._weight_int8pack_mm) with bf16 activations: with fp32 activations that kernel is 30x slower on an AVX2 CPU.
-Elsewhere the weights are dequantized per call. Swapped in at load time (serving/checkpoint.py); training never sees it.
+(torch._weight_int8pack_mm) with bf16 activations (with fp32 ones that kernel is 30x slower on an AVX2 CPU) when
+decoding; for a prefill's many rows, and on other devices, the weights are dequantized per call. Swapped in at load time (serving/checkpoint.py); training never sees it.
 """
 
 import torch
@@ -13,6 +13,9 @@ from torch import nn
 from .moe import RoutedExperts
 
 KERNEL_DTYPE = torch.bfloat16  # the activations' dtype in the CPU int8 kernel (its vectorised path)
+# Above this many rows (a prompt's prefill) the weights are dequantized for x's own matmul: the int8 kernel is made for
+# a few rows (512-token prefill of the full model on an AVX2 CPU: 27.3 s with it, 8.8 s in fp32)
+KERNEL_MAX_ROWS = 32
 
 
 def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -24,9 +27,10 @@ def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 
 def int8_linear(x: torch.Tensor, weight_int8: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """x (..., in) @ (weight_int8 (out, in) * scales (out,)).T in x's dtype."""
-    if x.device.type != "cpu":
+    rows = x.reshape(-1, x.shape[-1])
+    if x.device.type != "cpu" or len(rows) > KERNEL_MAX_ROWS:
         return F.linear(x, weight_int8.to(x.dtype) * scales.to(x.dtype).unsqueeze(-1))
-    rows = x.reshape(-1, x.shape[-1]).to(KERNEL_DTYPE)
+    rows = rows.to(KERNEL_DTYPE)
     out = torch._weight_int8pack_mm(rows, weight_int8, scales.to(KERNEL_DTYPE))
     return out.to(x.dtype).view(*x.shape[:-1], -1)
 
