@@ -69,12 +69,13 @@ def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str, *, allow_o
         except QueueFullError as err:
             raise RequestError(str(err), status=503) from None
 
-    def allowed_origin() -> str | None:
-        """The request's Origin when it may be answered with CORS headers (a listed site, not our own page)."""
+    def other_site() -> str | None:
+        """The Origin of a request from another site's page (None from our own page and from non-browser clients)."""
         origin = request.headers.get("Origin")
-        if origin is None or origin == f"{request.scheme}://{request.host}":
-            return None
-        return origin if origin in allow_origins or "*" in allow_origins else None
+        return None if origin is None or origin == f"{request.scheme}://{request.host}" else origin
+
+    def allowed(origin: str) -> bool:
+        return origin in allow_origins or "*" in allow_origins
 
     @app.before_request
     def check_host_and_origin():
@@ -83,8 +84,8 @@ def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str, *, allow_o
                                f"loopback address and answers only requests for localhost, 127.0.0.1 or [::1] (a guard "
                                f"against DNS rebinding); to serve other names, listen on another address with --host",
                                status=403)
-        origin = request.headers.get("Origin")
-        if origin is not None and origin != f"{request.scheme}://{request.host}" and allowed_origin() is None:
+        origin = other_site()
+        if origin is not None and not allowed(origin):
             raise RequestError(f"requests from pages of {origin} are not allowed: only this server's own page may call "
                                f"it; start the server with --allow-origin {origin} to allow that site", status=403)
 
@@ -92,8 +93,8 @@ def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str, *, allow_o
     def cors(response):
         if allow_origins:
             response.vary.add("Origin")
-        origin = allowed_origin()
-        if origin is not None:
+        origin = other_site()
+        if origin is not None and allowed(origin):
             response.headers["Access-Control-Allow-Origin"] = origin
             response.headers["Access-Control-Allow-Methods"] = "POST, GET, OPTIONS"
             response.headers["Access-Control-Allow-Headers"] = "Content-Type, Authorization"
