@@ -270,10 +270,9 @@ class ServerRequestHandler(WSGIRequestHandler):
 
     def run_wsgi(self):
         length = self.headers.get("Content-Length", "0")
-        self.keep_alive = (self.request_version == "HTTP/1.1" and "Transfer-Encoding" not in self.headers
-                           and length.isascii() and length.isdigit())
-        if not self.keep_alive:  # chunked or unknown body length: werkzeug's way, closing after the reply
-            return super().run_wsgi()
+        if self.request_version != "HTTP/1.1" or "Transfer-Encoding" in self.headers \
+                or not (length.isascii() and length.isdigit()):
+            return super().run_wsgi()  # chunked or unknown body length: werkzeug's way, closing after the reply
         connection, self.rfile = self.rfile, RequestBody(self.rfile, int(length))
         try:
             super().run_wsgi()
@@ -283,8 +282,8 @@ class ServerRequestHandler(WSGIRequestHandler):
     def send_header(self, keyword: str, value: str):
         # werkzeug sends "Connection: close" with every reply: drop it when the body was read to its end, so that the
         # next request starts right after it
-        if keyword.lower() == "connection" and value.lower() == "close" and self.keep_alive \
-                and not self.close_connection and self.rfile.is_exhausted:
+        if keyword.lower() == "connection" and value.lower() == "close" and isinstance(self.rfile, RequestBody) \
+                and self.rfile.is_exhausted and not self.close_connection:
             return
         super().send_header(keyword, value)
 

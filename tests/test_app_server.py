@@ -329,6 +329,14 @@ def test_keep_alive_serves_several_requests_on_one_connection(server):
         local_addresses.add(conn.sock.getsockname())
     assert len(local_addresses) == 1  # one connection served them all
     conn.close()
+    # pipelined: the second request arrives with the first one's body; neither reply loses it
+    body = json.dumps(chat).encode()
+    with socket.create_connection(("127.0.0.1", conn.port), timeout=60) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body) +
+                     b"GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        replies = b"".join(iter(lambda: sock.recv(65536), b"")).decode()
+    assert replies.count("HTTP/1.1 200 OK") == 2 and '"finish_reason"' in replies and '"status":"ok"' in replies
 
 
 @pytest.mark.parametrize("path, body", [
