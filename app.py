@@ -97,7 +97,9 @@ def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str, *, allow_o
         if origin is not None and allowed(origin):
             response.headers["Access-Control-Allow-Origin"] = origin
             response.headers["Access-Control-Allow-Methods"] = "POST, GET, OPTIONS"
-            response.headers["Access-Control-Allow-Headers"] = "Content-Type, Authorization"
+            # what the preflight asks for (the openai JavaScript client sends x-stainless-* headers too)
+            response.headers["Access-Control-Allow-Headers"] = request.headers.get(
+                "Access-Control-Request-Headers", "Content-Type, Authorization")
         return response
 
     @app.errorhandler(RequestError)

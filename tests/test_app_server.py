@@ -212,10 +212,12 @@ def test_other_sites_and_rebound_host_names_are_refused(server):
     # --allow-origin: that site's pages get CORS answers; without a loopback bind any Host is accepted
     app = app_module.create_app(engine, engine.tokenizer, "cortex-tiny", allow_origins=("http://localhost:3000",),
                                 loopback_only=False).test_client()
-    preflight = app.options("/v1/chat/completions", headers={"Origin": "http://localhost:3000", "Host": "box.lan",
-                                                             "Access-Control-Request-Method": "POST"})
+    preflight = app.options("/v1/chat/completions", headers={
+        "Origin": "http://localhost:3000", "Host": "box.lan", "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "content-type, authorization, x-stainless-os"})
     assert preflight.status_code == 200 and preflight.headers["Access-Control-Allow-Origin"] == "http://localhost:3000"
-    assert "Content-Type" in preflight.headers["Access-Control-Allow-Headers"] and "Origin" in preflight.headers["Vary"]
+    assert preflight.headers["Access-Control-Allow-Headers"] == "content-type, authorization, x-stainless-os"
+    assert "Origin" in preflight.headers["Vary"]
     assert app.get("/v1/models", headers={"Origin": "http://localhost:3001"}).status_code == 403
     assert app.get("/v1/models", headers={"Origin": "http://localhost:3000"}).status_code == 200
 
