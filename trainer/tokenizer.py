@@ -181,16 +181,20 @@ class Tokenizer:
         return [i for is_tag, text in parts for i in ([self.special_ids[text]] if is_tag else self.encode_text(text))]
 
     def generation_prompt(self, thinking: bool) -> str:
+        return "".join(text for _, text in self._generation_parts(thinking))
+
+    @staticmethod
+    def _generation_parts(thinking: bool | None) -> list[tuple[bool, str]]:
         # no-think answers carry an empty (single space) think block, as in Cortex's training data
-        return "<assistant><think>" if thinking else "<assistant><think> </think>"
+        parts = [(True, "<assistant>")]
+        if thinking is not None:
+            parts += [(True, "<think>")] + ([] if thinking else [(False, " "), (True, "</think>")])
+        return parts
 
     def encode_prompt(self, messages: list[dict], thinking: bool | None = None) -> list[int]:
         """Template ids of messages (their text as text), then "<assistant>" (thinking None: the model decides) or
         generation_prompt(thinking)."""
-        prompt = [(True, "<assistant>")]
-        if thinking is not None:
-            prompt += [(True, "<think>")] + ([] if thinking else [(False, " "), (True, "</think>")])
-        return self._encode_parts(self._template_parts(messages, True) + prompt)
+        return self._encode_parts(self._template_parts(messages, True) + self._generation_parts(thinking))
 
     def stream_decoder(self, skip_special_tokens: bool = False) -> "StreamDecoder":
         return StreamDecoder(self, skip_special_tokens)
