@@ -26,6 +26,7 @@ import ipaddress
 import json
 import logging
 import select
+import socket
 import sys
 import time
 import urllib.parse
@@ -242,8 +243,8 @@ def sse(obj) -> str:
 def client_gone_check() -> Callable[[], bool]:
     """True once the connection is gone: hung up or reset. End-of-file alone is not enough, since a client may shut its
     sending side after the request and still read the reply; a client that closed entirely resets the connection at
-    the first byte written to it (a stream's next piece), so a non-streamed reply is finished for nobody. Werkzeug's
-    server exposes the socket; elsewhere the stream ends when a write fails instead."""
+    the first byte written to it (a stream's next piece), or at a TCP keep-alive probe (ServerRequestHandler) when
+    nothing is written. Werkzeug's server exposes the socket; elsewhere the stream ends when a write fails instead."""
     sock = request.environ.get("werkzeug.socket")
     if sock is None or not hasattr(select, "poll"):  # Windows has no poll()
         return lambda: False
@@ -269,6 +270,16 @@ class ServerRequestHandler(WSGIRequestHandler):
     protocol_version = "HTTP/1.1"
     # Streams are many small writes: without TCP_NODELAY, Nagle's algorithm and delayed ACKs hold each back ~40 ms
     disable_nagle_algorithm = True
+
+    def setup(self):
+        super().setup()
+        # TCP keep-alive probes notice a client that closed entirely once its host drops the connection (about a
+        # minute after the close on Linux, 61.6 s measured), also while nothing is written to it: a non-streamed
+        # reply, a queued request. A half-closed client answers the probes and is served.
+        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        for option, value in (("TCP_KEEPIDLE", 10), ("TCP_KEEPINTVL", 5), ("TCP_KEEPCNT", 3)):
+            if hasattr(socket, option):  # Linux; other systems keep their defaults
+                self.connection.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
 
     def run_wsgi(self):
         length = self.headers.get("Content-Length", "0")
