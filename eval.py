@@ -359,7 +359,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--loss-stage", choices=STAGE_ORDER, help="the stage whose held-out data gives the loss "
                                                                   "(default: the checkpoint's; grpo -> cot, dpo -> mix)")
     parser.add_argument("--data", nargs="+", help="data files for the loss instead of the stage's (.jsonl, .npy, .pkl)")
-    parser.add_argument("--limit", type=int, help="at most this many held-out prompts per section (default: all)")
+    parser.add_argument("--limit", type=int, help="at most this many held-out items per section (default: all prompts, "
+                                                  "and the loss stage's max_eval_batches x micro-batch for the loss)")
     parser.add_argument("--max-new-tokens", type=int,
                         help="reply length limit (default: twice the preset's GSPO completion budget, within the context)")
     parser.add_argument("--samples", type=int, default=4, help="sampled replies per prompt for pass@1")
@@ -393,7 +394,7 @@ def evaluate(args: argparse.Namespace) -> dict:
         loss_stage = args.loss_stage or LOSS_STAGE.get(info.get("stage"), "mix")
         loss_config = stage_settings(loss_stage, preset)
         dataset = heldout_lm_dataset(loss_config, tok, args.data)
-        items = min(len(dataset), loss_config.data.max_eval_batches * loss_config.micro_batch_size)
+        items = min(len(dataset), args.limit or loss_config.data.max_eval_batches * loss_config.micro_batch_size)
         work["loss"] = -(-items // loss_config.micro_batch_size)
     if "format" in sections:
         chats = chat_prompts(stage_settings("mix", preset), tok, args.limit)
