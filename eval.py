@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from model import WeightsMismatchError
 from serving.checkpoint import RUN_SUMMARY, CheckpointError, load_for_serving
-from serving.engine import THINKING, Engine, Finished, GenerationRequest, SamplingParams, TokenEvent
+from serving.engine import THINK_BUDGET_CLOSING, THINKING, Engine, Finished, GenerationRequest, SamplingParams
 from trainer.config import STAGE_ORDER, TrainConfig
 from trainer.data import IGNORE_INDEX
 from trainer.errors import InputError
@@ -335,7 +335,11 @@ def markdown(report: dict) -> str:
         lines += [f"| {'unlimited' if r['budget'] is None else r['budget']} | {_pct(r['exact_match'])} | "
                   f"{_pct(r['finished_share'])} | {r['mean_reply_tokens']} | {r['mean_thinking_tokens']} / "
                   f"{r['max_thinking_tokens']} |" for r in report["budget"]]
-        lines += ["", "![accuracy against thinking budget](budget_curve.png)", ""]
+        n = report["budget_closing_sentence_tokens"]
+        lines += ["", f"A budget above {n} tokens ends a thought the model has not closed in time with the original's "
+                      f"closing sentence ({n} tokens with this tokenizer, counted as thinking) and `</think>`; a budget "
+                      f"of {n} or less with `</think>` alone (serving/engine.py).", "",
+                  "![accuracy against thinking budget](budget_curve.png)", ""]
     if "moe" in report:
         m = report["moe"]
         lines += ["## MoE routing (held-out data)", "",
@@ -364,7 +368,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-new-tokens", type=int,
                         help="reply length limit (default: twice the preset's GSPO completion budget, within the context)")
     parser.add_argument("--samples", type=int, default=4, help="sampled replies per prompt for pass@1")
-    parser.add_argument("--slots", type=int, default=16, help="sequences decoded together")
+    parser.add_argument("--slots", type=int, default=32, help="sequences decoded together (each holds a KV cache of "
+                                                              "the model's whole context)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: as app.py)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--seed", type=int, default=0)
@@ -430,6 +435,7 @@ def evaluate(args: argparse.Namespace) -> dict:
         if "budget" in work:
             bar.set_postfix_str("thinking budget")
             report["budget"] = budget_section(served, arithmetic, max_new, args.slots, args.seed, bar)
+            report["budget_closing_sentence_tokens"] = len(tok.encode(THINK_BUDGET_CLOSING))
     report["seconds"] = round(time.perf_counter() - start, 1)
 
     out.mkdir(parents=True, exist_ok=True)
