@@ -25,14 +25,14 @@ import argparse
 import json
 import math
 import os
-import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+import utils
 from model import WeightsMismatchError
 from serving.checkpoint import RUN_SUMMARY, CheckpointError, load_for_serving
 from serving.engine import THINK_BUDGET_CLOSING, THINKING, Engine, Finished, GenerationRequest, SamplingParams
@@ -43,7 +43,7 @@ from trainer.grpo import GRPOTask
 from trainer.metrics import RouterStats
 from trainer.rewards import Sample, exact_match_reward, think_and_answer, well_formed
 from trainer.tasks import LanguageModelingTask, model_inputs, next_token_targets
-from trainer.tokenizer import split_think_switch
+from trainer.tokenizer import SPECIAL_TOKENS, split_think_switch
 
 SECTIONS = ("loss", "moe", "format", "accuracy", "budget")
 # The language-modelling stage whose held-out data a checkpoint of each stage is scored on.
@@ -67,15 +67,7 @@ def checkpoint_run_info(checkpoint: str) -> dict:
     return json.loads(summary.read_text(encoding="utf-8")) if summary.is_file() else {}
 
 
-def stage_settings(stage: str, preset: str) -> TrainConfig:
-    import utils  # the stage configs; imported here so that `python3 eval.py --help` stays quick
-
-    return utils.stage_config(stage, preset)
-
-
 def stage_files(config: TrainConfig, data: list[str] | None):
-    import utils
-
     return [Path(p) for p in data] if data else utils.data_files(config)
 
 
@@ -119,9 +111,7 @@ def arithmetic_prompts(config: TrainConfig, tokenizer, limit: int | None) -> lis
 def heldout_pass(model, tokenizer, dataset, micro_batch_size: int, max_items: int, bar: tqdm) -> tuple[dict, dict]:
     """(loss, bits per byte and token counts; RouterStats' summary) over the first max_items held-out items."""
     router = RouterStats(model, training_only=False)
-    special = torch.tensor(sorted(set(tokenizer.hf.all_special_ids) | {tokenizer.think_id, tokenizer.think_end_id,
-                                                                       tokenizer.assistant_id, tokenizer.user_id,
-                                                                       tokenizer.system_id}))
+    special = torch.tensor(tokenizer.hf.convert_tokens_to_ids(SPECIAL_TOKENS))
     device = model.lm_head.weight.device
     nats = text_nats = 0.0
     tokens = text_bytes = 0
@@ -265,10 +255,11 @@ def plot_budget(rows: list[dict], path: Path) -> None:
 
     labels = ["∞" if r["budget"] is None else str(r["budget"]) for r in rows]
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(labels, [r["exact_match"] or 0.0 for r in rows], marker="o", color="tab:blue", label="exact match")
+    accuracy = [r["exact_match"] or 0.0 for r in rows]
+    ax.plot(labels, accuracy, marker="o", color="tab:blue", label="exact match")
     ax.set_xlabel("thinking budget (tokens)")
     ax.set_ylabel("greedy exact match", color="tab:blue")
-    ax.set_ylim(0, 1)
+    ax.set_ylim(0, min(1.0, 1.25 * max(accuracy) + 0.02))  # small accuracies stay readable
     twin = ax.twinx()
     twin.plot(labels, [r["mean_reply_tokens"] for r in rows], marker="s", color="tab:orange", label="reply length")
     twin.set_ylabel("mean reply tokens", color="tab:orange")
@@ -389,7 +380,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     model, tok = served.model, served.tokenizer
     out = args.out or (Path(args.checkpoint) / "eval" if Path(args.checkpoint).is_dir()
                        else Path(f"eval_{Path(args.checkpoint).stem}"))
-    grpo = stage_settings("grpo", preset)
+    grpo = utils.stage_config("grpo", preset)
     context = model.config.max_position_embeddings
     sections = set(args.sections)
 
@@ -397,12 +388,12 @@ def evaluate(args: argparse.Namespace) -> dict:
     work = {}
     if sections & {"loss", "moe"}:
         loss_stage = args.loss_stage or LOSS_STAGE.get(info.get("stage"), "mix")
-        loss_config = stage_settings(loss_stage, preset)
+        loss_config = utils.stage_config(loss_stage, preset)
         dataset = heldout_lm_dataset(loss_config, tok, args.data)
         items = min(len(dataset), args.limit or loss_config.data.max_eval_batches * loss_config.micro_batch_size)
         work["loss"] = -(-items // loss_config.micro_batch_size)
     if "format" in sections:
-        chats = chat_prompts(stage_settings("mix", preset), tok, args.limit)
+        chats = chat_prompts(utils.stage_config("mix", preset), tok, args.limit)
         work["format"] = 2 * len(chats)
     else:
         chats = []

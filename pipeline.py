@@ -23,7 +23,9 @@ import time
 from pathlib import Path
 
 import eval as eval_report
+import utils
 from trainer.checkpoint import STAGE_DONE, RunDir
+from trainer.cli import run
 from trainer.config import STAGE_ORDER
 from trainer.metrics import read_metrics
 from trainer.plot import plot_run
@@ -56,9 +58,6 @@ def train_stage(stage: str, launcher_args: list[str], script_args: list[str]) ->
             raise SystemExit(f"error: {shlex.join(command)} failed with exit status {status}; fix it and rerun "
                              f"pipeline.py (finished stages are skipped, {stage} resumes from its last checkpoint)")
         return
-    import utils
-    from trainer.cli import run
-
     run(utils.stage_config(stage), utils.data_files, script_args)
 
 
