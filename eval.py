@@ -11,8 +11,8 @@ Sections (--sections, default all):
             (share < 1%), counted on that same held-out pass
   format    held-out mix prompts with their /think or /no think switch, served as app.py serves them (the prompt ends in
             <assistant><think> or <assistant><think> </think>): share of well-formed replies per mode
-            (trainer.rewards.well_formed); obedience: with the prompt ending in <assistant> (the model decides), the share
-            of replies that think after /think and leave the think block empty after /no think
+            (trainer.rewards.well_formed); obedience: with the prompt ending in <assistant> (the model decides), the
+            share of replies that think after /think and leave the think block empty after /no think
   accuracy  exact match on the held-out GRPO prompts (finished replies only, trainer.rewards.exact_match_reward):
             greedy, and pass@1 over --samples sampled replies per prompt (GSPO's rollout temperature and top-p)
   budget    greedy exact match and mean reply length when the thinking is cut at 0, 8, 16, 32, ... tokens and unlimited
@@ -82,7 +82,7 @@ def heldout_lm_dataset(config: TrainConfig, tokenizer, data: list[str] | None):
     return dataset
 
 
-def chat_prompts(config: TrainConfig, tokenizer, limit: int | None) -> list[tuple[list[int], bool]]:
+def chat_prompts(config: TrainConfig, tokenizer) -> list[tuple[list[int], bool]]:
     """(prompt ids ending in <assistant>, its switch: True for /think) of the held-out conversations whose last user
     turn carries a switch."""
     dataset = heldout_lm_dataset(config, tokenizer, None)
@@ -95,17 +95,16 @@ def chat_prompts(config: TrainConfig, tokenizer, limit: int | None) -> list[tupl
         switch = split_think_switch(tokenizer.decode(prompt[:-1]).removesuffix("</s>"))[1]
         if switch is not None:
             prompts.append((prompt, switch))
-    return prompts[:limit]
+    return prompts
 
 
-def arithmetic_prompts(config: TrainConfig, tokenizer, limit: int | None) -> list[tuple[list[int], str]]:
+def arithmetic_prompts(config: TrainConfig, tokenizer) -> list[tuple[list[int], str]]:
     """(prompt ids ending in <assistant>, gold answer) of the GRPO stage's held-out split."""
     dataset = GRPOTask(config, tokenizer, stage_files(config, None)).eval_dataset()
-    items = [dataset[i] for i in range(len(dataset))][:limit]
-    return [(item["prompt"].tolist(), item["answer"]) for item in items]
+    return [(item["prompt"].tolist(), item["answer"]) for item in (dataset[i] for i in range(len(dataset)))]
 
 
-# --- held-out loss and routing -----------------------------------------------------------------------------------------
+# --- held-out loss and routing ----------------------------------------------------------------------------------------
 
 @torch.inference_mode()
 def heldout_pass(model, tokenizer, dataset, micro_batch_size: int, max_items: int, bar: tqdm) -> tuple[dict, dict]:
@@ -149,7 +148,7 @@ def moe_report(routing: dict) -> dict:
             "dead_expert_share": DEAD_EXPERT_SHARE}
 
 
-# --- generation through the server's engine ----------------------------------------------------------------------------
+# --- generation through the server's engine ---------------------------------------------------------------------------
 
 def generate(served, requests: list[GenerationRequest], prefixes: list[list[int]], slots: int, seed: int,
              bar: tqdm) -> list[Reply]:
@@ -180,7 +179,7 @@ def format_section(served, prompts, max_new: int, slots: int, seed: int, bar: tq
     greedy = SamplingParams(temperature=0.0, max_new_tokens=max_new)
     served_prefix = {mode: tok.encode(tok.generation_prompt(mode))[1:] for mode in (True, False)}  # after <assistant>
     # As app.py serves: the prompt ends inside the think block the switch asks for.
-    forced = generate(served, [GenerationRequest(p + served_prefix[mode], greedy, thinking=mode) for p, mode in prompts],
+    forced = generate(served, [GenerationRequest(p + served_prefix[mode], greedy, mode) for p, mode in prompts],
                       [served_prefix[mode] for _, mode in prompts], slots, seed, bar)
     # The model decides: the prompt ends in <assistant>, as in mix SFT.
     free = generate(served, [GenerationRequest(p, greedy, thinking=False) for p, _ in prompts], [[]] * len(prompts),
@@ -245,7 +244,7 @@ def _share(flags: list[bool]) -> float | None:
     return round(sum(flags) / len(flags), 4) if flags else None
 
 
-# --- report -------------------------------------------------------------------------------------------------------------
+# --- report -----------------------------------------------------------------------------------------------------------
 
 def plot_budget(rows: list[dict], path: Path) -> None:
     import matplotlib
@@ -301,7 +300,8 @@ def _pct(value: float | None) -> str:
 def markdown(report: dict) -> str:
     lines = [f"# Eval of `{report['checkpoint']}`", "",
              f"Preset `{report['preset']}`, device {report['device']}, {report['seconds']} s, replies of at most "
-             f"{report['max_new_tokens']} new tokens (greedy unless said).", ""]
+             f"{report['max_new_tokens']} new tokens (greedy unless said); {report['prompts_too_long']} held-out "
+             f"prompts left out as too long for that.", ""]
     if "loss" in report:
         h = report["loss"]
         lines += ["## Held-out loss", "", "| data | items | tokens | loss | bits per byte |", "|---|---|---|---|---|",
@@ -321,15 +321,16 @@ def markdown(report: dict) -> str:
                   f"| {a['prompts']} | {_pct(a['greedy_exact_match'])} | {_pct(a['sampled_pass_at_1'])} "
                   f"({a['samples_per_prompt']} samples, temperature {a['temperature']}, top-p {a['top_p']}) |", ""]
     if "budget" in report:
-        lines += ["## Thinking budget", "", "| budget | exact match | finished | mean reply tokens | mean / max thinking "
-                  "tokens |", "|---|---|---|---|---|"]
+        lines += ["## Thinking budget", "",
+                  "| budget | exact match | finished | mean reply tokens | mean / max thinking tokens |",
+                  "|---|---|---|---|---|"]
         lines += [f"| {'unlimited' if r['budget'] is None else r['budget']} | {_pct(r['exact_match'])} | "
                   f"{_pct(r['finished_share'])} | {r['mean_reply_tokens']} | {r['mean_thinking_tokens']} / "
                   f"{r['max_thinking_tokens']} |" for r in report["budget"]]
         n = report["budget_closing_sentence_tokens"]
-        lines += ["", f"A budget above {n} tokens ends a thought the model has not closed in time with the original's "
-                      f"closing sentence ({n} tokens with this tokenizer, counted as thinking) and `</think>`; a budget "
-                      f"of {n} or less with `</think>` alone (serving/engine.py).", "",
+        lines += ["", f"A budget above {n} tokens ends a thought the model has not closed in time with the "
+                      f"original's closing sentence ({n} tokens with this tokenizer, counted as thinking) and "
+                      f"`</think>`; a budget of {n} or less with `</think>` alone (serving/engine.py).", "",
                   "![accuracy against thinking budget](budget_curve.png)", ""]
     if "moe" in report:
         m = report["moe"]
@@ -341,23 +342,26 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-# --- the command ---------------------------------------------------------------------------------------------------------
+# --- the command ------------------------------------------------------------------------------------------------------
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="a stage run dir, a .bin or .safetensors file (as app.py)")
     parser.add_argument("--tokenizer", help="cortex, tiny or a directory (default: the run's, as app.py)")
     parser.add_argument("--out", type=Path, help="report directory (default: <run dir>/eval, or eval_<file name>)")
-    parser.add_argument("--preset", choices=["full", "tiny"], help="whose data (default: CORTEX_PRESET, else tiny for a "
-                                                                  "run trained with the tiny tokenizer, else full)")
+    parser.add_argument("--preset", choices=["full", "tiny"],
+                        help="whose data (default: CORTEX_PRESET, else tiny for a run trained with the tiny tokenizer, "
+                             "else full)")
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
-    parser.add_argument("--loss-stage", choices=STAGE_ORDER, help="the stage whose held-out data gives the loss "
-                                                                  "(default: the checkpoint's; grpo -> cot, dpo -> mix)")
+    parser.add_argument("--loss-stage", choices=STAGE_ORDER,
+                        help="the stage whose held-out data gives the loss (default: the checkpoint's; grpo -> cot, "
+                             "dpo -> mix)")
     parser.add_argument("--data", nargs="+", help="data files for the loss instead of the stage's (.jsonl, .npy, .pkl)")
     parser.add_argument("--limit", type=int, help="at most this many held-out items per section (default: all prompts, "
                                                   "and the loss stage's max_eval_batches x micro-batch for the loss)")
     parser.add_argument("--max-new-tokens", type=int,
-                        help="reply length limit (default: twice the preset's GSPO completion budget, within the context)")
+                        help="reply length limit (default: twice the preset's GSPO completion budget, at most half "
+                             "the context); prompts without room for it are left out")
     parser.add_argument("--samples", type=int, default=4, help="sampled replies per prompt for pass@1")
     parser.add_argument("--slots", type=int, default=32, help="sequences decoded together (each holds a KV cache of "
                                                               "the model's whole context)")
@@ -392,21 +396,26 @@ def evaluate(args: argparse.Namespace) -> dict:
         dataset = heldout_lm_dataset(loss_config, tok, args.data)
         items = min(len(dataset), args.limit or loss_config.data.max_eval_batches * loss_config.micro_batch_size)
         work["loss"] = -(-items // loss_config.micro_batch_size)
+    max_new = args.max_new_tokens or min(2 * grpo.grpo.max_new_tokens, context // 2)
+    room = context - max_new - 4  # a prompt plus its forced think tags must leave the reply its max_new tokens
+    if room < 8:
+        raise InputError(f"--max-new-tokens {max_new} leaves no room for a prompt in the model's context of {context} "
+                         f"tokens; use at most {context - 12}")
+    chats = chat_prompts(utils.stage_config("mix", preset), tok) if "format" in sections else []
+    arithmetic = arithmetic_prompts(grpo, tok) if sections & {"accuracy", "budget"} else []
+    too_long = sum(len(p) > room for p, _ in chats + arithmetic)
+    chats = [c for c in chats if len(c[0]) <= room][:args.limit]
+    arithmetic = [a for a in arithmetic if len(a[0]) <= room][:args.limit]
     if "format" in sections:
-        chats = chat_prompts(utils.stage_config("mix", preset), tok, args.limit)
         work["format"] = 2 * len(chats)
-    else:
-        chats = []
-    arithmetic = arithmetic_prompts(grpo, tok, args.limit) if sections & {"accuracy", "budget"} else []
-    longest = max([len(p) + 4 for p, _ in chats] + [len(p) + 1 for p, _ in arithmetic] + [1])  # + forced think tags
-    max_new = args.max_new_tokens or max(1, min(2 * grpo.grpo.max_new_tokens, context - longest))
     if "accuracy" in sections:
         work["accuracy"] = len(arithmetic) * (1 + args.samples)
     if "budget" in sections:
         work["budget"] = len(arithmetic) * len(budgets_for(max_new))
 
     report = {"checkpoint": str(args.checkpoint), "model": served.name, "stage": info.get("stage"), "preset": preset,
-              "device": str(model.lm_head.weight.device), "max_new_tokens": max_new}
+              "device": str(model.lm_head.weight.device), "max_new_tokens": max_new,
+              "prompts_too_long": too_long}
     with tqdm(total=sum(work.values()), desc="eval", unit="item", dynamic_ncols=True) as bar:
         if "loss" in work:
             bar.set_postfix_str("held-out loss")

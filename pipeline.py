@@ -69,7 +69,7 @@ def eval_stage(stage: str, run_dir: Path, eval_args: list[str]) -> dict:
     return eval_report.main(["--checkpoint", str(run_dir / stage), "--out", str(out), *sections, *eval_args])
 
 
-# --- the report card ----------------------------------------------------------------------------------------------------
+# --- the report card --------------------------------------------------------------------------------------------------
 
 def stage_row(stage: str, run_dir: Path, report: dict | None) -> dict:
     path = run_dir / stage
@@ -98,11 +98,13 @@ def _num(value, digits: int = 3) -> str:
 
 
 def report_card(rows: list[dict], run_dir: Path) -> str:
-    lines = ["# Report card", "", f"Preset `{os.environ.get('CORTEX_PRESET', 'full')}`, run dir `{run_dir}`. Wall time: "
-             "first to last record of the stage's metrics.jsonl. Eval columns: `eval.py` on the stage's final weights "
-             "(held-out loss on the data the stage's eval report names; chat figures from cot on).", "",
-             "| stage | steps | wall time | tokens | final train loss | stage's held-out | eval held-out loss | bits/byte "
-             "| well-formed think / no-think | obeys /think / /no think | exact greedy | pass@1 | dead experts |",
+    lines = ["# Report card", "",
+             f"Preset `{os.environ.get('CORTEX_PRESET', 'full')}`, run dir `{run_dir}`. Wall time: first to last "
+             "record of the stage's metrics.jsonl. Eval columns: `eval.py` on the stage's final weights (held-out "
+             "loss on the data the stage's eval report names; chat figures from cot on).", "",
+             "| stage | steps | wall time | tokens | final train loss | stage's held-out | eval held-out loss "
+             "| bits/byte | well-formed think / no-think | obeys /think / /no think | exact greedy | pass@1 "
+             "| dead experts |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         e = row.get("eval", {})

@@ -39,6 +39,7 @@ def test_report_files_and_markdown_agree_with_the_json(report):
     saved = json.loads((out / "report.json").read_text())
     md = (out / "report.md").read_text()
     assert saved["preset"] == "tiny" and saved["stage"] == "dpo" and saved["max_new_tokens"] == MAX_NEW
+    assert saved["prompts_too_long"] == 0
     assert f"| {saved['loss']['loss']:.4f} | {saved['loss']['bits_per_byte']:.4f} |" in md
     assert saved["loss"]["stage"] == "mix"  # a dpo checkpoint is scored on the SFT data before it
     fmt = saved["format"]
@@ -84,9 +85,11 @@ def test_the_budget_sweep_never_thinks_longer_than_its_budget(report):
     assert [r["max_thinking_tokens"] for r in result["budget"]] == [0, 8, 16, MAX_NEW]
 
 
-def test_a_missing_checkpoint_is_one_clear_error(tmp_path):
+def test_bad_input_is_one_clear_error(tmp_path, report):
     with pytest.raises(SystemExit, match="not found"):
         eval_report.main(["--checkpoint", str(tmp_path / "nothing.safetensors")])
+    with pytest.raises(SystemExit, match="leaves no room for a prompt in the model's context of 256"):
+        eval_report.main(["--checkpoint", str(report[0]), "--max-new-tokens", "250", "--out", str(tmp_path)])
 
 
 @pytest.mark.parametrize("reply, thinking, expected", [

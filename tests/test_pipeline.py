@@ -26,8 +26,8 @@ def runs(tmp_path_factory):
 def test_every_stage_is_trained_and_evaluated_and_the_card_shows_the_runs(runs):
     root, _ = runs
     card = (root / "report.md").read_text()
-    rows = {m[0]: m[1:] for m in re.findall(r"^\| (\w+) \| (\d+) \| ([\d.]+) s \| ([\d,]+) \| [^|]+ \| [^|]+ \| ([\d.]+) \|",
-                                             card, re.M)}
+    row = r"^\| (\w+) \| (\d+) \| ([\d.]+) s \| ([\d,]+) \| [^|]+ \| [^|]+ \| ([\d.]+) \|"  # ... eval held-out loss
+    rows = {m[0]: m[1:] for m in re.findall(row, card, re.M)}
     assert list(rows) == list(pipeline.STAGE_ORDER)
     for stage, (steps, _, tokens, heldout) in rows.items():
         summary = json.loads((root / stage / "stage.json").read_text())
