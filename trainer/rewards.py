@@ -31,8 +31,8 @@ RewardFn = Callable[[Sequence[Sample]], list[float]]
 _THINK = re.compile(r"<think>(.*?)</think>", re.DOTALL)
 _ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
-# A completion cut off before its </s> keeps this share of its reward: it never finished, so it gets no full credit,
-# but a long correct answer still beats a long wrong one.
+# A completion that is not well-formed (cut off before its </s>, its think block left open, an extra tag) keeps this
+# share of its reward: it gets no full credit, but a long correct answer still beats a long wrong one.
 TRUNCATED_FACTOR = 0.5
 
 
@@ -82,13 +82,13 @@ def cortex_score(sample: Sample) -> float:
         7 * closeness + 2 * min(1, ln(1 + len(think)) / ln(501)) + 1 * [think and answer present] + 1 * [exact]
 
     Fixed against the original: the number is taken from the <answer> part only (the original took the last number of
-    the whole completion, so a number in the reasoning counted as the answer), and a truncated completion keeps only
-    TRUNCATED_FACTOR of its reward (the original gave it full credit)."""
+    the whole completion, so a number in the reasoning counted as the answer), and a completion that is truncated or
+    otherwise not well_formed keeps only TRUNCATED_FACTOR of its reward (the original gave it full credit)."""
     think, answer = think_and_answer(sample.completion)
     closeness = answer_closeness(answer, sample.answer)
     reward = (7.0 * closeness + 2.0 * min(1.0, math.log1p(len(think)) / math.log(501))
               + float(bool(think) and bool(answer)) + float(closeness > 0.999))
-    return reward * TRUNCATED_FACTOR if sample.truncated else reward
+    return reward if not sample.truncated and well_formed(sample.completion) else reward * TRUNCATED_FACTOR
 
 
 def cortex_reward(samples: Sequence[Sample]) -> list[float]:
