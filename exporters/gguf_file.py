@@ -65,7 +65,7 @@ def write_gguf(model: CortexModel, tokenizer: Tokenizer, path: Path, gguf_type: 
     names = gguf.get_tensor_name_map(ARCH, hf["num_hidden_layers"])
     for hf_name, tensor in gguf_tensors(model, hf, width).items():
         gguf_name = names.get_name(hf_name, try_suffixes=(".weight",))
-        data, qtype = encode(gguf_name, tensor, gguf_type)
+        data, qtype = encode(tensor, gguf_type, keep_f32=tensor.dim() == 1 or ".ffn_gate_inp." in gguf_name)
         writer.add_tensor(gguf_name, data, raw_dtype=qtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -93,12 +93,12 @@ def gguf_tensors(model: CortexModel, hf: dict, width: int) -> dict[str, torch.Te
     return tensors
 
 
-def encode(gguf_name: str, tensor: torch.Tensor, gguf_type: str) -> tuple[np.ndarray, gguf.GGMLQuantizationType]:
-    """(data, type) for add_tensor: norms and routers (small, precision-critical) stay f32; q8_0 needs rows that are a
-    multiple of its block, else f16."""
+def encode(tensor: torch.Tensor, gguf_type: str, keep_f32: bool) -> tuple[np.ndarray, gguf.GGMLQuantizationType]:
+    """(data, type) for add_tensor. keep_f32 for norms and routers (small, precision-critical); q8_0 needs rows that
+    are a multiple of its block, else f16."""
     data = tensor.detach().float().numpy()
     qtype = TENSOR_TYPES[gguf_type]
-    if data.ndim == 1 or ".ffn_gate_inp." in gguf_name:
+    if keep_f32:
         qtype = gguf.GGMLQuantizationType.F32
     elif data.shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0]:
         qtype = gguf.GGMLQuantizationType.F16

@@ -10,7 +10,9 @@ import torch
 gguf = pytest.importorskip("gguf")
 
 import export
+from model import CortexModel
 from exporters.chat_template import CHAT_TEMPLATE
+from exporters.gguf_file import sentencepiece_vocab
 from exporters.qwen3moe import hf_state_dict
 from trainer.tokenizer import load_tokenizer, tiny_tokenizer
 from test_export import long_context_model, write_run_dir
@@ -83,16 +85,12 @@ def test_metadata_tensors_and_tokenizer(exported):
     assert tensors["blk.1.ffn_gate_inp.weight"].tensor_type.name == "F32"
 
 
-def test_cortex_sentencepiece_vocabulary(cortex_tokens_dir, tmp_path):
+def test_cortex_sentencepiece_vocabulary(cortex_tokens_dir):
+    # the list the writer stores (reading a 47k-token file back with GGUFReader takes ~40 s; the round trip of the
+    # vocabulary is checked on the tiny tokenizer above)
     cortex = load_tokenizer(cortex_tokens_dir)
-    torch.manual_seed(0)
-    model = long_context_model(cortex.vocab_size)
-    run = write_run_dir(tmp_path / "run", model, str(cortex_tokens_dir))
-    fields, _ = read(export.export(run, "gguf", tmp_path / "cortex.gguf"))
-    tokens, types = fields["tokenizer.ggml.tokens"], fields["tokenizer.ggml.token_type"]
-    assert fields["tokenizer.ggml.model"] == "llama" and len(tokens) == 46957
-    assert (tokens[2], fields["tokenizer.ggml.eos_token_id"], fields["tokenizer.ggml.eot_token_id"]) == ("</s>", 2, 2)
-    assert fields["tokenizer.ggml.add_bos_token"] is False
+    tokens, _, types = sentencepiece_vocab(cortex.token_dir)
+    assert len(tokens) == 46957 and tokens[2] == "</s>" and cortex.eos_id == 2
     for text in ("<user>", "<assistant>", "<think>", "</think>", "<answer>", "</answer>", "<system>", "<pad>"):
         token_id = cortex.hf.convert_tokens_to_ids(text)
         assert tokens[token_id] == text and types[token_id] == gguf.TokenType.CONTROL
@@ -106,7 +104,6 @@ def test_gguf_needs_renormalised_top_k(tmp_path):
     model = long_context_model(tokenizer.vocab_size)
     config = dataclasses.replace(model.config, moe_config=dataclasses.replace(model.config.moe_config,
                                                                              n_shared_experts=0, norm_topk_prob=False))
-    from model import CortexModel
     run = write_run_dir(tmp_path / "run", CortexModel(config), "tiny")
     with pytest.raises(ValueError, match="norm_topk_prob=false"):
         export.export(run, "gguf", tmp_path / "x.gguf")
