@@ -6,8 +6,9 @@ from 512, the tiny BPE tokenizer), exported to GGUF (default f16) and loaded thr
 
 Ours runs in fp32 on the weights the GGUF holds, rounded the same way (f16/bf16/q8_0 round-trip through the gguf
 package), so the two differ only by how they compute. Greedy is the argmax of each side's own logits (no sampler).
-Also compares llama.cpp's tokenization of a chat prompt with ours. Prints one JSON line; without llama-cpp-python it
-says so and exits 0.
+Also compares llama.cpp's tokenization of a chat prompt with ours, and with --cortex-tokens DIR (the Cortex 2.5
+tokenizer files) its tokenization of the sample data's texts with the Cortex sentencepiece vocabulary. Prints one JSON
+line; without llama-cpp-python it says so and exits 0.
 """
 
 import argparse
@@ -24,7 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import export  # noqa: E402
 from model import CortexModel, generate, save_weights, tiny_config  # noqa: E402
 from serving.chat import build_prompt  # noqa: E402
-from trainer.tokenizer import tiny_tokenizer  # noqa: E402
+from trainer.tokenizer import load_tokenizer, tiny_tokenizer  # noqa: E402
+
+SAMPLE_TEXT = Path(__file__).resolve().parents[1] / "sample_data" / "pretrain.jsonl"
 
 
 def tiny_model(vocab_size: int) -> CortexModel:
@@ -59,11 +62,35 @@ def rounded_like_gguf(model: CortexModel, gguf_type: str) -> CortexModel:
     return rounded
 
 
+def export_gguf(model: CortexModel, tokenizer_name: str, root: Path, gguf_type: str) -> Path:
+    run = root / "run"
+    run.mkdir(parents=True)
+    save_weights(model, run / "model.safetensors")
+    (run / "model_config.json").write_text(json.dumps(model.config.to_dict()))
+    (run / "stage.json").write_text(json.dumps({"train_config": {"tokenizer": tokenizer_name}}))
+    return export.export(run, "gguf", root / "cortex.gguf", gguf_type=gguf_type)
+
+
+def cortex_tokenization(llama_cpp, token_dir: Path, root: Path) -> dict:
+    """llama.cpp's ids for the sample texts (and a chat prompt) against ours, with the Cortex vocabulary in the file."""
+    tokenizer = load_tokenizer(token_dir)
+    path = export_gguf(CortexModel(tiny_config(tokenizer.vocab_size)), str(token_dir), root, "f16")
+    llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    texts = [json.loads(line)["text"] for line in SAMPLE_TEXT.read_text(encoding="utf-8").splitlines()[:200]]
+    texts += ["没见过的字：龘齉", "emoji 🦙"]  # characters outside the vocabulary (sentencepiece: byte pieces)
+    differ = [t for t in texts if llm.tokenize(t.encode("utf-8"), add_bos=False, special=False) != tokenizer.encode(t)]
+    prompt, _ = build_prompt(tokenizer, [{"role": "user", "content": "1+1等于几？"}], True, 2048)
+    return {"cortex_texts": len(texts), "cortex_texts_tokenized_differently": differ,
+            "cortex_prompt_equal": llm.tokenize(tokenizer.decode(prompt).encode("utf-8"), add_bos=False,
+                                                special=True) == prompt}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--gguf-type", default="f16", choices=export.GGUF_TYPES)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--cortex-tokens", type=Path, help="Cortex 2.5 tokenizer dir: also check its tokenization")
     args = parser.parse_args()
     try:
         import llama_cpp
@@ -75,12 +102,7 @@ def main():
     tokenizer = tiny_tokenizer()
     model = tiny_model(tokenizer.vocab_size)
     with tempfile.TemporaryDirectory() as tmp:
-        run = Path(tmp) / "run"
-        run.mkdir()
-        save_weights(model, run / "model.safetensors")
-        (run / "model_config.json").write_text(json.dumps(model.config.to_dict()))
-        (run / "stage.json").write_text(json.dumps({"train_config": {"tokenizer": "tiny"}}))
-        path = export.export(run, "gguf", Path(tmp) / "cortex.gguf", gguf_type=args.gguf_type)
+        path = export_gguf(model, "tiny", Path(tmp) / "tiny", args.gguf_type)
         ours_model = rounded_like_gguf(model, args.gguf_type)
         llm = llama_cpp.Llama(model_path=str(path), n_ctx=2048, n_threads=args.threads, logits_all=True,
                               verbose=False)
@@ -110,6 +132,8 @@ def main():
             "prompt_tokens": len(prompt), "tokenization_equal": llama_prompt == prompt,
             "ours": ours, "llama_cpp": theirs,
         }
+        if args.cortex_tokens:
+            result |= cortex_tokenization(llama_cpp, args.cortex_tokens, Path(tmp) / "cortex")
     print(json.dumps(result))
 
 

@@ -106,11 +106,14 @@ def encode(tensor: torch.Tensor, gguf_type: str, keep_f32: bool) -> tuple[np.nda
 
 
 def add_tokenizer(writer: gguf.GGUFWriter, tokenizer: Tokenizer, vocab_size: int) -> None:
-    """The vocabulary as llama.cpp reads it: Cortex's sentencepiece model ('llama') or our byte-level BPE ('gpt2'),
+    """The vocabulary as llama.cpp reads it: Cortex's sentencepiece unigram model or our byte-level BPE ('gpt2'),
     padded to the model's vocabulary size with unused tokens."""
     if tokenizer.kind == "cortex":
         tokens, scores, types = sentencepiece_vocab(tokenizer.token_dir)
-        writer.add_tokenizer_model("llama")
+        # 't5' is llama.cpp's unigram (Viterbi) tokenizer: it splits text as sentencepiece does. Its 'llama' tokenizer
+        # merges pieces greedily by score, which split 126 of 204 sample texts differently (bench/bench_llama_cpp.py)
+        writer.add_tokenizer_model("t5")
+        writer.add_add_eos_token(False)
         writer.add_add_space_prefix(False)  # the Cortex model's normaliser adds no dummy prefix and keeps whitespace
         writer.add_remove_extra_whitespaces(False)
     else:
