@@ -17,7 +17,7 @@ from trainer.grpo import (GRPOTask, aggregate, clipped_policy_loss, completion_f
 from trainer.loop import Trainer, run_stage
 from trainer.metrics import read_metrics
 from trainer.rewards import (REWARDS, TRUNCATED_FACTOR, Sample, cortex_reward, cortex_score, exact_match_reward,
-                             resolve_reward, well_formed)
+                             resolve_reward)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -168,17 +168,6 @@ def test_cortex_reward_values():
     assert cortex_score(cut) == pytest.approx(11.0 * TRUNCATED_FACTOR)
     assert cortex_reward([perfect, leak]) == [cortex_score(perfect), cortex_score(leak)]
     assert exact_match_reward([perfect, leak, cut]) == [1.0, 0.0, 0.0]
-
-
-def test_well_formed_replies():
-    think, no_think = "<think>7 + 5 = 12.</think><answer>12</answer></s>", "<think> </think><answer>12</answer></s>"
-    assert well_formed(think, thinking=True) and well_formed(think) and not well_formed(think, thinking=False)
-    assert well_formed(no_think, thinking=False) and well_formed(no_think) and not well_formed(no_think, thinking=True)
-    for bad in ("<think>7 + 5 = 12.", "<think>7 + 5 = 12.</think><answer>12</answer>",  # unclosed; no </s>
-                "<think>a</think><answer> </answer></s>", "<think>a</think>12</s>",      # empty or missing answer
-                "<think>a</think><answer>12</answer></s>more", "<think>a<think>b</think><answer>12</answer></s>",
-                "<think>a</think><answer>12</s></answer></s>", "x<think>a</think><answer>12</answer></s>"):
-        assert not well_formed(bad), bad
 
 
 def test_reward_functions_are_pluggable_by_name_or_import_path():

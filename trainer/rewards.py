@@ -42,19 +42,17 @@ def think_and_answer(completion: str) -> tuple[str, str]:
     return (think.group(1).strip() if think else ""), (answer.group(1).strip() if answer else "")
 
 
-# A reply as the chat template ends it: one think block, one non-empty answer, </s>, and no other tag inside them.
-_FREE_TEXT = r"(?:(?!</?think>|</?answer>|</s>).)*"
-_WELL_FORMED = re.compile(rf"<think>({_FREE_TEXT})</think><answer>({_FREE_TEXT})</answer></s>", re.DOTALL)
+_PLAIN_TEXT = r"((?:(?!</?(?:think|answer|s|user|assistant|system)>|<pad>|<unk>).)*)"  # no special token inside
+_REPLY = re.compile(rf"<think>{_PLAIN_TEXT}</think><answer>{_PLAIN_TEXT}</answer></s>", re.DOTALL)
 
 
 def well_formed(reply: str, thinking: bool | None = None) -> bool:
-    """Whether an assistant reply (its text from the opening <think> on, special tokens kept) is
-    <think>T</think><answer>A</answer></s> with a non-empty answer A, and nothing after </s>. thinking=True also asks
-    for a non-empty thought T, False for an empty one (the no-think block "<think> </think>"), None for either."""
-    match = _WELL_FORMED.fullmatch(reply)
-    if match is None or not match.group(2).strip():
-        return False
-    return thinking is None or bool(match.group(1).strip()) == thinking
+    """Whether a whole assistant reply (from its <think>, special tokens kept) is <think>T</think><answer>A</answer></s>
+    and nothing more, with a non-empty answer A and, in think mode, a non-empty thought T; in no-think mode T is blank
+    (the empty think block of no-think training data); thinking=None accepts either."""
+    match = _REPLY.fullmatch(reply)
+    return (bool(match) and bool(match.group(2).strip())
+            and (thinking is None or bool(match.group(1).strip()) == thinking))
 
 
 def _number(text: str) -> float | None:
