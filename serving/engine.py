@@ -8,7 +8,8 @@ disconnected request frees its slot before the next step. Requests get token ids
 
 Thinking budget: a request that starts inside `<think>` may produce at most `think_budget` thinking tokens. When the
 model has not closed the thinking by itself, the original Cortex closing sentence and `</think>` are forced in (fed
-through the model like sampled tokens), so the answer follows from a closed thought and the count is exact.
+through the model like sampled tokens), so the answer follows from a closed thought and the count is exact. A budget of
+0 forces `</think>` as the first token: no thinking at all.
 """
 
 import logging
@@ -65,8 +66,8 @@ class GenerationRequest:
                  client_gone: Callable[[], bool] | None = None):
         if not prompt_ids:
             raise ValueError("the prompt is empty")
-        if think_budget is not None and think_budget < 1:
-            raise ValueError(f"think_budget must be >= 1, got {think_budget}")
+        if think_budget is not None and think_budget < 0:
+            raise ValueError(f"think_budget must be >= 0 (0: the thinking is closed at once), got {think_budget}")
         self.prompt_ids = list(prompt_ids)
         self.sampling = sampling
         self.thinking = thinking  # the prompt ends inside an open <think>
@@ -212,10 +213,12 @@ class Engine:
         with self._cond:
             if self._stopping:
                 raise RuntimeError("the engine is stopped")
-            if len(self._waiting) >= self.max_queue + self.slots.count(None):  # free slots take waiting requests
+            free = self.slots.count(None)
+            if len(self._waiting) >= self.max_queue + free:  # free slots are about to take waiting requests
                 self._counts["rejected"] += 1
                 raise QueueFullError(f"the server is busy: {len(self.slots)} requests running and "
-                                     f"{len(self._waiting)} waiting (the limit); try again shortly")
+                                     f"{len(self._waiting) - free} waiting (at most {self.max_queue} may wait); "
+                                     f"try again shortly")
             self._counts["requests"] += 1
             self._waiting.append(request)
             self._cond.notify_all()
