@@ -329,7 +329,7 @@ def main(argv: list[str] | None = None):
                         help="default: bfloat16 on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX), else float32")
     parser.add_argument("--quantize", choices=QUANTIZE,
                         help="int8: int8 weights with per-channel scales for the linear layers, experts and head "
-                             "(default: int8 on CPU, none on GPUs)")
+                             "(default: none)")
     parser.add_argument("--slots", type=int, default=8, help="requests decoded together (KV cache rows)")
     parser.add_argument("--max-queue", type=int, default=32, help="requests waiting for a slot before 503s")
     parser.add_argument("--seed", type=int, help="sampling seed (default: random)")
@@ -342,11 +342,10 @@ def main(argv: list[str] | None = None):
     args = parser.parse_args(argv)
     if args.compile and args.quantize == "int8":
         parser.error("--compile decodes unquantized weights: pass --quantize none with it, or drop --compile")
-    quantize = "none" if args.compile else args.quantize  # the compiled step gathers unquantized expert weights
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     try:
-        served = load_for_serving(args.checkpoint, args.tokenizer, args.device, args.dtype, quantize)
+        served = load_for_serving(args.checkpoint, args.tokenizer, args.device, args.dtype, args.quantize)
         engine = Engine(served.model, served.tokenizer, slots=args.slots, max_queue=args.max_queue, seed=args.seed,
                         compile=args.compile)
         app = create_app(engine, served.tokenizer, served.name, allow_origins=tuple(args.allow_origin),

@@ -93,8 +93,8 @@ def test_bad_format_flags_get_a_clear_error(capsys):
 
 def test_default_format_follows_the_cpu():
     cpu = torch.device("cpu")
-    assert default_format(cpu, "AVX2", False) == ("float32", "int8")  # no native bf16: bf16 prefill is slow
-    assert default_format(cpu, "AVX512", False) == ("float32", "int8")
-    assert default_format(cpu, "AVX512", True) == ("bfloat16", "int8")  # AVX512-BF16 or AMX
-    assert default_format(cpu, "DEFAULT", False) == ("float32", "int8")
-    assert default_format(torch.device("mps"), "DEFAULT", False) == ("float32", "none")
+    assert default_format(cpu, "AVX2", False) == ("float32", "none")  # no native bf16: bf16 prefill is slow
+    assert default_format(cpu, "AVX512", False) == ("float32", "none")
+    assert default_format(cpu, "AVX512", True) == ("bfloat16", "none")  # AVX512-BF16 or AMX
+    assert default_format(cpu, "DEFAULT", False) == ("float32", "none")
+    assert default_format(torch.device("mps"), "DEFAULT", True) == ("float32", "none")
