@@ -9,7 +9,9 @@ Endpoints
     POST /api/chat              the original request fields; SSE `data: {"event": "thinking_chunk"|"answer_chunk"|"error"
                                 |"done", "data": ...}` (done carries finish_reason and usage)
     POST /v1/chat/completions   OpenAI chat completions, streamed or not (reasoning_content = thinking)
-    GET  /v1/models             the served model
+    POST /v1/completions        OpenAI (legacy) completions on raw text or token ids: echo, logprobs (lm-eval)
+    GET  /v1/models[/ID]        the served model
+    GET  /tokenizer_info, POST /tokenize, POST /detokenize   the tokenizer (vLLM's endpoints, for lm-eval)
     GET  /health, GET /stats    liveness; queue, tokens/s and time to first token
 Errors are JSON with a 4xx/5xx status: {"event": "error", "data": message} under /api, OpenAI's {"error": {...}} under /v1.
 """
@@ -30,8 +32,11 @@ from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
 
 from serving.chat import ChatRequest, ReplyPiece, RequestError, build_prompt, parse_web_request, stream_reply
 from serving.checkpoint import DTYPES, CheckpointError, load_for_serving
+from serving.completions import (collect_choice, completion_body, detokenize, generation_requests,
+                                 parse_completion_request, tokenize, tokenizer_info)
 from serving.engine import Engine, GenerationRequest, QueueFullError
-from serving.openai_api import Completion, error_body, models_list, parse_openai_request, usage
+from serving.openai_api import (Completion, check_model, error_body, model_card, models_list, parse_openai_request,
+                                stop_answer_at, usage)
 from trainer.tokenizer import Tokenizer, TokenizerFilesError
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
@@ -51,7 +56,10 @@ def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str) -> Flask:
         prompt_ids, dropped = build_prompt(tokenizer, chat.messages, chat.thinking, engine.max_context)
         if dropped:
             log.info("dropped the %d oldest messages to fit the context", dropped)
-        generation = GenerationRequest(prompt_ids, chat.sampling, chat.thinking, chat.think_budget, client_gone_check())
+        return submit_generation(GenerationRequest(prompt_ids, chat.sampling, chat.thinking, chat.think_budget,
+                                                   client_gone_check()))
+
+    def submit_generation(generation: GenerationRequest) -> GenerationRequest:
         try:
             return engine.submit(generation)
         except QueueFullError as err:
@@ -66,7 +74,7 @@ def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str) -> Flask:
 
     @app.errorhandler(RequestError)
     def request_error(err: RequestError):
-        return error_response(err.status, err.message, err.param)
+        return error_response(err.status, err.message, err.param, err.code)
 
     @app.errorhandler(HTTPException)
     def http_error(err: HTTPException):
@@ -100,9 +108,13 @@ def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str) -> Flask:
 
     @app.post("/v1/chat/completions")
     def chat_completions():
-        chat, stream, include_usage = parse_openai_request(json_body(), engine.max_context)
+        body = json_body()
+        check_model(body, model_name)
+        chat, stream, include_usage = parse_openai_request(body, engine.max_context)
         generation = submit(chat)
         pieces = stream_reply(generation, tokenizer)
+        if chat.sampling.stop:
+            pieces = stop_answer_at(pieces, generation, chat.sampling.stop)
         completion = Completion(model_name)
         if not stream:
             texts, finished = {"thinking": [], "answer": []}, None
@@ -131,9 +143,44 @@ def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str) -> Flask:
 
         return Response(chunks(), mimetype="text/event-stream", headers=SSE_HEADERS)
 
+    @app.post("/v1/completions")
+    def completions():
+        body = json_body()
+        check_model(body, model_name)
+        request_ = parse_completion_request(body, tokenizer, engine.max_context)
+        generations = []
+        try:
+            for generation in generation_requests(request_, client_gone_check()):
+                generations.append(submit_generation(generation))
+            choices = [collect_choice(generation, echo_text, request_, tokenizer)
+                       for generation, (_, echo_text) in zip(generations, request_.prompts)]
+        finally:
+            for generation in generations:  # after a failure (queue full, a lost client): free the others' slots
+                generation.cancel()
+        if any(choice.finish_reason in ("error", "cancelled") for choice in choices):
+            return error_response(500, "generation failed: " + INTERNAL_ERROR)
+        return jsonify(completion_body(choices, model_name))
+
     @app.get("/v1/models")
     def models():
         return jsonify(models_list(model_name, started))
+
+    @app.get("/v1/models/<path:model_id>")
+    def model(model_id: str):
+        check_model({"model": model_id}, model_name)
+        return jsonify(model_card(model_name, started))
+
+    @app.get("/tokenizer_info")
+    def get_tokenizer_info():
+        return jsonify(tokenizer_info(tokenizer, engine.max_context))
+
+    @app.post("/tokenize")
+    def post_tokenize():
+        return jsonify(tokenize(json_body(), tokenizer, engine.max_context))
+
+    @app.post("/detokenize")
+    def post_detokenize():
+        return jsonify(detokenize(json_body(), tokenizer))
 
     @app.get("/health")
     def health():
@@ -149,9 +196,9 @@ def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str) -> Flask:
     return app
 
 
-def error_response(status: int, message: str, param: str | None = None):
+def error_response(status: int, message: str, param: str | None = None, code: str | None = None):
     openai_path = request.path.startswith("/v1/")
-    response = jsonify(error_body(message, status, param) if openai_path else {"event": "error", "data": message})
+    response = jsonify(error_body(message, status, param, code) if openai_path else {"event": "error", "data": message})
     response.status_code = status
     if status == 503:
         response.headers["Retry-After"] = "1"

@@ -2,9 +2,13 @@
 
 The KV cache is allocated once: `slots` sequences of up to `max_context` positions. A request waits in a bounded queue
 until a slot is free, is prefilled into that slot between two decode steps, then advances one token per step together
-with the other slots (each with its own length, position and sampling parameters). A finished, cancelled or
-disconnected request frees its slot before the next step. Requests get token ids back, tagged with their phase
+with the other slots (each with its own length, position and sampling parameters, presence/frequency penalties and,
+for a request with a seed, its own random generator, so its reply does not depend on the rest of the batch). A
+finished, cancelled or disconnected request frees its slot before the next step. Requests get token ids back, tagged with their phase
 (thinking or answer); turning them into text is the caller's business (serving/chat.py).
+
+Log-probabilities (on request) are the model's own: log-softmax of the fp32 logits before temperature, top-p and
+penalties, for the prompt's tokens (a forward over the whole prompt at prefill) and for each generated token.
 
 Thinking budget: a request that starts inside `<think>` may produce at most `think_budget` thinking tokens. When the
 model has not closed the thinking by itself, the original Cortex closing sentence and `</think>` are forced in (fed
@@ -41,18 +45,40 @@ class QueueFullError(RuntimeError):
 class SamplingParams:
     temperature: float = 1.0  # 0 = greedy
     top_p: float = 1.0  # 1 (or 0) = no nucleus cut
-    max_new_tokens: int | None = None  # None = until </s> or the end of the context
+    max_new_tokens: int | None = None  # None = until </s> or the end of the context; 0 = prefill only
+    seed: int | None = None  # a generator of the request's own: same seed and request, same reply
+    presence_penalty: float = 0.0  # OpenAI's: logit -= presence * (count > 0) + frequency * count,
+    frequency_penalty: float = 0.0  # count = times the token was generated so far in this reply
+    stop: tuple[str, ...] = ()  # stop strings: matched on the text by the reader (serving/openai_api.py), not here
+
+    @property
+    def penalised(self) -> bool:
+        return self.presence_penalty != 0 or self.frequency_penalty != 0
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    logprob: float  # of the token itself
+    top: tuple[tuple[int, float], ...]  # (token id, logprob) of the most likely tokens, most likely first
 
 
 @dataclass(frozen=True)
 class TokenEvent:
     token_id: int
     phase: str  # THINKING or ANSWER: the part of the reply the token belongs to (</think> still belongs to THINKING)
+    logprobs: TokenLogprobs | None = None  # when the request asked for them
+
+
+@dataclass(frozen=True)
+class PromptLogprobs:
+    """Sent before any TokenEvent to a request that asked for prompt log-probabilities: one entry per prompt token,
+    None for the first (nothing predicts it)."""
+    entries: list[TokenLogprobs | None]
 
 
 @dataclass(frozen=True)
 class Finished:
-    reason: str  # "stop" (</s>), "length" (max_new_tokens or context full), "cancelled", "error"
+    reason: str  # "stop" (</s> or a caller's stop string), "length" (max_new_tokens or context full), "cancelled", "error"
     prompt_tokens: int
     completion_tokens: int  # every generated token, forced ones and </s> included
     thinking_tokens: int  # tokens between <think> and </think>
@@ -62,22 +88,32 @@ class GenerationRequest:
     """One generation: the caller submits it to an Engine and reads `events` (TokenEvent..., then one Finished)."""
 
     def __init__(self, prompt_ids: list[int], sampling: SamplingParams, thinking: bool, think_budget: int | None = None,
-                 client_gone: Callable[[], bool] | None = None):
+                 client_gone: Callable[[], bool] | None = None, *, logprobs: int | None = None,
+                 prompt_logprobs: bool = False):
+        """logprobs: None, or how many of the most likely tokens to report with each token's log-probability (0 = just
+        the token's own); prompt_logprobs: report them for the prompt's tokens too (needs logprobs)."""
         if not prompt_ids:
             raise ValueError("the prompt is empty")
         if think_budget is not None and think_budget < 1:
             raise ValueError(f"think_budget must be >= 1, got {think_budget}")
+        if prompt_logprobs and logprobs is None:
+            raise ValueError("prompt_logprobs needs logprobs (the number of top tokens to report)")
         self.prompt_ids = list(prompt_ids)
         self.sampling = sampling
         self.thinking = thinking  # the prompt ends inside an open <think>
         self.think_budget = think_budget if thinking else None
+        self.logprobs, self.prompt_logprobs = logprobs, prompt_logprobs
         self.events: queue.Queue = queue.Queue()
         self.submitted_at = time.monotonic()
         self._cancelled = threading.Event()
+        self.cancel_reason = "cancelled"
         self._client_gone = client_gone  # asked before every step, so a disconnect frees the slot at the next token
 
-    def cancel(self):
-        """Stop generating; the engine frees the slot before its next step. Harmless after the request finished."""
+    def cancel(self, reason: str = "cancelled"):
+        """Stop generating; the engine frees the slot before its next step. Harmless after the request finished.
+        reason "stop": the caller found a stop string (the request counts as completed, not cancelled)."""
+        if not self._cancelled.is_set():
+            self.cancel_reason = reason
         self._cancelled.set()
 
     @property
@@ -155,6 +191,8 @@ class _Slot:
     generated: int = 0
     thinking_tokens: int = 0
     forced: deque = field(default_factory=deque)  # tokens to emit instead of sampling (the budget's closing)
+    generator: torch.Generator | None = None  # the request's own, when it has a seed
+    counts: torch.Tensor | None = None  # (V,) times each token was generated, when the request has penalties
 
 
 class Engine:
@@ -284,23 +322,38 @@ class Engine:
                 request.events.put(Finished("cancelled", len(request.prompt_ids), 0, 0))
                 continue
             room = self.max_context - len(request.prompt_ids)
-            max_new = min(room, request.sampling.max_new_tokens or room)
+            sampling = request.sampling
+            max_new = room if sampling.max_new_tokens is None else min(room, sampling.max_new_tokens)
             slot_idx = self.slots.index(None)
-            self.slots[slot_idx] = _Slot(request, max_new, THINKING if request.thinking else ANSWER)
+            slot = _Slot(request, max_new, THINKING if request.thinking else ANSWER)
+            if sampling.seed is not None:
+                slot.generator = torch.Generator(device=self.device).manual_seed(sampling.seed)
+            if sampling.penalised:
+                slot.counts = torch.zeros(self.model.config.vocab_size, device=self.device)
+            self.slots[slot_idx] = slot
             admitted.append(slot_idx)
         return admitted
 
     def _free_cancelled(self):
         for slot_idx, slot in enumerate(self.slots):
             if slot is not None and slot.request.cancelled:
-                self._finish(slot_idx, "cancelled")
+                self._finish(slot_idx, slot.request.cancel_reason)
 
     def _prefill(self, slot_idx: int):
         slot = self.slots[slot_idx]
-        prompt = torch.tensor([slot.request.prompt_ids], device=self.device)
-        logits = self.model(prompt, past_key_values=self.cache.prefill(slot_idx), logits_to_keep=1)["logits"][:, -1]
+        request = slot.request
+        prompt = torch.tensor([request.prompt_ids], device=self.device)
+        logits = self.model(prompt, past_key_values=self.cache.prefill(slot_idx),
+                            logits_to_keep=0 if request.prompt_logprobs else 1)["logits"][0]
         slot.length = prompt.shape[1]
-        self._emit(slot_idx, self._choose_tokens([slot], logits)[0])
+        if request.prompt_logprobs:
+            scored = self._logprobs(logits[:-1], prompt[0, 1:].tolist(), request.logprobs)
+            request.events.put(PromptLogprobs([None, *scored]))
+        if slot.max_new_tokens == 0:
+            self._finish(slot_idx, "length")
+            return
+        token, = self._choose_tokens([slot], logits[-1:])
+        self._emit(slot_idx, token, self._token_logprobs(slot, logits[-1:], token))
 
     def _decode_step(self):
         batch = max(i for i, s in enumerate(self.slots) if s is not None) + 1  # free slots below it ride along, masked
@@ -318,9 +371,10 @@ class Engine:
         live = [(i, s) for i, s in enumerate(rows) if s is not None]
         for _, slot in live:
             slot.length += 1
-        tokens = self._choose_tokens([s for _, s in live], logits[[i for i, _ in live]])
-        for (slot_idx, _), token in zip(live, tokens):
-            self._emit(slot_idx, token)
+        logits = logits[[i for i, _ in live]]
+        tokens = self._choose_tokens([s for _, s in live], logits)
+        for row, ((slot_idx, slot), token) in enumerate(zip(live, tokens)):
+            self._emit(slot_idx, token, self._token_logprobs(slot, logits[row:row + 1], token))
         with self._cond:
             self._counts["tokens"] += len(live)
             self._token_times.append((time.monotonic(), len(live)))
@@ -350,15 +404,41 @@ class Engine:
                 self._compiled_logits(tokens, positions, torch.ones(batch, dtype=torch.bool, device=self.device))
 
     def _choose_tokens(self, slots: list[_Slot], logits: torch.Tensor) -> list[int]:
-        """Forced tokens where a thinking budget is closing, else drawn with each request's own temperature and top-p."""
+        """Forced tokens where a thinking budget is closing, else drawn with each request's own penalties, temperature,
+        top-p and generator."""
+        penalised = [row for row, s in enumerate(slots) if s.counts is not None]
+        if penalised:  # a new tensor: the raw logits stay for log-probabilities
+            counts = torch.stack([slots[row].counts for row in penalised])
+            penalties = torch.tensor([[s.sampling.presence_penalty, s.sampling.frequency_penalty]
+                                      for s in (slots[row].request for row in penalised)], device=logits.device)
+            logits = logits.float().index_add(0, torch.tensor(penalised, device=logits.device),
+                                              -(penalties[:, :1] * (counts > 0) + penalties[:, 1:] * counts))
         params = torch.tensor([[s.request.sampling.temperature, s.request.sampling.top_p] for s in slots])
-        sampled = sample_tokens(logits, *params.to(logits.device).unbind(dim=1), generator=self.generator).tolist()
+        if all(s.generator is None for s in slots):
+            uniform = torch.rand(len(slots), generator=self.generator, device=self.device)
+        else:  # one number per row, each from its request's generator (or the engine's): rows never share a stream
+            uniform = torch.stack([torch.rand((), generator=s.generator or self.generator, device=self.device)
+                                   for s in slots])
+        sampled = sample_tokens(logits, *params.to(logits.device).unbind(dim=1), uniform).tolist()
         chosen = []
         for slot, token in zip(slots, sampled):
             if not slot.forced and self._budget_spent(slot):
                 slot.forced.extend(self._closing_for(slot.request.think_budget))
             chosen.append(slot.forced.popleft() if slot.forced else token)
         return chosen
+
+    def _token_logprobs(self, slot: _Slot, logits: torch.Tensor, token: int) -> TokenLogprobs | None:
+        top = slot.request.logprobs
+        return None if top is None else self._logprobs(logits, [token], top)[0]
+
+    @staticmethod
+    def _logprobs(logits: torch.Tensor, tokens: list[int], top: int) -> list[TokenLogprobs]:
+        """logits (N, V) predicting tokens (N ids) -> each token's log-probability and the `top` most likely."""
+        logprobs = logits.float().log_softmax(dim=-1)
+        chosen = logprobs.gather(-1, torch.tensor(tokens, device=logits.device)[:, None])[:, 0].tolist()
+        best_values, best_ids = logprobs.topk(top, dim=-1) if top else (logprobs[:, :0], logprobs[:, :0].long())
+        return [TokenLogprobs(value, tuple(zip(ids, values)))
+                for value, ids, values in zip(chosen, best_ids.tolist(), best_values.tolist())]
 
     def _closing_for(self, budget: int) -> list[int]:
         # The closing sentence counts as thinking; with a budget too small to hold it, only </think> is forced.
@@ -372,7 +452,7 @@ class Engine:
         free_tokens = budget - len(self._closing_for(budget)) + 1  # what the model may think before the closing
         return slot.thinking_tokens >= free_tokens
 
-    def _emit(self, slot_idx: int, token: int):
+    def _emit(self, slot_idx: int, token: int, logprobs: TokenLogprobs | None = None):
         slot = self.slots[slot_idx]
         request = slot.request
         if slot.generated == 0:
@@ -380,7 +460,9 @@ class Engine:
                 self._ttft.append(time.monotonic() - request.submitted_at)
         slot.generated += 1
         slot.next_input = token
-        request.events.put(TokenEvent(token, slot.phase))
+        if slot.counts is not None:
+            slot.counts[token] += 1
+        request.events.put(TokenEvent(token, slot.phase, logprobs))
         if slot.phase == THINKING:
             if token == self.tokenizer.think_end_id:
                 slot.phase = ANSWER

@@ -167,7 +167,8 @@ def test_sampled_tokens_follow_their_distribution_and_greedy_rows_take_the_argma
     logits = torch.randn(3, 40) * 2
     temperature, top_p = torch.tensor([0.0, 1.0, 0.7]), torch.tensor([1.0, 0.8, 1.0])
     generator = torch.Generator().manual_seed(0)
-    draws = torch.stack([sample_tokens(logits, temperature, top_p, generator) for _ in range(4000)])
+    draws = torch.stack([sample_tokens(logits, temperature, top_p, torch.rand(3, generator=generator))
+                         for _ in range(4000)])
     assert (draws[:, 0] == logits[0].argmax()).all()
     probs = next_token_probs(logits[1:], temperature[1:], top_p[1:])
     for row in (1, 2):  # a nucleus drawn from the top candidates, and a full distribution

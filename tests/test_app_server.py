@@ -216,9 +216,9 @@ def test_openai_errors_come_back_as_api_errors(client):
     import openai
 
     with pytest.raises(openai.BadRequestError, match="temperature"):
-        client.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}], temperature=3)
+        client.chat.completions.create(model="cortex-tiny", messages=[{"role": "user", "content": "x"}], temperature=3)
     with pytest.raises(openai.BadRequestError, match="last message"):
-        client.chat.completions.create(model="m", messages=[{"role": "assistant", "content": "x"}])
+        client.chat.completions.create(model="cortex-tiny", messages=[{"role": "assistant", "content": "x"}])
 
 
 # --- bad input -------------------------------------------------------------------------------------------------------
@@ -259,7 +259,7 @@ def test_unknown_routes_and_methods_are_json_errors(server):
 
 def test_simultaneous_streams_get_the_reply_each_would_get_alone(client):
     prompts = [f"Tell me about the number {i}." for i in range(6)]
-    request = dict(model="m", temperature=0, max_tokens=40, extra_body={"thinking": False})
+    request = dict(model="cortex-tiny", temperature=0, max_tokens=40, extra_body={"thinking": False})
     alone = [client.chat.completions.create(messages=[{"role": "user", "content": p}], **request).choices[0].message.content
              for p in prompts]
     together = [None] * len(prompts)
