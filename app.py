@@ -147,13 +147,13 @@ def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str) -> Flask:
     def completions():
         body = json_body()
         check_model(body, model_name)
-        request_ = parse_completion_request(body, tokenizer, engine.max_context)
+        asked = parse_completion_request(body, tokenizer, engine.max_context)
         generations = []
         try:
-            for generation in generation_requests(request_, client_gone_check()):
+            for generation in generation_requests(asked, client_gone_check()):
                 generations.append(submit_generation(generation))
-            choices = [collect_choice(generation, echo_text, request_, tokenizer)
-                       for generation, (_, echo_text) in zip(generations, request_.prompts)]
+            choices = [collect_choice(generation, echo_text, asked, tokenizer)
+                       for generation, (_, echo_text) in zip(generations, asked.prompts)]
         finally:
             for generation in generations:  # after a failure (queue full, a lost client): free the others' slots
                 generation.cancel()

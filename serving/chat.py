@@ -189,7 +189,7 @@ def build_prompt(tokenizer: Tokenizer, messages: list[dict], thinking: bool, max
         if prefill is None:
             ids = tokenizer.encode_prompt([system, *turns], thinking)
         else:
-            ids = tokenizer.encode(tokenizer.apply_chat_template([system, *turns], tokenize=False) + _prefill_text(prefill))
+            ids = tokenizer.apply_chat_template([system, *turns]) + _prefill_ids(tokenizer, prefill)
         if len(ids) <= max_prompt_tokens:
             return ids, skipped + sum(len(e) for e in exchanges[: len(exchanges) - kept])
         if kept == 1:
@@ -199,10 +199,12 @@ def build_prompt(tokenizer: Tokenizer, messages: list[dict], thinking: bool, max
         kept -= 1
 
 
-def _prefill_text(prefill: dict) -> str:
+def _prefill_ids(tokenizer: Tokenizer, prefill: dict) -> list[int]:
+    """<assistant><think>T, or <assistant><think>T</think><answer>C (T a single space when not given)."""
     if prefill_thinking([prefill]):
-        return f"<assistant><think>{prefill['think']}"
-    return f"<assistant><think>{prefill.get('think') or ' '}</think><answer>{prefill['content']}"
+        return [tokenizer.assistant_id, tokenizer.think_id, *tokenizer.encode(prefill["think"])]
+    return [tokenizer.assistant_id, tokenizer.think_id, *tokenizer.encode(prefill.get("think") or " "),
+            tokenizer.think_end_id, tokenizer.answer_id, *tokenizer.encode(prefill["content"])]
 
 
 def _exchanges(chat: list[dict], thinking: bool, prefill: dict | None = None) -> list[list[dict]]:

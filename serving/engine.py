@@ -4,8 +4,9 @@ The KV cache is allocated once: `slots` sequences of up to `max_context` positio
 until a slot is free, is prefilled into that slot between two decode steps, then advances one token per step together
 with the other slots (each with its own length, position and sampling parameters, presence/frequency penalties and,
 for a request with a seed, its own random generator, so its reply does not depend on the rest of the batch). A
-finished, cancelled or disconnected request frees its slot before the next step. Requests get token ids back, tagged with their phase
-(thinking or answer); turning them into text is the caller's business (serving/chat.py).
+finished, cancelled or disconnected request frees its slot before the next step. Requests get token ids back, tagged
+with their phase (thinking or answer); turning them into text is the caller's business (serving/chat.py,
+serving/completions.py).
 
 Log-probabilities (on request) are the model's own: log-softmax of the fp32 logits before temperature, top-p and
 penalties, for the prompt's tokens (a forward over the whole prompt at prefill) and for each generated token.
@@ -78,7 +79,8 @@ class PromptLogprobs:
 
 @dataclass(frozen=True)
 class Finished:
-    reason: str  # "stop" (</s> or a caller's stop string), "length" (max_new_tokens or context full), "cancelled", "error"
+    reason: str  # "stop" (</s>, or a stop string the reader found), "length" (max_new_tokens or context full),
+    # "cancelled", "error"
     prompt_tokens: int
     completion_tokens: int  # every generated token, forced ones and </s> included
     thinking_tokens: int  # tokens between <think> and </think>

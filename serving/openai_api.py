@@ -54,8 +54,9 @@ def _stop_strings(stop) -> tuple[str, ...]:
         return ()
     stops = [stop] if isinstance(stop, str) else stop
     if not isinstance(stops, list) or len(stops) > MAX_STOP_STRINGS:
-        raise RequestError(f"'stop' must be a string or an array of at most {MAX_STOP_STRINGS} strings, got "
-                           f"{json_type(stop) if not isinstance(stops, list) else f'{len(stops)} strings'}", param="stop")
+        got = f"{len(stops)} strings" if isinstance(stops, list) else json_type(stop)
+        raise RequestError(f"'stop' must be a string or an array of at most {MAX_STOP_STRINGS} strings, got {got}",
+                           param="stop")
     for i, text in enumerate(stops):
         if check_text(text, f"stop[{i}]") == "":
             raise RequestError(f"'stop[{i}]' is empty: a stop string needs at least one character", param="stop")

@@ -59,7 +59,8 @@ def test_echo_logprobs_are_the_models_own_and_generation_follows_greedy(server, 
         best = expected[position].topk(3).values.tolist()  # tokens of the same text share a key, so <= 3 entries
         assert max(top.values()) == pytest.approx(best[0], abs=1e-5)
         assert all(any(abs(value - b) < 1e-5 for b in best) for value in top.values())
-    assert logprobs["text_offset"][:3] == [0, len(logprobs["tokens"][0]), len(logprobs["tokens"][0] + logprobs["tokens"][1])]
+    tokens = logprobs["tokens"]
+    assert logprobs["text_offset"][:3] == [0, len(tokens[0]), len(tokens[0] + tokens[1])]
 
     # text prompts, a list of them, greedy generation: what model.generate makes
     prompts = ["Once upon a time", "The cat"]
@@ -67,7 +68,8 @@ def test_echo_logprobs_are_the_models_own_and_generation_follows_greedy(server, 
     for index, (prompt, choice) in enumerate(zip(prompts, reply["choices"])):
         greedy = generate(model, tokenizer.encode(prompt), max_new_tokens=6, stop_token_ids=[tokenizer.eos_id])
         assert choice["index"] == index and choice["text"] == tokenizer.decode(greedy, skip_special_tokens=True)
-        assert len(choice["logprobs"]["tokens"]) == len(greedy) and all(t == {} for t in choice["logprobs"]["top_logprobs"])
+        assert len(choice["logprobs"]["tokens"]) == len(greedy)
+        assert all(top == {} for top in choice["logprobs"]["top_logprobs"])  # logprobs 0: the token's own only
     assert reply["usage"]["completion_tokens"] == 12
 
 
@@ -108,6 +110,8 @@ def test_tokenizer_endpoints_and_bad_requests(server, tokenizer):
 
 def test_lm_eval_local_completions_scores_the_server_with_the_models_own_logprobs(server, model, tokenizer,
                                                                                  monkeypatch):
+    """A loglikelihood task (each choice scored: the model's own log-probabilities) and a generation task (greedy
+    text up to the end of the line)."""
     lm_eval = pytest.importorskip("lm_eval", reason="lm-evaluation-harness is not installed (pip install lm-eval[api])")
     from lm_eval.tasks import TaskManager
 
@@ -115,7 +119,7 @@ def test_lm_eval_local_completions_scores_the_server_with_the_models_own_logprob
     results = lm_eval.simple_evaluate(
         model="local-completions",
         model_args=f"base_url={server}/v1/completions,model=cortex-tiny,tokenizer_backend=remote,max_length=256",
-        tasks=["cortex_mini_mc"], log_samples=True,
+        tasks=["cortex_mini_mc", "cortex_mini_gen"], log_samples=True,
         task_manager=TaskManager(include_path=str(LM_EVAL_TASK_DIR), include_defaults=False))
     samples = results["samples"]["cortex_mini_mc"]
     docs = [json.loads(line) for line in (LM_EVAL_TASK_DIR / "cortex_mini_mc.jsonl").read_text().splitlines()]
@@ -132,6 +136,14 @@ def test_lm_eval_local_completions_scores_the_server_with_the_models_own_logprob
         correct += max(range(len(scores)), key=scores.__getitem__) == sample["target"]
     assert results["results"]["cortex_mini_mc"]["acc,none"] == pytest.approx(correct / len(docs))
     assert not math.isnan(results["results"]["cortex_mini_mc"]["acc_norm,none"])
+
+    generations = results["samples"]["cortex_mini_gen"]
+    assert len(generations) == len(docs)
+    for sample in generations:
+        context, settings = sample["arguments"][0]
+        greedy = generate(model, tokenizer.encode(context), max_new_tokens=settings["max_gen_toks"],
+                          stop_token_ids=[tokenizer.eos_id])
+        assert sample["resps"][0][0] == tokenizer.decode(greedy, skip_special_tokens=True).split("\n")[0]
 
 
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
