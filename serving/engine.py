@@ -13,7 +13,8 @@ penalties, for the prompt's tokens (a forward over the whole prompt at prefill) 
 
 Thinking budget: a request that starts inside `<think>` may produce at most `think_budget` thinking tokens. When the
 model has not closed the thinking by itself, the original Cortex closing sentence and `</think>` are forced in (fed
-through the model like sampled tokens), so the answer follows from a closed thought and the count is exact.
+through the model like sampled tokens), so the answer follows from a closed thought and the count is exact. A budget of
+0 forces `</think>` as the first token: no thinking at all.
 """
 
 import logging
@@ -96,8 +97,8 @@ class GenerationRequest:
         the token's own); prompt_logprobs: report them for the prompt's tokens too (needs logprobs)."""
         if not prompt_ids:
             raise ValueError("the prompt is empty")
-        if think_budget is not None and think_budget < 1:
-            raise ValueError(f"think_budget must be >= 1, got {think_budget}")
+        if think_budget is not None and think_budget < 0:
+            raise ValueError(f"think_budget must be >= 0 (0: the thinking is closed at once), got {think_budget}")
         if prompt_logprobs and logprobs is None:
             raise ValueError("prompt_logprobs needs logprobs (the number of top tokens to report)")
         self.prompt_ids = list(prompt_ids)

@@ -86,7 +86,7 @@ def parse_openai_request(body, max_context: int) -> tuple[ChatRequest, bool, boo
         thinking = prefill_thinking(messages)
     think_budget = None
     if body.get("think_budget") is not None:
-        think_budget = check_int(body["think_budget"], "think_budget", 1, max_context)
+        think_budget = check_int(body["think_budget"], "think_budget", 0, max_context)
     sampling = parse_sampling(body, max_context)
     stream = check_bool(body.get("stream"), "stream", default=False)
     options = body.get("stream_options") or {}
