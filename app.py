@@ -10,7 +10,7 @@ Endpoints
                                 |"done", "data": ...}` (done carries finish_reason and usage)
     POST /v1/chat/completions   OpenAI chat completions, streamed or not (reasoning_content = thinking)
     GET  /v1/models             the served model
-    GET  /health, GET /stats    liveness; queue, tokens/s and time to first token
+    GET  /health, GET /stats    liveness, model name, size and context; queue, tokens/s and time to first token
 Errors are JSON with a 4xx/5xx status: {"event": "error", "data": message} under /api, OpenAI's {"error": {...}} under /v1.
 """
 
@@ -28,6 +28,7 @@ from flask import Flask, Response, jsonify, request, send_from_directory
 from werkzeug.exceptions import HTTPException
 from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
 
+from model import count_parameters
 from serving.chat import ChatRequest, ReplyPiece, RequestError, build_prompt, parse_web_request, stream_reply
 from serving.checkpoint import DTYPES, CheckpointError, load_for_serving
 from serving.engine import Engine, GenerationRequest, QueueFullError
@@ -46,6 +47,7 @@ def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str) -> Flask:
     app = Flask(__name__, static_folder=str(STATIC_DIR), static_url_path="/static")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     started = int(time.time())
+    parameters = count_parameters(engine.model.config)  # shown on the page's welcome text
 
     def submit(chat: ChatRequest) -> GenerationRequest:
         prompt_ids, dropped = build_prompt(tokenizer, chat.messages, chat.thinking, engine.max_context)
@@ -139,6 +141,7 @@ def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str) -> Flask:
     def health():
         ok = engine.alive
         body = {"status": "ok" if ok else "decode thread stopped", "model": model_name,
+                "parameters": parameters.total, "active_parameters": parameters.active,
                 "max_context": engine.max_context, "slots": len(engine.slots)}
         return jsonify(body), 200 if ok else 503
 
