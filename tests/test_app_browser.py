@@ -149,6 +149,7 @@ def test_an_all_thinking_reply_is_shown_and_kept_in_the_history(browser, short_s
                                    {"role": "assistant", "content": "", "think": thinking},
                                    {"role": "user", "content": "And why is it red at sunset?"}]
         wait_until_idle(page)
+        assert last_reply(page).locator(".error").count() == 0  # the server took that history
     finally:
         page.close()
 

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import app as app_module
-from model import CortexModel, load_state_dict_file, save_weights, tiny_config
+from model import CortexModel, count_parameters, load_state_dict_file, save_weights, tiny_config
 from serving.checkpoint import CheckpointError, download_published_checkpoint, load_for_serving
 from serving.engine import THINK_BUDGET_CLOSINGS, Engine
 from trainer.tokenizer import tiny_tokenizer
@@ -302,9 +302,11 @@ def test_a_disconnected_client_frees_its_slot_and_a_full_queue_answers_503(token
 
 
 def test_health_and_stats(server):
-    base, _ = server
+    base, engine = server
     health = json.loads(post(base, "/health", method="GET")[2])
-    assert health == {"status": "ok", "model": "cortex-tiny", "max_context": 256, "slots": 4}
+    counts = count_parameters(engine.model.config)
+    assert health == {"status": "ok", "model": "cortex-tiny", "parameters": counts.total,
+                      "active_parameters": counts.active, "max_context": 256, "slots": 4}
     post(base, "/api/chat", {"history": [{"role": "user", "content": "hi"}], "thinking": False})
     stats = json.loads(post(base, "/stats", method="GET")[2])
     assert stats["tokens_total"] > 0 and stats["ttft_ms_p50"] > 0 and stats["tokens_per_s"] > 0
