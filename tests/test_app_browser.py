@@ -206,8 +206,8 @@ def test_a_busy_server_shows_its_message_and_no_empty_thinking_panel(page, serve
     engine = server[1]
     held = []
     try:
-        while True:  # every slot and every queue place taken
-            held.append(engine.submit(GenerationRequest([5, 6, 7], SamplingParams(temperature=1.0), False)))
+        while True:  # every slot and every queue place taken (greedy from this prompt runs to the end of the context)
+            held.append(engine.submit(GenerationRequest([5, 6, 7], SamplingParams(temperature=0.0), False)))
     except QueueFullError:
         pass
     try:
