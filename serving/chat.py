@@ -136,7 +136,7 @@ def parse_web_request(body, max_context: int) -> ChatRequest:
     if thinking and budget_enabled:
         if body.get("think_budget") is None:
             raise RequestError("'think_budget' is required when 'think_budget_enable' is true", param="think_budget")
-        think_budget = check_int(body["think_budget"], "think_budget", 1, max_context)
+        think_budget = check_int(body["think_budget"], "think_budget", 0, max_context)
     sampling = SamplingParams(temperature=check_number(body.get("temperature"), "temperature", 0.0, 2.0, 0.0),
                               top_p=check_number(body.get("top_p"), "top_p", 0.0, 1.0, 1.0))
     return ChatRequest(messages, thinking, think_budget, sampling)

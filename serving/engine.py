@@ -10,7 +10,8 @@ Thinking budget: a request that starts inside `<think>` may produce at most `thi
 model has not closed the thinking by itself, a closing sentence and `</think>` are forced in (fed through the model
 like sampled tokens), so the answer follows from a closed thought and the count is exact. The sentence is the original
 Cortex one when the thinking so far is Chinese, else its English translation; the language is judged once, when the
-room left first reaches the longest closing, so whichever is chosen still fits the budget exactly.
+room left first reaches the longest closing, so whichever is chosen still fits the budget exactly. A budget of 0 forces
+`</think>` as the first token: no thinking at all.
 """
 
 import logging
@@ -78,8 +79,8 @@ class GenerationRequest:
                  client_gone: Callable[[], bool] | None = None):
         if not prompt_ids:
             raise ValueError("the prompt is empty")
-        if think_budget is not None and think_budget < 1:
-            raise ValueError(f"think_budget must be >= 1, got {think_budget}")
+        if think_budget is not None and think_budget < 0:
+            raise ValueError(f"think_budget must be >= 0 (0: the thinking is closed at once), got {think_budget}")
         self.prompt_ids = list(prompt_ids)
         self.sampling = sampling
         self.thinking = thinking  # the prompt ends inside an open <think>

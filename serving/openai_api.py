@@ -41,7 +41,7 @@ def parse_openai_request(body, max_context: int) -> tuple[ChatRequest, bool, boo
     thinking = check_bool(body.get("thinking"), "thinking", default=True if switch is None else switch)
     think_budget = None
     if body.get("think_budget") is not None:
-        think_budget = check_int(body["think_budget"], "think_budget", 1, max_context)
+        think_budget = check_int(body["think_budget"], "think_budget", 0, max_context)
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     sampling = SamplingParams(
         temperature=check_number(body.get("temperature"), "temperature", 0.0, 2.0, 1.0),

@@ -105,8 +105,8 @@ WEB_OK = {"history": [{"role": "user", "content": "hi"}]}
     ({**WEB_OK, "temperature": float("nan")}, "must be a number"),
     ({**WEB_OK, "top_p": -0.1}, "between 0.0 and 1.0"),
     ({**WEB_OK, "think_budget_enable": True}, "'think_budget' is required"),
-    ({**WEB_OK, "think_budget_enable": True, "think_budget": 0}, "between 1 and 256"),
-    ({**WEB_OK, "think_budget_enable": True, "think_budget": 10**9}, "between 1 and 256"),
+    ({**WEB_OK, "think_budget_enable": True, "think_budget": -1}, "between 0 and 256"),
+    ({**WEB_OK, "think_budget_enable": True, "think_budget": 10**9}, "between 0 and 256"),
     ({**WEB_OK, "think_budget_enable": True, "think_budget": 2.5}, "must be an integer"),
     ({**WEB_OK, "think_budget_enable": True, "think_budget": True}, "must be an integer"),
 ])
@@ -123,6 +123,8 @@ def test_web_request_keeps_the_original_semantics():
     assert chat.sampling.temperature == 0.0 and chat.sampling.top_p == 1.0  # null: greedy, no top-p (as the original)
     chat = parse_web_request({**WEB_OK, "think_budget_enable": True, "think_budget": 64.0, "temperature": 0.7}, 256)
     assert chat.thinking and chat.think_budget == 64 and chat.sampling.temperature == 0.7
+    chat = parse_web_request({**WEB_OK, "think_budget_enable": True, "think_budget": 0}, 256)
+    assert chat.thinking and chat.think_budget == 0  # 0: the thinking is closed at once
 
 
 @pytest.mark.parametrize("body, message", [
@@ -132,7 +134,7 @@ def test_web_request_keeps_the_original_semantics():
     ({"messages": [{"role": "user", "content": "x"}], "tools": [{}]}, "'tools' is not supported"),
     ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, "between 1 and"),
     ({"messages": [{"role": "user", "content": "x"}], "stream": "yes"}, "true or false"),
-    ({"messages": [{"role": "user", "content": "x"}], "think_budget": -3}, "between 1 and"),
+    ({"messages": [{"role": "user", "content": "x"}], "think_budget": -3}, "between 0 and"),
 ])
 def test_openai_request_validation(body, message):
     with pytest.raises(RequestError, match=message):
@@ -151,3 +153,5 @@ def test_openai_request_fields():
     assert chat.messages[2] == {"role": "assistant", "content": "A", "think": "T"}
     chat, _, _ = parse_openai_request({"messages": [{"role": "user", "content": "Q"}], "thinking": True, "think_budget": 7}, 256)
     assert chat.thinking and chat.think_budget == 7
+    chat, _, _ = parse_openai_request({"messages": [{"role": "user", "content": "Q"}], "think_budget": 0}, 256)
+    assert chat.thinking and chat.think_budget == 0

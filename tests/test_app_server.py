@@ -167,6 +167,17 @@ def test_api_chat_streams_standard_sse_with_the_original_event_names(server):
     assert events[-1]["data"]["usage"]["completion_tokens_details"]["reasoning_tokens"] == 0
 
 
+def test_think_budget_0_closes_the_thinking_at_once(server):
+    base, _ = server
+    body = {"history": [{"role": "user", "content": "你好 /think"}], "thinking": True, "temperature": 0,
+            "think_budget_enable": True, "think_budget": 0}
+    status, _, raw = post(base, "/api/chat", body)
+    events = parse_sse(raw)
+    assert status == 200 and events[-1]["event"] == "done" and "thinking_chunk" not in [e["event"] for e in events]
+    usage = events[-1]["data"]["usage"]
+    assert usage["completion_tokens_details"]["reasoning_tokens"] == 0 and usage["completion_tokens"] >= 1
+
+
 def test_page_and_cors(server):
     base, _ = server
     status, content_type, html = post(base, "/", method="GET")
@@ -229,7 +240,7 @@ def test_openai_errors_come_back_as_api_errors(client):
     ("/api/chat", b"\xff\xfe{}", 400, "not valid UTF-8"),
     ("/api/chat", b'{"history": null}', 400, "must be an array"),
     ("/api/chat", b'{"history": [{"role": "user", "content": "hi"}], "temperature": NaN}', 400, "must be a number"),
-    ("/api/chat", b'{"history": [{"role": "user", "content": "hi"}], "think_budget_enable": true, "think_budget": 0}',
+    ("/api/chat", b'{"history": [{"role": "user", "content": "hi"}], "think_budget_enable": true, "think_budget": -1}',
      400, "think_budget"),
     ("/api/chat", json.dumps({"history": [{"role": "user", "content": "x" * (2 << 20)}]}).encode(), 413, "larger than"),
     ("/api/chat", json.dumps({"history": [{"role": "user", "content": "word " * 3000}]}).encode(), 400, "too long"),

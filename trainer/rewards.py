@@ -42,6 +42,18 @@ def think_and_answer(completion: str) -> tuple[str, str]:
     return (think.group(1).strip() if think else ""), (answer.group(1).strip() if answer else "")
 
 
+_PLAIN_TEXT = r"((?:(?!</?(?:think|answer|s|user|assistant|system)>|<pad>|<unk>).)*)"  # no special token inside
+_REPLY = re.compile(rf"<think>{_PLAIN_TEXT}</think><answer>{_PLAIN_TEXT}</answer></s>", re.DOTALL)
+
+
+def well_formed(reply: str, thinking: bool) -> bool:
+    """Whether a whole assistant reply (from its <think>, special tokens kept) is <think>T</think><answer>A</answer></s>
+    and nothing more, with a non-empty answer A and, in think mode, a non-empty thought T; in no-think mode T is blank
+    (the empty think block of no-think training data)."""
+    match = _REPLY.fullmatch(reply)
+    return bool(match) and bool(match.group(2).strip()) and bool(match.group(1).strip()) == thinking
+
+
 def _number(text: str) -> float | None:
     try:
         return float(text.strip())
