@@ -219,6 +219,7 @@ async function send() {
   const session = chat.session;
   setBusy(true);
   let failed = false;
+  let streaming = false; // the server answered: a failure from here on is the stream's, not the connection's
   try {
     const response = await fetch("/api/chat", {
       method: "POST",
@@ -231,6 +232,7 @@ async function send() {
       view.error(problem.data || `request failed (${response.status})`);
       return;
     }
+    streaming = true;
     const reader = response.body.getReader();
     const decoder = new TextDecoder();
     let buffer = "";
@@ -254,6 +256,7 @@ async function send() {
     if (!failed) view.finish(note, ending);
   } catch (err) {
     if (err.name === "AbortError") view.finish("stopped", "stopped");
+    else if (streaming) view.error(`The reply stream broke off or was malformed: ${err.message}`);
     else view.error("Could not reach the Cortex server (连接到AI服务器时出错)");
   } finally {
     chat.controller = null;

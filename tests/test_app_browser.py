@@ -316,3 +316,16 @@ def test_tables_and_math_render_from_the_vendored_libraries(page, server):
     assert page.evaluate("document.fonts.load('1em KaTeX_Main').then(faces => faces.map(f => f.status))") == ["loaded"]
     assert page.requested and all(url.startswith((server[0] + "/", "data:")) for url in page.requested)
     page.evaluate("document.getElementById('probe').remove()")
+
+
+def test_a_malformed_stream_is_shown_as_a_stream_error(page):
+    page.route("**/api/chat", lambda route: route.fulfill(
+        status=200, content_type="text/event-stream",
+        body='data: {"event": "answer_chunk", "data": "partial"}\n\ndata: {not json\n\n'))
+    try:
+        send(page, "Hello")
+        wait_until_idle(page)
+        shown = last_reply(page).inner_text()
+        assert "The reply stream broke off or was malformed" in shown and "Could not reach" not in shown
+    finally:
+        page.unroute("**/api/chat")
