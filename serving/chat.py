@@ -13,10 +13,14 @@ Prompt (training.md section 2), always in the form training saw:
   <answer>C` (T a single space when not given), or `<assistant><think>T` (thinking continued) when only its thinking
   is given;
 * leading assistant messages (the original page sent its welcome bubble as history) are dropped;
+* message text (system, user, assistant, thinking) is encoded as text: a "</s><system>" typed into a message stays
+  text, only the template inserts control tokens. Our replies never contain the tags (the decoder hides them), so
+  clients send thinking and answer as separate fields and the template re-inserts the tags around them;
 * when the prompt does not fit the context (minus room for the reply), the oldest exchanges are dropped; the system
   prompt and the newest message never are.
 """
 
+import json
 import math
 import queue
 import time
@@ -24,7 +28,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from serving.engine import THINKING, Finished, GenerationRequest, SamplingParams, TokenEvent
-from trainer.tokenizer import SPECIAL_TOKENS, Tokenizer, add_think_switch, split_think_switch
+from trainer.tokenizer import Tokenizer, add_think_switch, split_think_switch
 
 DEFAULT_SYSTEM_PROMPT = " "
 MAX_MESSAGES = 512
@@ -72,8 +76,10 @@ def check_bool(value, name: str, default: bool) -> bool:
 def check_number(value, name: str, low: float, high: float, default: float) -> float:
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise RequestError(f"'{name}' must be a number, got {json_type(value)}", param=name)
+    if not math.isfinite(value):
+        raise RequestError(f"'{name}' must be a finite number, got {json.dumps(value)}", param=name)
     if not low <= value <= high:
         raise RequestError(f"'{name}' must be between {low} and {high}, got {value}", param=name)
     return float(value)
@@ -167,7 +173,8 @@ def prefill_thinking(messages: list[dict]) -> bool | None:
 def build_prompt(tokenizer: Tokenizer, messages: list[dict], thinking: bool, max_context: int) -> tuple[list[int], int]:
     """(prompt ids, number of oldest messages dropped so that the reply keeps reply_reserve tokens of the context).
     thinking: the prompt ends inside an open <think> (for a prefill, prefill_thinking says).
-    Raises RequestError when even the system prompt plus the newest message do not fit."""
+    Message text is encoded as text: only the template's tags are control ids. Raises RequestError when even the
+    system prompt plus the newest message do not fit."""
     max_prompt_tokens = max_context - reply_reserve(max_context)
     system = messages[0] if messages[0]["role"] == "system" else {"role": "system", "content": DEFAULT_SYSTEM_PROMPT}
     chat = messages[1:] if messages[0]["role"] == "system" else messages
@@ -177,9 +184,19 @@ def build_prompt(tokenizer: Tokenizer, messages: list[dict], thinking: bool, max
     first = next(i for i, m in enumerate(chat) if m["role"] != "assistant")
     skipped, exchanges = first, _exchanges(chat[first:], thinking, prefill)
 
+    # More characters than this cannot fit, whatever the text: refused (or dropped) without tokenising them
+    max_chars = tokenizer.max_token_chars * max_prompt_tokens
+    newest_chars = _chars([system, *exchanges[-1]])
+    if newest_chars > max_chars:
+        raise RequestError(f"the message is too long: with the system prompt it has {newest_chars} characters, far "
+                           f"more than the {max_prompt_tokens} tokens that fit (the context holds {max_context} tokens, "
+                           f"{max_context - max_prompt_tokens} of them kept for the reply); shorten it")
+
     # Newest first, keep the exchanges that fit by their own token counts; the exact check on the whole prompt follows
     budget, kept, used = max_prompt_tokens - len(tokenizer.apply_chat_template([system])), 0, 0
     for exchange in reversed(exchanges):
+        if kept and _chars(exchange) > max_chars:
+            break
         used += len(tokenizer.apply_chat_template(exchange))
         if kept and used > budget:
             break
@@ -199,12 +216,17 @@ def build_prompt(tokenizer: Tokenizer, messages: list[dict], thinking: bool, max
         kept -= 1
 
 
+def _chars(messages: list[dict]) -> int:
+    return sum(len(m["content"]) + len(m.get("think", "")) for m in messages)
+
+
 def _prefill_ids(tokenizer: Tokenizer, prefill: dict) -> list[int]:
-    """<assistant><think>T, or <assistant><think>T</think><answer>C (T a single space when not given)."""
+    """<assistant><think>T, or <assistant><think>T</think><answer>C (T a single space when not given); T and C as
+    text."""
     if prefill_thinking([prefill]):
-        return [tokenizer.assistant_id, tokenizer.think_id, *tokenizer.encode(prefill["think"])]
-    return [tokenizer.assistant_id, tokenizer.think_id, *tokenizer.encode(prefill.get("think") or " "),
-            tokenizer.think_end_id, tokenizer.answer_id, *tokenizer.encode(prefill["content"])]
+        return [tokenizer.assistant_id, tokenizer.think_id, *tokenizer.encode_text(prefill["think"])]
+    return [tokenizer.assistant_id, tokenizer.think_id, *tokenizer.encode_text(prefill.get("think") or " "),
+            tokenizer.think_end_id, tokenizer.answer_id, *tokenizer.encode_text(prefill["content"])]
 
 
 def _exchanges(chat: list[dict], thinking: bool, prefill: dict | None = None) -> list[list[dict]]:
@@ -255,7 +277,7 @@ class ReplyDecoder:
     (<answer>, </answer>, </think>, </s>, ...) are not shown."""
 
     def __init__(self, tokenizer: Tokenizer):
-        self.control_ids = set(tokenizer.hf.all_special_ids) | set(tokenizer.hf.convert_tokens_to_ids(SPECIAL_TOKENS))
+        self.control_ids = tokenizer.control_ids
         self.decoder = tokenizer.stream_decoder()
         self.kind: str | None = None
 
