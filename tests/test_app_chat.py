@@ -173,7 +173,7 @@ def test_web_request_keeps_the_original_semantics():
     ({"messages": [{"role": "user", "content": "x"}], "seed": "7"}, "'seed' must be an integer"),
     ({"messages": [{"role": "user", "content": "x"}], "stop": 5}, "'stop' must be a string or an array"),
     ({"messages": [{"role": "user", "content": "x"}], "stop": ["a", 1]}, "'stop\\[1\\]' must be a string"),
-    ({"messages": [{"role": "user", "content": "x"}], "frequency_penalty": float("nan")}, "must be a number"),
+    ({"messages": [{"role": "user", "content": "x"}], "frequency_penalty": float("nan")}, "must be a finite number"),
     ({"messages": [{"role": "assistant", "content": "x"}]}, "or an assistant message for the model to continue"),
 ])
 def test_openai_request_validation(body, message):
