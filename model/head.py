@@ -1,9 +1,8 @@
-"""The output head: logits, or each position's log-probability of a given target token without the logits.
+"""The output head: logits, or each position's log-probability of a target token without materialising the logits.
 
-Training (cross entropy, GRPO and DPO log-probs) needs only the targets' log-probs. With Cortex's 46957-token vocabulary
-the (batch, seq, vocab) logits are a step's largest tensors (8 x 2048 positions: 3 GB in fp32, as much again for their
-gradient), so `target_log_probs` projects a chunk of positions at a time, in forward and again in backward (the fused
-linear + cross-entropy idea). Figures in bench/bench_head.py and the README.
+Training needs only the targets' log-probs, and the (batch, seq, 46957) logits are a step's largest tensors (8 x 2048
+positions: 3 GB in fp32, as much again for their gradient): `target_log_probs` projects a chunk of positions at a time
+(the fused linear + cross-entropy idea). Figures in bench/bench_head.py and the README.
 """
 
 import torch
@@ -51,12 +50,9 @@ def _add_chunk_grads(exp, sums, targets, grad_rows, hidden, weight, grad_hidden,
 
 
 class _TargetLogProbs(torch.autograd.Function):
-    """hidden (N, H) and weight (V, H) of one dtype, targets (N,) -> log-probs (N,) and entropies (N,) in fp32, or with
-    `summed` the sum of the log-probs, whose gradients are formed in forward.
-
-    Gradients need each chunk's softmax again: for a sum (the cross-entropy loss) the upstream gradient is one number,
-    so forward forms them for 1 and backward scales them (three projections, as with whole logits); otherwise backward
-    computes the logits again (four)."""
+    """hidden (N, H), weight (V, H), targets (N,) -> fp32 log-probs (N,) and entropies (N,), or with `summed` their sum.
+    A sum's upstream gradient is one number, so forward forms its gradients for 1 and backward scales them (three
+    projections, as with whole logits); otherwise backward computes the logits again (four)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, with_entropy, summed):
@@ -101,11 +97,8 @@ class _TargetLogProbs(torch.autograd.Function):
 
 def target_log_probs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, with_entropy: bool = False,
                      summed: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """log softmax(hidden @ weight.T)[target] per position, a chunk of positions at a time.
-
-    hidden (..., H), weight (V, H), targets (...) with IGNORE_INDEX where not scored. Returns (log-probs (...) fp32, 0
-    where ignored, or with summed their sum (0-d); with_entropy: each position's entropy (...) fp32 without gradient,
-    else None)."""
+    """log softmax(hidden @ weight.T)[target] per position: hidden (..., H), weight (V, H), targets (...) (IGNORE_INDEX:
+    not scored) -> (fp32 log-probs (...), 0 where ignored, or with summed their sum; entropies (...) or None)."""
     if targets.shape != hidden.shape[:-1]:
         raise ValueError(f"targets has shape {tuple(targets.shape)}, expected {tuple(hidden.shape[:-1])} "
                          "(one per position)")
@@ -122,8 +115,7 @@ def target_log_probs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.
 
 
 class LMHead(nn.Linear):
-    """The vocabulary projection (`lm_head.weight`, no bias): head(x) gives logits, head(x, targets) target log-probs.
-    Both run in this module's forward, around which DeepSpeed ZeRO-3 gathers the weight."""
+    """`lm_head`: head(x) gives logits, head(x, targets) target log-probs, both in the forward ZeRO-3 gathers around."""
 
     def __init__(self, hidden_size: int, vocab_size: int):
         super().__init__(hidden_size, vocab_size, bias=False)
