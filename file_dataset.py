@@ -9,14 +9,17 @@ qibin0506/Cortex-2.5-train-data into a data dir (default ./data).
 
 Files are fetched as training reaches them (indexing is "training reached file idx"): one process per machine (local
 rank 0) downloads while the others wait, and the next file is prefetched in a background thread. delete_consumed=True
-deletes each file once training has moved past it (off by default: a second epoch downloads it again), except the
-first, whose held-out split every eval and every resume reads; a converted .pkl goes as soon as it is converted.
+deletes each file once training has moved past it (off by default), except the first, whose held-out split every eval
+and every resume reads, and the last (each epoch ends with it); a converted .pkl goes as soon as it is converted. With
+deletion each later epoch downloads (and converts) the others again, and says so.
 `fetch(idx)` gets a file without deleting or prefetching anything (the eval split's file, counting).
 
-A download lands in data_dir/.download-NAME/ and is renamed into place only when complete (ModelScope checks the size
-and sha256 it lists), so the data dir never holds a partial file. A download cut short (kill, lost connection) leaves
-its partial file there, and the next download of NAME resumes it with an HTTP Range request (ModelScope's own resume);
-the directory of a file that is complete, and those of older versions (.download-NAME.XXXXXXXX), are removed.
+Two runs sharing a data dir download and convert a file once: the first holds data_dir/.NAME.lock meanwhile, the
+second waits for it, then finds it there. A download lands in data_dir/.download-NAME/ and is renamed into place only
+when complete (ModelScope checks the size and sha256 it lists), so the data dir never holds a partial file. A download
+cut short (kill, lost connection) leaves its partial file there, and the next download of NAME resumes it with an HTTP
+Range request (ModelScope's own resume); the directory of a file that is complete, and those of older versions
+(.download-NAME.XXXXXXXX), are removed.
 MODELSCOPE_ENDPOINT points the download at another hub (tests use a local server). `source_bytes(idx)` is a file's size
 as published (from the hub's listing before it is downloaded), which the trainer uses to estimate the length of a
 stage whose files are not all on disk yet (trainer/loop.py).
@@ -29,6 +32,7 @@ bytes per token) in every process. name.pkl.converted.json records the .pkl's si
 """
 from __future__ import annotations
 
+import fcntl
 import glob
 import json
 import os
@@ -36,6 +40,7 @@ import re
 import shutil
 import sys
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch.distributed as dist
@@ -74,6 +79,29 @@ def remove_download_dirs(name: str, data_dir: str | Path) -> None:
                                                   if legacy.fullmatch(p.name))]:
         if path.is_dir():
             shutil.rmtree(path)
+
+
+@contextmanager
+def file_lock(name: str, data_dir: str | Path):
+    """Held while `name` is downloaded and converted, so that two runs sharing a data dir never write it at once: the
+    second waits, then finds it done. The lock file (data_dir/.NAME.lock) goes when released; a waiter whose lock file
+    was removed meanwhile locks the new one."""
+    path = Path(data_dir) / f".{name}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        lock = open(path, "a")
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if os.stat(path).st_ino == os.fstat(lock.fileno()).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        lock.close()
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+        lock.close()
 
 
 def download_file(name: str, data_dir: str | Path, dataset_id: str = MODELSCOPE_DATASET) -> Path:
@@ -149,6 +177,7 @@ class FileDataset:
         self._prefetch_thread: threading.Thread | None = None
         self._prefetching: str | None = None  # the name the prefetch thread is downloading
         self._listed_sizes: dict[str, int] | None = None
+        self._deleted: set[str] = set()  # files this object deleted (delete_consumed): a later epoch fetches them again
 
     @classmethod
     def for_stage(cls, stage: str, **kwargs) -> "FileDataset":
@@ -201,12 +230,13 @@ class FileDataset:
             if self._prefetching == self.files[idx]:
                 self._join_prefetch()
             try:
-                if self._needs_download(idx):
-                    download_file(self.files[idx], self.data_dir, self.dataset_id)
-                else:  # complete: a partial download of it, if a killed run left one, is stale
-                    remove_download_dirs(self.files[idx], self.data_dir)
-                if self._converts(idx) and not self._is_converted(idx):
-                    self._convert(idx)
+                with file_lock(self.files[idx], self.data_dir):
+                    if self._needs_download(idx):
+                        self._download(idx)
+                    else:  # complete: a partial download of it, if a killed run left one, is stale
+                        remove_download_dirs(self.files[idx], self.data_dir)
+                    if self._converts(idx) and not self._is_converted(idx):
+                        self._convert(idx)
             except Exception as e:  # any failure is handed to every process below (so none waits forever), then raised
                 error = e
         if _distributed():  # also the barrier: the others wait here until the file is in place
@@ -261,6 +291,12 @@ class FileDataset:
     def _needs_download(self, idx: int) -> bool:
         return not self.path(idx).exists() and not (self._converts(idx) and self._is_converted(idx))
 
+    def _download(self, idx: int) -> None:
+        if self.files[idx] in self._deleted:
+            print(f"downloading {self.files[idx]} again: delete_consumed_files deleted it after an earlier epoch",
+                  file=sys.stderr)
+        download_file(self.files[idx], self.data_dir, self.dataset_id)
+
     def _delete(self, idx: int) -> None:
         """The file and, for a converted .pkl, its converted files and record."""
         record = self._record(idx) if self._converts(idx) else None
@@ -269,6 +305,7 @@ class FileDataset:
                 (self.data_dir / name).unlink(missing_ok=True)
             self._record_path(idx).unlink()
         self.path(idx).unlink(missing_ok=True)
+        self._deleted.add(self.files[idx])
 
     def _after_fetch(self, idx: int) -> None:
         next_idx = idx + 1 if idx + 1 < len(self.files) else None
@@ -280,15 +317,17 @@ class FileDataset:
                 and self._needs_download(next_idx)):
             self._join_prefetch()
             self._prefetching = next_name
-            self._prefetch_thread = threading.Thread(target=self._prefetch, args=(next_name,), daemon=True,
+            self._prefetch_thread = threading.Thread(target=self._prefetch, args=(next_idx,), daemon=True,
                                                      name=f"prefetch {next_name}")
             self._prefetch_thread.start()
 
-    def _prefetch(self, name: str) -> None:
+    def _prefetch(self, idx: int) -> None:
         try:
-            download_file(name, self.data_dir, self.dataset_id)
+            with file_lock(self.files[idx], self.data_dir):
+                if self._needs_download(idx):  # another run sharing the data dir may have fetched it meanwhile
+                    self._download(idx)
         except DataFileError as e:  # not fatal yet: fetch downloads it again and raises if it still fails
-            print(f"prefetch of {name} failed, retrying when it is needed: {e}", file=sys.stderr)
+            print(f"prefetch of {self.files[idx]} failed, retrying when it is needed: {e}", file=sys.stderr)
 
     def _join_prefetch(self) -> None:
         if self._prefetch_thread is not None:

@@ -345,7 +345,8 @@ def test_converted_files_are_used_without_the_pkl_and_a_new_pkl_is_converted_aga
     assert load_stream(path, VOCAB).tolist() == [3, 4, 2]
 
 
-def test_delete_consumed_removes_each_pkl_once_converted_and_the_converted_files_once_past_them(pickle_hub, tmp_path):
+def test_delete_consumed_removes_each_pkl_once_converted_and_the_converted_files_once_past_them(
+        pickle_hub, tmp_path, capsys):
     pickle_hub.files |= {"sft_b.pkl": _pickled([[9, 8], [7]]), "sft_c.pkl": _pickled([[6]])}
     data_dir = tmp_path / "data"
     files = FileDataset(["sft.pkl", "sft_b.pkl", "sft_c.pkl"], data_dir=data_dir, delete_consumed=True, task="sft",
@@ -356,6 +357,34 @@ def test_delete_consumed_removes_each_pkl_once_converted_and_the_converted_files
     # file 0 keeps its converted files (the held-out split lives there); file 1 is gone; no .pkl is left
     assert data_dir_entries(data_dir) == [f"{name}{end}" for name in ("sft.pkl", "sft_c.pkl") for end in converted]
     assert pickle_hub.file_requests() == ["sft.pkl", "sft_b.pkl", "sft_c.pkl"]
+    # a second epoch downloads the deleted file again, and says so
+    capsys.readouterr()
+    assert files[0] == data_dir / "sft.pkl.npy" and files[1] == data_dir / "sft_b.pkl.npy"
+    assert pickle_hub.file_requests() == ["sft.pkl", "sft_b.pkl", "sft_c.pkl", "sft_b.pkl"]
+    assert "downloading sft_b.pkl again: delete_consumed_files deleted it after an earlier epoch" in \
+        capsys.readouterr().err
+
+
+def test_two_runs_sharing_a_data_dir_download_and_convert_a_file_once(pickle_hub, tmp_path):
+    from trainer.token_files import load_collection
+
+    pickle_hub.download_delay_s = 0.5
+    data_dir = tmp_path / "data"
+    first, second = (FileDataset(["sft.pkl"], data_dir=data_dir, prefetch=False, task="sft", vocab_size=VOCAB)
+                     for _ in range(2))
+    results = {}
+    thread = threading.Thread(target=lambda: results.update(first=first[0]))
+    thread.start()
+    deadline = time.time() + 60
+    while not pickle_hub.file_requests():  # the first run is downloading
+        assert thread.is_alive() and time.time() < deadline
+        time.sleep(0.01)
+    results["second"] = second[0]  # waits for the first's lock, then finds the file downloaded and converted
+    thread.join()
+    assert results["first"] == results["second"] == data_dir / "sft.pkl.npy"
+    assert pickle_hub.file_requests() == ["sft.pkl"]
+    assert load_collection(results["second"], "sft", VOCAB)[None][2].tolist() == PICKLES["sft"][2]
+    assert data_dir_entries(data_dir) == ["sft.pkl", "sft.pkl.converted.json", "sft.pkl.npy", "sft.pkl.offsets.npy"]
 
 
 def test_a_pkl_that_does_not_hold_the_task_is_a_clear_error_and_nothing_is_recorded(pickle_hub, tmp_path):

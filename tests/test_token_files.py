@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 import trainer.token_files as token_files
-from trainer.token_files import (TokenFileError, collection_paths, convert_pickle, load_collection, load_stream,
-                                 remove_stale_temporaries, save_stream)
+from trainer.token_files import (COLLECTION_FIELDS, TokenFileError, collection_paths, convert_pickle, load_collection,
+                                 load_stream, remove_stale_temporaries, save_stream)
 
 VOCAB = 46957
 ORIGINAL_PROTOCOL = 4  # pickle.dump's default from Python 3.8 to 3.13, what the original's process_data.py wrote with
@@ -71,6 +71,58 @@ def test_conversion_matches_pickle_load_item_by_item(tmp_path, monkeypatch, kind
     else:
         assert _items(load_collection(out, kind, VOCAB), kind) == _items(load_collection(pkl, kind, VOCAB), kind) \
             == _expected(obj, kind)
+
+
+@pytest.mark.parametrize("read_bytes", [1 << 14, 1 << 20])
+def test_batches_of_1000_and_single_appends_match_pickle_load(tmp_path, monkeypatch, read_bytes):
+    """pickle.dump appends 1000 items per MARK ... APPENDS and a last single one with APPEND, to the top-level list and
+    to each token list; items written in either key order (runs of whole items are read at once)."""
+    monkeypatch.setattr(token_files, "PICKLE_READ_BYTES", read_bytes)
+    rng = np.random.default_rng(1)
+    sft = [rng.integers(0, VOCAB, n).tolist() for n in [1001, 2000, 0, 1, 2, 5] * 167]  # 1002 items
+    pkl = _dump(tmp_path / "sft.pkl", sft)
+    convert_pickle(pkl, "sft", VOCAB, tmp_path / "sft.npy")
+    assert _items(load_collection(tmp_path / "sft.npy", "sft", VOCAB), "sft") == {None: sft}
+    grpo = [{"prompt": rng.integers(0, VOCAB, 1001 if i % 100 == 0 else 30).tolist(),
+             "answer": rng.integers(0, VOCAB, i % 3).tolist()} for i in range(1001)]
+    grpo = [item if i % 2 else dict(reversed(item.items())) for i, item in enumerate(grpo)]
+    pkl = _dump(tmp_path / "grpo.pkl", grpo)
+    convert_pickle(pkl, "grpo", VOCAB, tmp_path / "grpo.npy")
+    assert _items(load_collection(tmp_path / "grpo.npy", "grpo", VOCAB), "grpo") == _expected(grpo, "grpo")
+
+
+def test_damaged_pickles_are_refused_or_read_as_pickle_reads_them(tmp_path, monkeypatch):
+    """Small pickles with bytes overwritten and opcodes or ids inserted: what the reader accepts, pickle.loads reads the
+    same."""
+    rng = np.random.default_rng(7)
+    bytes_to_try = [ord(c) for c in "e a ] } ( h u".split()] + [0x94]
+    accepted = 0
+    for trial in range(300):
+        kind = ("sft", "dpo", "grpo")[trial % 3]
+        monkeypatch.setattr(token_files, "PICKLE_READ_BYTES", int(rng.choice([50, 1 << 20])))
+        if kind == "sft":
+            obj = [rng.integers(0, VOCAB, rng.integers(0, 5)).tolist() for _ in range(rng.integers(1, 20))]
+        else:
+            obj = [{field: rng.integers(0, VOCAB, rng.integers(0, 4)).tolist() for field in COLLECTION_FIELDS[kind]}
+                   for _ in range(rng.integers(1, 20))]
+        data = bytearray(pickle.dumps(obj, protocol=ORIGINAL_PROTOCOL))
+        for at in sorted(rng.integers(11, len(data), rng.integers(1, 3)), reverse=True):  # after PROTO and FRAME
+            if rng.random() < 0.5:
+                data[at] = int(rng.choice(bytes_to_try)) if rng.random() < 0.7 else int(rng.integers(0, 256))
+            else:  # an id or an opcode inserted
+                data[at:at] = pickle.BININT1 + bytes([rng.integers(0, 256)]) if rng.random() < 0.5 else \
+                    bytes([rng.choice(bytes_to_try)])
+        data[3:11] = (len(data) - 11).to_bytes(8, "little")  # the one frame still holds the whole pickle
+        (tmp_path / "x.pkl").write_bytes(data)
+        try:
+            read = load_collection(tmp_path / "x.pkl", kind, VOCAB)
+        except TokenFileError:
+            continue
+        accepted += 1
+        loaded = pickle.loads(data)
+        assert _items(read, kind) == {field: [item if field is None else item[field] for item in loaded]
+                                      for field in COLLECTION_FIELDS[kind]}
+    assert accepted > 30  # ids changed, items moved between batches: still token pickles
 
 
 def test_ids_beyond_uint16_convert_to_uint32(tmp_path):

@@ -174,7 +174,6 @@ class _ArrayWriter:
     def __init__(self, path: Path | None, dtype: np.dtype):
         self.path, self.dtype, self.count = path, np.dtype(dtype), 0
         self._parts: list[np.ndarray] = []
-        self._values: list[int] = []  # single values (offsets), written in batches
         self._file = None
         if path is not None:
             self._tmp = _temporary_path(path)
@@ -187,30 +186,14 @@ class _ArrayWriter:
         np.lib.format.write_array_header_1_0(self._file, header)
 
     def write(self, array: np.ndarray) -> None:
-        if self._values:
-            self._flush_values()
-        self._write(array)
-
-    def _write(self, array: np.ndarray) -> None:
         if self._file is None:
             self._parts.append(np.array(array, dtype=self.dtype))  # a copy: the caller reuses its buffer
         else:
             self._file.write(np.ascontiguousarray(array, dtype=self.dtype).data)
         self.count += len(array)
 
-    def append(self, value: int) -> None:
-        self._values.append(value)
-        if len(self._values) >= 65536:
-            self._flush_values()
-
-    def _flush_values(self) -> None:
-        if self._values:
-            values, self._values = self._values, []
-            self._write(np.array(values, dtype=self.dtype))
-
     def close(self) -> np.ndarray | None:
         """The array when in memory; a file is completed under its temporary name (commit() renames it)."""
-        self._flush_values()
         if self._file is None:
             return np.concatenate(self._parts) if self._parts else np.zeros(0, dtype=self.dtype)
         self._file.seek(0)
@@ -251,6 +234,8 @@ RUNS_CODE = {_opcode(name) for name in ("GLOBAL", "INST", "STACK_GLOBAL", "REDUC
 TEXT_OPCODES = {_opcode(name) for name in ("INT", "LONG", "STRING", "UNICODE", "FLOAT", "LIST", "DICT", "TUPLE",
                                            "GET", "PUT")}  # protocol 0's
 STRINGS = {SHORT_BINUNICODE: 1, BINUNICODE: 4, BINUNICODE8: 8}  # opcode -> bytes of its length field
+INT_MASK = np.zeros((256, 2), dtype=np.uint8)  # opcode -> masks of its int argument's first two bytes; 0: not an int
+INT_MASK[[BININT1, BININT2, BININT]] = (0xFF, 0), (0xFF, 0xFF), (0xFF, 0xFF)
 MAX_KEY_BYTES = 1024  # strings are only dict keys ('chosen', 'prompt', ...)
 
 # The length of every opcode this reader accepts with a fixed argument; 1 for the rest, also those it refuses (reading
@@ -259,18 +244,38 @@ OPCODE_LENGTH = np.ones(256, dtype=np.int16)
 for _code, _length in ((BININT1, 2), (BININT2, 3), (BININT, 5), (BINPUT, 2), (LONG_BINPUT, 5), (BINGET, 2),
                        (LONG_BINGET, 5), (PROTO, 2), (FRAME, 9)):
     OPCODE_LENGTH[_code] = _length
-LANE_BYTES = 64  # bytes each lane of _opcode_starts decodes
+LANE_BYTES = 64  # bytes of each block that _opcode_starts decodes as one lane
+MAX_OPCODE_BYTES = 1 + 8 + MAX_KEY_BYTES  # the longest opcode this reader accepts (a BINUNICODE8 dict key)
+
+
+def _walk(length: np.ndarray, at: np.ndarray, end: np.ndarray,
+          stop: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Follows the chains of opcodes from `at`, all at once, each while before its `end` and not on a `stop` mark:
+    (the positions walked, concatenated; where each chain stopped)."""
+    at = at.copy()
+    walked = []
+    lanes = np.flatnonzero((at < end) if stop is None else (at < end) & ~stop[at])
+    while lanes.size:
+        here = at[lanes]
+        walked.append(here)
+        here = here + length[here]
+        at[lanes] = here
+        keep = here < end[lanes]
+        if stop is not None:
+            keep &= ~stop[here]
+        lanes = lanes[keep]
+    return (np.concatenate(walked) if walked else np.zeros(0, dtype=np.int64)), at
 
 
 def _opcode_starts(data: np.ndarray) -> tuple[np.ndarray, int]:
     """(where each whole opcode of `data` starts, where the cut-off last one starts or len(data)); data begins with an
     opcode and has 8 bytes of padding past its end (not part of it).
 
-    An opcode's length says where the next begins, so decoding is sequential; in numpy it runs for every 64-byte block
-    at once, each from its first byte as if an opcode began there. A block whose true first opcode begins elsewhere
-    (the previous one's last opcode ran into it) is walked again from there until it meets the guessed chain: the
-    chains of a variable-length code meet within a few opcodes, so the walks are short, and where chains never meet
-    (say a run of ids 0x4d4d, all bytes 'M') the walks cover whole blocks, slower but still exact."""
+    An opcode's length says where the next begins, so decoding is sequential. Here every 64-byte block is decoded at
+    once, each as if an opcode began at its first byte (the guess). The chains of a variable-length code meet within a
+    few opcodes, so a block whose true entry (where the previous block's last opcode ends) is not on its guess is walked
+    again from there only until it meets the guess; if it leaves the block instead, its exit moved and the next block is
+    walked again too (a run of ids 0x4d4d, all bytes 'M', never meets: slower, still exact)."""
     n = len(data) - 8
     if n <= 0:
         return np.zeros(0, dtype=np.int64), 0
@@ -288,61 +293,29 @@ def _opcode_starts(data: np.ndarray) -> tuple[np.ndarray, int]:
 
     starts = np.arange(0, n, LANE_BYTES)
     ends = np.minimum(starts + LANE_BYTES, n)
-    is_start = np.zeros(n, dtype=bool)
-    exits = starts.copy()
-    lanes = np.arange(len(starts))
-    while lanes.size:
-        at = exits[lanes]
-        is_start[at] = True
-        at += length[at]
-        exits[lanes] = at
-        lanes = lanes[at < ends[lanes]]
-
-    # Blocks whose true entry (the previous block's exit) is not on their guessed chain are walked again from it, all at
-    # once, until they meet a marked opcode (from there the guessed chain is right) or leave the block. A block whose
-    # walk leaves it has a new exit, so the next block is walked too; a block waits while the one before it is pending.
-    blocks = len(starts)
-    entries = np.concatenate([[0], exits[:-1]])
-    pending = np.flatnonzero((entries >= ends) | ~is_start[np.minimum(entries, n - 1)])
-    while pending.size:
-        ready = pending[~np.isin(pending - 1, pending)]
-        at = np.where(ready == 0, 0, exits[ready - 1])
-        end = ends[ready]
-        walked = []
-        lanes = np.flatnonzero((at < end) & ~is_start[np.minimum(at, n - 1)])
-        while lanes.size:
-            step = at[lanes]
-            walked.append(step)
-            step = step + length[step]
-            at[lanes] = step
-            lanes = lanes[(step < end[lanes]) & ~is_start[np.minimum(step, n - 1)]]
-        # everything the guessed chain marked before the meeting point (or in the whole block) was wrong
-        stop = np.minimum(at, end)
-        is_start[_ranges(starts[ready], stop)] = False
-        if walked:
-            is_start[np.concatenate(walked)] = True
-        left = at >= end
-        moved = ready[left & (at != exits[ready])]
-        exits[ready[left]] = at[left]
-        pending = np.union1d(np.setdiff1d(pending, ready), moved[moved + 1 < blocks] + 1)
-    # what a block's guessed chain decoded before its true entry lies inside the previous block's last opcode
-    entries = np.minimum(np.concatenate([[0], exits[:-1]]), ends)
-    is_start[_ranges(starts, entries)] = False
-
-    positions = np.flatnonzero(is_start)
-    if exits[-1] > n:  # the last opcode runs past the end of data
+    guessed, exits = _walk(length, starts, ends, None)
+    on_guess = np.zeros(n + MAX_OPCODE_BYTES, dtype=bool)
+    on_guess[guessed] = True
+    # the true exits, block after block wherever an entry moved off the guess
+    true_exits = exits.copy()
+    blocks = np.flatnonzero((exits[:-1] >= ends[1:]) | ~on_guess[exits[:-1]]) + 1
+    while blocks.size:
+        _, at = _walk(length, true_exits[blocks - 1], ends[blocks], on_guess)
+        moved = at >= ends[blocks]  # left its block without meeting the guess: its own exit
+        new_exits = np.where(moved, at, exits[blocks])
+        changed = blocks[new_exits != true_exits[blocks]]
+        true_exits[blocks] = new_exits
+        blocks = changed[changed + 1 < len(starts)] + 1
+    # each block: its true chain from its entry up to where it meets the guess, then the guess
+    entries = np.concatenate([[0], true_exits[:-1]])
+    walked, met = _walk(length, entries, ends, on_guess)
+    wrong, _ = _walk(length, starts, np.minimum(met, ends), None)
+    on_guess[wrong] = False
+    on_guess[walked] = True
+    positions = np.flatnonzero(on_guess[:n])
+    if true_exits[-1] > n:  # the last opcode runs past the end of data
         return positions[:-1], int(positions[-1])
     return positions, n
-
-
-def _ranges(starts: np.ndarray, stops: np.ndarray) -> np.ndarray:
-    """The positions of the ranges [starts[i], stops[i]) (empty where stops <= starts), concatenated."""
-    sizes = np.maximum(stops - starts, 0)
-    total = int(sizes.sum())
-    if not total:
-        return np.zeros(0, dtype=np.int64)
-    first = np.repeat(np.cumsum(sizes) - sizes, sizes)
-    return np.repeat(starts, sizes) + np.arange(total) - first
 
 
 class _Mark:
@@ -353,24 +326,31 @@ _MARK = _Mark()
 
 
 class _Field:
-    """One output array of token ids (+ offsets, one per list, for a collection) and how many lists began in it."""
+    """One output array of token ids (+ offsets for a collection: where each list begins, then the end), written a
+    chunk at a time."""
 
-    def __init__(self, name: str | None, tokens: _ArrayWriter, offsets: _ArrayWriter | None):
-        self.name, self.tokens, self.offsets, self.lists = name, tokens, offsets, 0
-        if offsets is not None:
-            offsets.append(0)
+    def __init__(self, index: int, name: str | None, tokens: _ArrayWriter, offsets: _ArrayWriter | None):
+        self.index, self.name, self.tokens, self.offsets = index, name, tokens, offsets
+        self.lists = 0  # lists begun
+        self.count = 0  # token ids read into it
+        self.starts: list[int] = []  # where the lists begun in the chunk being read start
 
     def begin_list(self) -> None:
-        if self.lists:
-            self.offsets.append(self.tokens.count)  # the previous list ends here
+        self.starts.append(self.count)
         self.lists += 1
+
+    def write(self, tokens: np.ndarray) -> None:
+        self.tokens.write(tokens)
+        if self.offsets is not None:
+            self.offsets.write(np.array(self.starts, dtype=np.int64))
+        self.starts = []
 
     def writers(self) -> list[_ArrayWriter]:
         return [self.tokens] + ([self.offsets] if self.offsets is not None else [])
 
     def close(self):
-        if self.offsets is not None and self.lists:
-            self.offsets.append(self.tokens.count)
+        if self.offsets is not None:
+            self.offsets.write(np.array([self.count], dtype=np.int64))
         return [w.close() for w in self.writers()]
 
 
@@ -397,8 +377,31 @@ class _Ints:
         self.into, self.count = into, count
 
 
+class _Items:
+    """`count` complete items of a collection, the first numbered `first`, read at once (_PickleReader._read_items)."""
+    __slots__ = ("first", "count")
+
+    def __init__(self, first: int, count: int):
+        self.first, self.count = first, count
+
+
 def _describe(value) -> str:
-    return {_Ints: "an int", _List: "a list", _Dict: "a dict", str: "a string"}.get(type(value), "something else")
+    return {_Ints: "an int", _List: "a list", _Dict: "a dict", str: "a string", _Items: "items"}.get(type(value),
+                                                                                                  "something else")
+
+
+def _items_pattern(task: str) -> re.Pattern:
+    """Runs of whole items as pickle.dump writes them with protocol 4 (the original's), over the bytes of a chunk's
+    opcodes other than ints, and only where the next opcode begins another item or ends the batch (so no later opcode
+    adds to the last of them). A token list: EMPTY_LIST MEMOIZE, then batches of ids (MARK ... APPENDS), then maybe one
+    id APPEND; a DPO or GRPO item: EMPTY_DICT MEMOIZE MARK, two keys (BINGET) each with its list, SETITEMS."""
+    def op(*codes):
+        return re.escape(bytes(codes))
+    token_list = op(EMPTY_LIST, MEMOIZE) + b"(?:" + op(MARK, APPENDS) + b")*" + op(APPEND) + b"?"
+    if task == "sft":
+        return re.compile(b"(?:" + token_list + b")+(?=[" + op(EMPTY_LIST, APPENDS) + b"])")
+    item = op(EMPTY_DICT, MEMOIZE, MARK) + (op(BINGET) + token_list) * 2 + op(SETITEMS)
+    return re.compile(b"(?:" + item + b")+(?=[" + op(EMPTY_DICT, APPENDS) + b"])")
 
 
 _OPCODE_WORDS = {"BINFLOAT": "a float", "NONE": "None", "NEWTRUE": "a bool", "NEWFALSE": "a bool",
@@ -410,10 +413,12 @@ _OPCODE_WORDS = {"BINFLOAT": "a float", "NONE": "None", "NEWTRUE": "a bool", "NE
 class _PickleReader:
     """Reads an original token pickle of `task` fed in chunks, writing its token ids into `fields` as they come.
 
-    A small stack machine over the opcodes pickle.dump writes for these structures. Token ids are read as runs between
-    the other opcodes (vectorised); the stack holds lists, dicts, marks, short strings (dict keys) and counts of ids, never
-    the ids themselves: they are written to their list's field as soon as they are pushed, which is only allowed onto the
-    newest list of that field (anything else is refused, and refused files are never committed)."""
+    A small stack machine over the opcodes pickle.dump writes for these structures, one method per opcode. Token ids
+    are decoded a chunk at a time (vectorised) and pushed as runs between the other opcodes; the stack holds lists,
+    dicts, marks, short strings (dict keys) and counts of ids, never the ids themselves: those go to their list's field
+    (written once the chunk is read), and may only be pushed onto the newest list of that field (anything else is
+    refused, and refused files are never committed). Runs of whole items as pickle.dump writes them are read at once,
+    vectorised, where the methods would accept them (_read_items)."""
 
     def __init__(self, path: Path, size: int, task: str, vocab_size: int, fields: dict[str | None, _Field]):
         self.path, self.size, self.task, self.vocab_size, self.fields = path, size, task, vocab_size, fields
@@ -430,6 +435,7 @@ class _PickleReader:
         self._frame_end_checked = True
         self._positions, self._consumed = np.zeros(0, dtype=np.int64), 0  # the opcodes of the chunk being read
         self._carry = b""
+        self._items = None if task == "pretrain" else _items_pattern(task)
         self._handlers = {MEMOIZE: self._memoize, BINPUT: self._memoize, LONG_BINPUT: self._memoize, MARK: self._mark,
                           APPENDS: self._add_items, SETITEMS: self._add_items, APPEND: self._add_item,
                           SETITEM: self._add_item, EMPTY_LIST: self._empty_list, EMPTY_DICT: self._empty_dict,
@@ -519,28 +525,93 @@ class _PickleReader:
         if not self._frame_end_checked:
             self._check_frame_end()
         ops = array[positions]
-        is_int = (ops == BININT1) | (ops == BININT2) | (ops == BININT)
-        at = positions[is_int]
-        ops_int = ops[is_int]
+        is_int = INT_MASK[ops, 0] != 0
+        at, int_ops = positions[is_int], ops[is_int]
         # BININT1: 1 unsigned byte, BININT2: 2, BININT: 4 signed (little-endian)
-        values = array[at + 1].astype(np.int64) | (array[at + 2].astype(np.int64) << 8) * (ops_int != BININT1)
-        four = np.flatnonzero(ops_int == BININT)
+        values = array[at + 1].astype(np.int32) | (array[at + 2] & INT_MASK[int_ops, 1]).astype(np.int32) << 8
+        four = np.flatnonzero(int_ops == BININT)
         if four.size:
-            high = array[at[four] + 3].astype(np.int64) << 16 | array[at[four] + 4].astype(np.int64) << 24
-            values[four] = ((values[four] | high) ^ (1 << 31)) - (1 << 31)
-        in_range = values.size == 0 or (values.min() >= 0 and values.max() < self.vocab_size)
-        tokens = values.astype(self.dtype) if in_range else values
+            values[four] |= array[at[four] + 3].astype(np.int32) << 16 | array[at[four] + 4].astype(np.int32) << 24
+        bad = np.flatnonzero((values < 0) | (values >= self.vocab_size))
+        self._first_bad = int(bad[0]) if bad.size else len(values)  # the reader says in which list it lies
+        self._values, self._done = values, 0
+        self._run_fields, self._run_lengths = [], []
 
         others = np.flatnonzero(~is_int)
-        done = 0  # token ids handled so far
-        for k, (index, at, op) in enumerate(zip(others.tolist(), positions[others].tolist(), ops[others].tolist())):
-            if index - k > done:  # the token ids before this opcode
-                self._push_ints(values, tokens, done, index - k, in_range)
-                done = index - k
-            self._handlers.get(op, self._step)(op, at, buf)
-        if len(values) > done:
-            self._push_ints(values, tokens, done, len(values), in_range)
+        ops, positions = ops[others], positions[others]
+        ints_before = np.diff(others, prepend=-1) - 1  # token ids pushed right before each other opcode
+        done = 0  # opcodes read
+        for first, end in [m.span() for m in self._items.finditer(ops.tobytes())] if self._items else []:
+            self._read_ops(buf, ops[done:first], positions[done:first], ints_before[done:first])
+            done = end if self._read_items(array, ops[first:end], positions[first:end], ints_before[first:end]) \
+                else first
+        self._read_ops(buf, ops[done:], positions[done:], ints_before[done:])
+        if len(values) > self._done:
+            self._push_ints(len(values) - self._done)
+        self._write_chunk(values.astype(self.dtype))
         self.offset += consumed
+
+    def _read_ops(self, buf: bytes, ops: np.ndarray, positions: np.ndarray, ints_before: np.ndarray) -> None:
+        """Opcodes other than ints, each by its method, after the ids pushed before it."""
+        for op, at, pushed in zip(ops.tolist(), positions.tolist(), ints_before.tolist()):
+            if pushed:
+                self._push_ints(pushed)
+            self._handlers.get(op, self._step)(op, at, buf)
+
+    def _write_chunk(self, tokens: np.ndarray) -> None:
+        """The chunk's token ids, each run into the field of the list it was pushed onto."""
+        fields = list(self.fields.values())
+        if len(fields) == 1:
+            fields[0].write(tokens)
+            return
+        owner = np.repeat(np.array(self._run_fields, dtype=np.int64), self._run_lengths)
+        for field in fields:
+            field.write(tokens[owner == field.index])
+
+    def _read_items(self, data: np.ndarray, ops: np.ndarray, positions: np.ndarray, ints_before: np.ndarray) -> bool:
+        """Whole items (a run that _items_pattern found) read at once, as the opcode methods would read them; False
+        (nothing read) where those must: the run does not begin between items of the top-level list's batch, or an
+        item could be refused (ids out of range, misplaced or in the wrong number, keys not the task's)."""
+        stack, fields = self.stack, list(self.fields.values())
+        items = int((ops == (EMPTY_LIST if self.task == "sft" else EMPTY_DICT)).sum())
+        first = fields[0].lists if self.task == "sft" else self.dicts  # the number of the first item
+        if (not items or self.stopped or self.marks != [1] or stack[0] is not self.top
+                or not isinstance(stack[-1], (_Mark, _Items, _List if self.task == "sft" else _Dict))
+                or any(field.lists != first for field in fields)  # item i holds list i of each field
+                or (self.memo_keys and max(self.memo_keys) >= self.memo_size)):  # MEMOIZE overwrites no key
+            return False
+        ints = int(ints_before.sum())
+        placed = np.where(ops == APPENDS, True, ints_before == (ops == APPEND))  # ids only where they are appended
+        if self._first_bad < self._done + ints or not placed.all():
+            return False
+        lists = np.flatnonzero(ops == EMPTY_LIST)
+        if self.task == "sft":
+            list_fields = np.zeros(len(lists), dtype=np.int64)
+        else:  # each list's field, from the key memoised before it
+            field_of_memo = np.full(256, -1)
+            for index, key in self.memo_keys.items():
+                if index < 256 and key in self.fields:
+                    field_of_memo[index] = self.fields[key].index
+            list_fields = field_of_memo[data[positions[ops == BINGET] + 1]]
+            if (list_fields < 0).any() or (list_fields[0::2] == list_fields[1::2]).any():
+                return False
+        appended = np.flatnonzero(ints_before)
+        run_lists = np.searchsorted(lists, appended) - 1  # ids go into the list begun last
+        run_lengths = ints_before[appended]
+        list_tokens = np.bincount(run_lists, weights=run_lengths, minlength=len(lists)).astype(np.int64)
+        for field in fields:
+            tokens = list_tokens[list_fields == field.index]
+            field.starts += (field.count + np.cumsum(tokens) - tokens).tolist()
+            field.count += int(tokens.sum())
+            field.lists += len(tokens)
+        self._run_fields += list_fields[run_lists].tolist()
+        self._run_lengths += run_lengths.tolist()
+        self._done += ints
+        self.memo_size += int((ops == MEMOIZE).sum())
+        if self.task != "sft":
+            self.dicts += items
+        stack.append(_Items(first, items))
+        return True
 
     def finish(self) -> None:
         if not self._frame_end_checked and self.frame_end != self.offset + len(self._carry):
@@ -551,34 +622,37 @@ class _PickleReader:
             raise self._error(f"the pickle ends at byte {self.offset + len(self._carry)} before its STOP opcode (the "
                               f"file is cut short: download or make it again)")
 
-    def _push_ints(self, values: np.ndarray, tokens: np.ndarray, start: int, end: int, in_range: bool) -> None:
+    def _push_ints(self, count: int) -> None:
+        """The next `count` token ids of the chunk, pushed onto the newest list of a field (and later written to it)."""
         if self.stopped:
             raise self._error(f"data after the pickle's end at byte {self.offset}: not a token pickle")
-        top = self.stack[-1] if self.stack else None
+        stack = self.stack
+        top = stack[-1] if stack else None
         if isinstance(top, _Ints):
             into, run = top.into, top
         else:
-            into = self.stack[-2] if top is _MARK and len(self.stack) > 1 else top
+            into = stack[-2] if top is _MARK and len(stack) > 1 else top
             run = None
         if not isinstance(into, _List) or into.field is None:
             raise self._bad(into if isinstance(into, (_List, _Dict)) else self._context(), "an int")
         if into.index != into.field.lists - 1:
             raise self._error(f"{self._where(into)}: token ids added after the next list began: not a token pickle "
                               f"as pickle.dump writes it")
-        if not in_range:
-            chunk = values[start:end]
-            bad = np.flatnonzero((chunk < 0) | (chunk >= self.vocab_size))
-            if bad.size:
-                where = f"token {into.count + bad[0]}" if self.task == "pretrain" else \
-                    f"{self._where(into)} token {into.count + bad[0]}"
-                raise self._error(f"{where}: token ids must lie in [0, {self.vocab_size}), got {chunk[bad[0]]} (made for "
-                                  f"another tokenizer? process_data.py convert --vocab-size sets the vocabulary)")
-        into.field.tokens.write(tokens[start:end])
-        into.count += end - start
+        start, self._done = self._done, self._done + count
+        if self._first_bad < self._done:
+            token = into.count + self._first_bad - start
+            where = f"token {token}" if self.task == "pretrain" else f"{self._where(into)} token {token}"
+            raise self._error(f"{where}: token ids must lie in [0, {self.vocab_size}), got "
+                              f"{self._values[self._first_bad]} (made for another tokenizer? process_data.py convert "
+                              f"--vocab-size sets the vocabulary)")
+        into.count += count
+        into.field.count += count
+        self._run_fields.append(into.field.index)
+        self._run_lengths.append(count)
         if run is None:
-            self.stack.append(_Ints(into, end - start))
+            stack.append(_Ints(into, count))
         else:
-            run.count += end - start
+            run.count += count
 
     # --- one method per accepted opcode: (op, at: its offset in buf, buf) ---
     def _step(self, op: int, at: int, buf: bytes) -> None:
@@ -707,6 +781,8 @@ class _PickleReader:
             if target.field is not None:  # a list of token ids (already written)
                 if not (isinstance(item, _Ints) and item.into is target):
                     raise self._bad(target, _describe(item))
+            elif isinstance(item, _Items) and item.first == target.count:
+                target.count += item.count
             elif self.task == "sft":
                 if not (isinstance(item, _List) and item.field is not None and item.index == target.count):
                     raise self._bad(target, _describe(item))
@@ -749,7 +825,7 @@ def _read_pickle(path: str | Path, task: str, vocab_size: int, out: Path | None)
                 tokens_path = offsets_path = None
             else:
                 tokens_path, offsets_path = (out, None) if task == "pretrain" else collection_paths(out, name)
-            fields[name] = _Field(name, _ArrayWriter(tokens_path, dtype),
+            fields[name] = _Field(len(fields), name, _ArrayWriter(tokens_path, dtype),
                                   None if task == "pretrain" else _ArrayWriter(offsets_path, np.dtype(np.int64)))
         with open(path, "rb") as f:
             reader = _PickleReader(path, os.fstat(f.fileno()).st_size, task, vocab_size, fields)
