@@ -7,12 +7,16 @@ disconnected request frees its slot before the next step. Requests get token ids
 (thinking or answer); turning them into text is the caller's business (serving/chat.py).
 
 Thinking budget: a request that starts inside `<think>` may produce at most `think_budget` thinking tokens. When the
-model has not closed the thinking by itself, the original Cortex closing sentence and `</think>` are forced in (fed
-through the model like sampled tokens), so the answer follows from a closed thought and the count is exact.
+model has not closed the thinking by itself, a closing sentence and `</think>` are forced in (fed through the model
+like sampled tokens), so the answer follows from a closed thought and the count is exact. The sentence is the original
+Cortex one when the thinking so far is Chinese, else its English translation; the language is judged once, when the
+room left first reaches the longest closing, so whichever is chosen still fits the budget exactly. A budget of 0 forces
+`</think>` as the first token: no thinking at all.
 """
 
 import logging
 import queue
+import re
 import threading
 import time
 from collections import deque
@@ -29,8 +33,18 @@ from trainer.tokenizer import Tokenizer
 log = logging.getLogger(__name__)
 
 THINKING, ANSWER = "thinking", "answer"
-# What the original app appended when the budget ran out (serving.md 13.1), followed by </think>
-THINK_BUDGET_CLOSING = "。考虑到用户的时间限制，我现在必须根据思考直接给出解决方案\n"
+# What the original app appended when the budget ran out (serving.md 13.1), followed by </think>; and in English
+THINK_BUDGET_CLOSINGS = {
+    "zh": "。考虑到用户的时间限制，我现在必须根据思考直接给出解决方案\n",
+    "en": "... Considering the user's time limit, I must now answer directly from my thinking so far.\n",
+}
+CJK_CHARACTER = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff]")
+LATIN_WORD = re.compile(r"[A-Za-z]+")
+
+
+def closing_language(thinking: str) -> str:
+    """"zh" when the text has more CJK characters than Latin words (one character carries about a word), else "en"."""
+    return "zh" if len(CJK_CHARACTER.findall(thinking)) > len(LATIN_WORD.findall(thinking)) else "en"
 
 
 class QueueFullError(RuntimeError):
@@ -65,8 +79,8 @@ class GenerationRequest:
                  client_gone: Callable[[], bool] | None = None):
         if not prompt_ids:
             raise ValueError("the prompt is empty")
-        if think_budget is not None and think_budget < 1:
-            raise ValueError(f"think_budget must be >= 1, got {think_budget}")
+        if think_budget is not None and think_budget < 0:
+            raise ValueError(f"think_budget must be >= 0 (0: the thinking is closed at once), got {think_budget}")
         self.prompt_ids = list(prompt_ids)
         self.sampling = sampling
         self.thinking = thinking  # the prompt ends inside an open <think>
@@ -153,8 +167,13 @@ class _Slot:
     length: int = 0  # positions of this slot filled in the cache
     next_input: int = -1  # the last generated token, fed at the next step
     generated: int = 0
-    thinking_tokens: int = 0
+    thinking_ids: list[int] = field(default_factory=list)  # the thought so far (</think> excluded)
+    closing: list[int] | None = None  # the budget's closing, chosen once its language is judged
     forced: deque = field(default_factory=deque)  # tokens to emit instead of sampling (the budget's closing)
+
+    @property
+    def thinking_tokens(self) -> int:
+        return len(self.thinking_ids)
 
 
 class Engine:
@@ -177,7 +196,8 @@ class Engine:
         self.device = model.lm_head.weight.device
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(seed if seed is not None else torch.seed())
-        self.closing_ids = tokenizer.encode(THINK_BUDGET_CLOSING)
+        self.closing_ids = {language: tokenizer.encode(text) for language, text in THINK_BUDGET_CLOSINGS.items()}
+        self.longest_closing = max(len(ids) for ids in self.closing_ids.values()) + 1  # with </think>
         self.compiled_step = compiled_decode_step(self.model) if compile else None
         if self.compiled_step is not None:
             self._warm_up_compiled_step()
@@ -212,10 +232,12 @@ class Engine:
         with self._cond:
             if self._stopping:
                 raise RuntimeError("the engine is stopped")
-            if len(self._waiting) >= self.max_queue + self.slots.count(None):  # free slots take waiting requests
+            free = self.slots.count(None)
+            if len(self._waiting) >= self.max_queue + free:  # free slots are about to take waiting requests
                 self._counts["rejected"] += 1
                 raise QueueFullError(f"the server is busy: {len(self.slots)} requests running and "
-                                     f"{len(self._waiting)} waiting (the limit); try again shortly")
+                                     f"{len(self._waiting) - free} waiting (at most {self.max_queue} may wait); "
+                                     f"try again shortly")
             self._counts["requests"] += 1
             self._waiting.append(request)
             self._cond.notify_all()
@@ -356,20 +378,26 @@ class Engine:
         chosen = []
         for slot, token in zip(slots, sampled):
             if not slot.forced and self._budget_spent(slot):
-                slot.forced.extend(self._closing_for(slot.request.think_budget))
+                slot.forced.extend(slot.closing)
             chosen.append(slot.forced.popleft() if slot.forced else token)
         return chosen
 
-    def _closing_for(self, budget: int) -> list[int]:
-        # The closing sentence counts as thinking; with a budget too small to hold it, only </think> is forced.
-        return [*self.closing_ids, self.tokenizer.think_end_id] if budget > len(self.closing_ids) \
-            else [self.tokenizer.think_end_id]
+    def closing_for(self, budget: int, thinking_ids: list[int]) -> list[int]:
+        """The tokens forced to end a thought (`thinking_ids` so far) that spent its budget: the closing sentence in the
+        thought's language, which counts as thinking, and </think>; with a budget too small for the sentence, only
+        </think>."""
+        closing = self.closing_ids[closing_language(self.tokenizer.decode(thinking_ids))]
+        return [*closing, self.tokenizer.think_end_id] if budget > len(closing) else [self.tokenizer.think_end_id]
 
     def _budget_spent(self, slot: _Slot) -> bool:
         budget = slot.request.think_budget
         if slot.phase != THINKING or budget is None:
             return False
-        free_tokens = budget - len(self._closing_for(budget)) + 1  # what the model may think before the closing
+        if slot.closing is None:
+            if budget - slot.thinking_tokens > self.longest_closing:
+                return False  # any closing still fits: its language can wait for more thought
+            slot.closing = self.closing_for(budget, slot.thinking_ids)
+        free_tokens = budget - len(slot.closing) + 1  # what the model may think before the closing
         return slot.thinking_tokens >= free_tokens
 
     def _emit(self, slot_idx: int, token: int):
@@ -385,7 +413,7 @@ class Engine:
             if token == self.tokenizer.think_end_id:
                 slot.phase = ANSWER
             else:
-                slot.thinking_tokens += 1
+                slot.thinking_ids.append(token)
         if token == self.tokenizer.eos_id:
             self._finish(slot_idx, "stop")
         elif slot.generated >= slot.max_new_tokens or slot.length + 1 >= self.max_context:

@@ -41,7 +41,7 @@ def parse_openai_request(body, max_context: int) -> tuple[ChatRequest, bool, boo
     thinking = check_bool(body.get("thinking"), "thinking", default=True if switch is None else switch)
     think_budget = None
     if body.get("think_budget") is not None:
-        think_budget = check_int(body["think_budget"], "think_budget", 1, max_context)
+        think_budget = check_int(body["think_budget"], "think_budget", 0, max_context)
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     sampling = SamplingParams(
         temperature=check_number(body.get("temperature"), "temperature", 0.0, 2.0, 1.0),
@@ -122,8 +122,8 @@ class Completion:
 
 
 def error_body(message: str, status: int, param: str | None = None) -> dict:
-    kind = {400: "invalid_request_error", 404: "not_found_error", 413: "invalid_request_error",
-            503: "server_busy"}.get(status, "server_error")
+    kind = {404: "not_found_error", 503: "server_busy"}.get(status,
+                                                             "invalid_request_error" if status < 500 else "server_error")
     return {"error": {"message": message, "type": kind, "param": param, "code": None}}
 
 

@@ -144,8 +144,8 @@ def test_cli_flags_for_samples_and_checkpoints():
 
     config = utils.stage_config("cot", preset="tiny")
     assert config.samples and not config.keep_checkpoints_after_stage
-    changed, _ = parse_overrides(config, ["--no-samples", "--keep-checkpoints"])
-    assert not changed.samples and changed.keep_checkpoints_after_stage
+    changed, _ = parse_overrides(config, ["--no-samples", "--keep-checkpoints", "--max-eval-batches", "1"])
+    assert not changed.samples and changed.keep_checkpoints_after_stage and changed.data.max_eval_batches == 1
 
 
 def test_missing_previous_stage_and_bad_init_weights_are_clear_errors(tmp_path):

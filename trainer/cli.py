@@ -54,6 +54,8 @@ def parse_overrides(config: TrainConfig, argv: list[str]) -> tuple[TrainConfig, 
     parser.add_argument("--save-every-steps", type=int)
     parser.add_argument("--eval-every-steps", type=int)
     parser.add_argument("--seed", type=int)
+    parser.add_argument("--max-eval-batches", type=int, help="each eval covers at most this many micro-batches per rank "
+                                                             "of the held-out split (a smoke run's evals then stay short)")
     parser.add_argument("--no-samples", action="store_true", help="no sample generations at evals and the stage's end")
     parser.add_argument("--keep-checkpoints", action="store_true",
                         help="a completed stage keeps all its checkpoints (default: only the last, beside the weights)")
@@ -88,7 +90,8 @@ def parse_overrides(config: TrainConfig, argv: list[str]) -> tuple[TrainConfig, 
         changes["samples"] = False
     if args.keep_checkpoints:
         changes["keep_checkpoints_after_stage"] = True
-    data_changes = {name: getattr(args, name) for name in ("data_dir", "dataset_id", "delete_consumed_files")
+    data_changes = {name: getattr(args, name) for name in ("data_dir", "dataset_id", "delete_consumed_files",
+                                                           "max_eval_batches")
                     if getattr(args, name) is not None}
     if data_changes:
         changes["data"] = replace(config.data, **data_changes)

@@ -47,8 +47,11 @@ class RouterStats:
     The hooks only add to per-layer tensors on the model's device (no host sync in the forward); summary() reads them
     all in one transfer, once per logged step."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, training_only: bool = True):
+        """training_only=False also counts eval-mode forwards (eval.py's held-out pass)."""
         from model.moe import MoE
+
+        self.training_only = training_only
 
         self.layers: list[tuple[str, int, int]] = []  # (name, num_experts, top_k)
         self.handles = []
@@ -63,7 +66,8 @@ class RouterStats:
 
     def _hook(self, index: int, moe):
         def hook(router, inputs, scores):
-            if not moe.training or is_recomputing():  # eval, generation and checkpointing's recompute do not count
+            # eval and generation (unless training_only is off) and checkpointing's recompute do not count
+            if (self.training_only and not moe.training) or is_recomputing():
                 return
             with torch.no_grad():
                 top = scores.topk(moe.top_k, dim=-1).indices.reshape(-1)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Sequence
 
 import matplotlib
 
@@ -24,7 +25,8 @@ PANELS = {  # file name -> metric keys drawn together
 }
 
 
-def plot_run(run_dir: Path) -> list[Path]:
+def plot_run(run_dir: Path, panels: Sequence[str] = tuple(PANELS)) -> list[Path]:
+    """PNGs of the run's metrics, one per panel (a name of PANELS), in run_dir/plots/."""
     metrics = run_dir / "metrics.jsonl"
     if not metrics.exists():
         raise FileNotFoundError(f"{metrics} not found: pass a stage run dir (e.g. runs/pretrain_stage0) that has trained")
@@ -35,7 +37,8 @@ def plot_run(run_dir: Path) -> list[Path]:
     out_dir = run_dir / "plots"
     out_dir.mkdir(exist_ok=True)
     written = []
-    for name, keys in PANELS.items():
+    for name in panels:
+        keys = PANELS[name]
         series = {k: [(r["step"], r[k]) for r in train if isinstance(r.get(k), (int, float))] for k in keys}
         if name == "loss":
             series["eval_loss"] = [(r["step"], r["eval_loss"]) for r in evals if "eval_loss" in r]
