@@ -200,13 +200,11 @@ def _losses(run_dir: Path) -> list[float]:
 
 @pytest.fixture(scope="module")
 def one_process_losses(tmp_path_factory) -> list[float]:
-    """The reference curve: one process, micro-batch 8 x 2 accumulation steps."""
+    """The reference curve: one process (this one), micro-batch 8 x 2 accumulation steps; the settings of
+    TWO_PROC_COMMON."""
     root = tmp_path_factory.mktemp("single")
-    single = subprocess.run([sys.executable, "train_pretrain_stage0.py", *TWO_PROC_COMMON, "--micro-batch-size", "8",
-                             "--backend", "single"], cwd=REPO, env=script_env(root), capture_output=True, text=True,
-                            timeout=300)
-    assert single.returncode == 0, single.stderr[-3000:]
-    return _losses(root / "pretrain_stage0")
+    return _losses(train(tiny("pretrain_stage0", root, max_steps=6, eval_every_steps=3, save_every_steps=3,
+                              grad_accum_steps=2, micro_batch_size=8, backend="single")))
 
 
 TWO_PROC_COMMON = ["--max-steps", "6", "--eval-every-steps", "3", "--save-every-steps", "3", "--grad-accum-steps", "2"]
