@@ -3,6 +3,7 @@
     python3 app.py                                  # ./dpo.bin (downloaded from ModelScope when missing) on 127.0.0.1:8080
     python3 app.py --checkpoint runs/mix            # a stage run dir (its tokenizer is taken from its stage.json)
     python3 app.py --checkpoint my.safetensors --tokenizer tokens --device cuda --dtype bfloat16 --port 8000
+    python3 app.py --allow-origin http://localhost:3000   # let that site's pages call the API (CORS)
 
 Endpoints
     GET  /                      the chat page (static/)
@@ -12,21 +13,30 @@ Endpoints
     GET  /v1/models             the served model
     GET  /health, GET /stats    liveness; queue, tokens/s and time to first token
 Errors are JSON with a 4xx/5xx status: {"event": "error", "data": message} under /api, OpenAI's {"error": {...}} under /v1.
+
+Other web sites: a request with an Origin header (a browser sends it from pages of other sites) is refused with 403
+unless it is the server's own origin or allowed with --allow-origin; POST bodies must be application/json (a browser
+sends text/plain across sites without asking first). When the server listens on a loopback address, requests must
+name a loopback host (localhost, 127.0.0.1, [::1]): a rebound DNS name of an attacker's site gets 403.
+HTTP/1.1 with keep-alive: API clients reuse their connection.
 """
 
 import argparse
+import ipaddress
 import json
 import logging
 import select
 import socket
 import sys
 import time
+import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
 
 from flask import Flask, Response, jsonify, request, send_from_directory
 from werkzeug.exceptions import HTTPException
 from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
+from werkzeug.wsgi import LimitedStream
 
 from serving.chat import ChatRequest, ReplyPiece, RequestError, build_prompt, parse_web_request, stream_reply
 from serving.checkpoint import DTYPES, CheckpointError, load_for_serving
@@ -42,7 +52,10 @@ INTERNAL_ERROR = "internal server error (the details are in the server log)"
 log = logging.getLogger("cortex.app")
 
 
-def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str) -> Flask:
+def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str, *, allow_origins: tuple[str, ...] = (),
+               loopback_only: bool = True) -> Flask:
+    """allow_origins: web sites (scheme://host[:port], or "*" for any) whose pages may call the server besides its own
+    page. loopback_only: accept only requests that name a loopback host (the server listens on a loopback address)."""
     app = Flask(__name__, static_folder=str(STATIC_DIR), static_url_path="/static")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     started = int(time.time())
@@ -57,11 +70,37 @@ def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str) -> Flask:
         except QueueFullError as err:
             raise RequestError(str(err), status=503) from None
 
+    def other_site() -> str | None:
+        """The Origin of a request from another site's page (None from our own page and from non-browser clients)."""
+        origin = request.headers.get("Origin")
+        return None if origin is None or origin == f"{request.scheme}://{request.host}" else origin
+
+    def allowed(origin: str) -> bool:
+        return origin in allow_origins or "*" in allow_origins
+
+    @app.before_request
+    def check_host_and_origin():
+        if loopback_only and not is_loopback(host_name(request.host)):
+            raise RequestError(f"the Host header {request.host!r} is not a loopback name: this server listens on a "
+                               f"loopback address and answers only requests for localhost, 127.0.0.1 or [::1] (a guard "
+                               f"against DNS rebinding); to serve other names, listen on another address with --host",
+                               status=403)
+        origin = other_site()
+        if origin is not None and not allowed(origin):
+            raise RequestError(f"requests from pages of {origin} are not allowed: only this server's own page may call "
+                               f"it; start the server with --allow-origin {origin} to allow that site", status=403)
+
     @app.after_request
     def cors(response):
-        response.headers["Access-Control-Allow-Origin"] = "*"
-        response.headers["Access-Control-Allow-Methods"] = "POST, GET, OPTIONS"
-        response.headers["Access-Control-Allow-Headers"] = "Content-Type, Authorization"
+        if allow_origins:
+            response.vary.add("Origin")
+        origin = other_site()
+        if origin is not None and allowed(origin):
+            response.headers["Access-Control-Allow-Origin"] = origin
+            response.headers["Access-Control-Allow-Methods"] = "POST, GET, OPTIONS"
+            # what the preflight asks for (the openai JavaScript client sends x-stainless-* headers too)
+            response.headers["Access-Control-Allow-Headers"] = request.headers.get(
+                "Access-Control-Request-Headers", "Content-Type, Authorization")
         return response
 
     @app.errorhandler(RequestError)
@@ -71,7 +110,11 @@ def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str) -> Flask:
     @app.errorhandler(HTTPException)
     def http_error(err: HTTPException):
         message = {413: f"the request body is larger than {MAX_BODY_BYTES} bytes"}.get(err.code, err.description)
-        return error_response(err.code, message)
+        response = error_response(err.code, message)
+        for name, value in err.get_headers():  # e.g. a 405's Allow
+            if name.lower() != "content-type":
+                response.headers[name] = value
+        return response
 
     @app.errorhandler(Exception)
     def unexpected_error(err: Exception):
@@ -159,6 +202,9 @@ def error_response(status: int, message: str, param: str | None = None):
 
 
 def json_body():
+    if request.mimetype != "application/json":  # a browser posts text/plain across sites without asking first
+        raise RequestError(f"the request body must be JSON sent with the header Content-Type: application/json "
+                           f"(got {request.content_type or 'no Content-Type'})", status=415)
     raw = request.get_data(cache=False)  # over MAX_CONTENT_LENGTH: 413
     try:
         text = raw.decode("utf-8")
@@ -169,6 +215,25 @@ def json_body():
     except json.JSONDecodeError as err:
         raise RequestError(f"the request body is not valid JSON: {err.msg} (line {err.lineno}, column {err.colno})") \
             from None
+    except RecursionError:
+        raise RequestError("the request body is nested too deeply (arrays or objects hundreds of levels deep)") \
+            from None
+
+
+def host_name(host: str) -> str:
+    """The name in a Host header: 'localhost:8080' -> 'localhost', '[::1]:8080' -> '::1'."""
+    if host.startswith("["):
+        return host[1:].partition("]")[0]
+    return host.rpartition(":")[0] if ":" in host else host
+
+
+def is_loopback(name: str) -> bool:
+    if name.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
 
 
 def sse(obj) -> str:
@@ -176,30 +241,78 @@ def sse(obj) -> str:
 
 
 def client_gone_check() -> Callable[[], bool]:
-    """True once the client has closed the connection (its socket reads end-of-file). Werkzeug's server exposes the
-    socket; elsewhere the stream ends when a write fails instead."""
+    """True once the connection is gone: hung up or reset. End-of-file alone is not enough, since a client may shut its
+    sending side after the request and still read the reply; a client that closed entirely resets the connection at
+    the first byte written to it (a stream's next piece), or at a TCP keep-alive probe (ServerRequestHandler) when
+    nothing is written. Werkzeug's server exposes the socket; elsewhere the stream ends when a write fails instead."""
     sock = request.environ.get("werkzeug.socket")
-    if sock is None:
+    if sock is None or not hasattr(select, "poll"):  # Windows has no poll()
         return lambda: False
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)  # hang-ups and errors are always reported
 
     def gone() -> bool:
-        try:
-            readable, _, _ = select.select([sock], [], [], 0)
-            return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
-        except (OSError, ValueError):  # reset or already closed
-            return True
+        return any(events & (select.POLLHUP | select.POLLERR | select.POLLNVAL) for _, events in poller.poll(0))
 
     return gone
 
 
-class StreamingRequestHandler(WSGIRequestHandler):
+class RequestBody(LimitedStream):
+    """The bytes of one request's body, so that neither the app nor werkzeug's after-reply drain reads into the next
+    request on a kept-alive connection."""
+
+    def on_disconnect(self, error=None):
+        pass  # a body cut short just reads short (the app's own Content-Length stream reports it)
+
+
+class ServerRequestHandler(WSGIRequestHandler):
+    """werkzeug's handler with HTTP/1.1 keep-alive (werkzeug's own closes every connection) and TCP_NODELAY."""
+    protocol_version = "HTTP/1.1"
     # Streams are many small writes: without TCP_NODELAY, Nagle's algorithm and delayed ACKs hold each back ~40 ms
     disable_nagle_algorithm = True
+
+    def setup(self):
+        super().setup()
+        # TCP keep-alive probes notice a client that closed entirely once its host drops the connection (about a
+        # minute after the close on Linux, 61.6 s measured), also while nothing is written to it: a non-streamed
+        # reply, a queued request. A half-closed client answers the probes and is served.
+        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        for option, value in (("TCP_KEEPIDLE", 10), ("TCP_KEEPINTVL", 5), ("TCP_KEEPCNT", 3)):
+            if hasattr(socket, option):  # Linux; other systems keep their defaults
+                self.connection.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
+
+    def run_wsgi(self):
+        length = self.headers.get("Content-Length", "0")
+        if self.request_version != "HTTP/1.1" or "Transfer-Encoding" in self.headers \
+                or not (length.isascii() and length.isdigit()):
+            return super().run_wsgi()  # chunked or unknown body length: werkzeug's way, closing after the reply
+        connection, self.rfile = self.rfile, RequestBody(self.rfile, int(length))
+        try:
+            super().run_wsgi()
+        finally:
+            self.rfile = connection
+
+    def send_header(self, keyword: str, value: str):
+        # werkzeug sends "Connection: close" with every reply: drop it when the body was read to its end, so that the
+        # next request starts right after it
+        if keyword.lower() == "connection" and value.lower() == "close" and isinstance(self.rfile, RequestBody) \
+                and self.rfile.is_exhausted and not self.close_connection:
+            return
+        super().send_header(keyword, value)
 
 
 def make_app_server(app: Flask, host: str, port: int) -> BaseWSGIServer:
     """A threaded HTTP server for the app (port 0 picks a free port; the server's .port says which)."""
-    return make_server(host, port, app, threaded=True, request_handler=StreamingRequestHandler)
+    return make_server(host, port, app, threaded=True, request_handler=ServerRequestHandler)
+
+
+def origin_arg(value: str) -> str:
+    """--allow-origin: "*" or scheme://host[:port], as browsers send it in the Origin header."""
+    url = urllib.parse.urlsplit(value.rstrip("/"))
+    if value != "*" and (url.scheme not in ("http", "https") or not url.netloc or url.path or url.query):
+        raise argparse.ArgumentTypeError(f"{value!r} is not an origin: give scheme://host[:port], e.g. "
+                                         f"http://localhost:3000 (no path), or * for any site")
+    return "*" if value == "*" else f"{url.scheme}://{url.netloc}"
 
 
 def main(argv: list[str] | None = None):
@@ -216,6 +329,9 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--slots", type=int, default=8, help="requests decoded together (KV cache rows)")
     parser.add_argument("--max-queue", type=int, default=32, help="requests waiting for a slot before 503s")
     parser.add_argument("--seed", type=int, help="sampling seed (default: random)")
+    parser.add_argument("--allow-origin", action="append", default=[], type=origin_arg, metavar="URL",
+                        help="a web site (scheme://host[:port]) whose pages may call this server, besides its own page; "
+                             "repeat for several, * for any (default: none)")
     parser.add_argument("--compile", action="store_true",
                         help="decode with a torch.compile'd step (faster per token; compiles at start, needs a C++ "
                              "compiler on CPU or Triton on CUDA)")
@@ -226,7 +342,9 @@ def main(argv: list[str] | None = None):
         served = load_for_serving(args.checkpoint, args.tokenizer, args.device, args.dtype)
         engine = Engine(served.model, served.tokenizer, slots=args.slots, max_queue=args.max_queue, seed=args.seed,
                         compile=args.compile)
-        server = make_app_server(create_app(engine, served.tokenizer, served.name), args.host, args.port)
+        app = create_app(engine, served.tokenizer, served.name, allow_origins=tuple(args.allow_origin),
+                         loopback_only=is_loopback(args.host))
+        server = make_app_server(app, args.host, args.port)
     except (CheckpointError, TokenizerFilesError, ValueError) as err:
         sys.exit(f"error: {err}")
     except OSError as err:

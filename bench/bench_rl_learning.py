@@ -1,21 +1,21 @@
-"""Proof that the GSPO and DPO stages learn, on CPU with the tiny preset (prints one JSON object).
+"""What the tiny pipeline learns, on CPU with the tiny preset (prints one JSON object).
 
-    OMP_NUM_THREADS=1 python3 bench/bench_rl_learning.py [--run-dir runs/bench_rl]
+    OMP_NUM_THREADS=1 python3 bench/bench_rl_learning.py [--run-dir runs/bench_rl] [--from STAGE]
 
-1. SFT weights: the tiny pretrain_stage0 then COT SFT stages (trained once, cached in the run dir; pretrain_stage1 is
-   skipped, COT starts from stage 0).
-2. The tiny GSPO stage as configured in utils.py (one epoch over the train prompts of sample_data/grpo.jsonl) from the
-   COT weights. Before and after: the mean Cortex reward of greedy completions of all held-out prompts (the stage's own
-   eval at step 0 and at the end), with what it is made of (cut-off share, exact answers, completion length).
-3. The tiny DPO stage as configured (two epochs over sample_data/dpo.jsonl) from the COT weights. Before and after:
-   held-out preference accuracy (share of held-out pairs whose implicit reward prefers the chosen reply, i.e. policy
-   margin > reference margin) and the held-out DPO loss.
-What the GSPO gain is made of, at this model size (0.1M active parameters): finishing within the 36-token budget
-(half of the COT model's held-out answers are cut off at first, a few percent at the end), not better arithmetic
-(exact answers stay near 5%); with a loose budget of 96 tokens, 40 to 120 rollouts did not raise the held-out reward.
-Targets: GSPO raises the held-out reward by >= 30% (relative), DPO reaches >= 0.9 accuracy. The JSON is also written
-to <run dir>/bench_rl_learning.json. The tiny model is fastest on one thread (OMP_NUM_THREADS=1): about 4 minutes on
-2 cores, SFT included.
+Runs the six tiny stages in order, as utils.py configures them (pretrain_stage0 -> pretrain_stage1 -> cot -> grpo ->
+mix -> dpo, each from the one before), with evals only at the start and end of each stage. The stages before --from
+(default grpo) are reused from the run dir when complete (--from pretrain_stage0 retrains all); the others are always
+trained. After cot, grpo, mix and dpo it measures, with greedy decoding:
+- arithmetic: the held-out GRPO prompts (sample_data/grpo.jsonl, split eval; the prompt ends at <assistant>, the model
+  decides how to reply, as in GSPO) with a budget of EVAL_NEW_TOKENS: the share of replies that finished (</s>), and
+  exact-match accuracy counted on finished replies only (finishing earlier cannot raise it);
+- format: each distinct held-out question (the GRPO prompts and the first user turns of mix.jsonl's eval chats) asked
+  in think mode (" /think", the prompt ends at <assistant><think>) and in no-think mode (" /no think", it ends at
+  <assistant><think> </think>), as the server asks: the share of well-formed replies (trainer.rewards.well_formed).
+From the stages' own logs: GSPO's held-out reward at its training budget and DPO's held-out preference accuracy.
+Each stage's wall and CPU seconds are reported (on a machine shared with other jobs both exceed the idle wall time).
+Targets: after dpo >= 95% of think and >= 99% of no-think replies well-formed; GSPO raises the exact-match accuracy on
+finished replies; DPO held-out preference accuracy >= 0.85. The JSON is also written to <run dir>/bench_rl_learning.json.
 """
 from __future__ import annotations
 
@@ -27,86 +27,120 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import torch
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import utils  # noqa: E402
+from model import CortexModel, batch_generate, load_weights  # noqa: E402
+from trainer.checkpoint import FINAL_WEIGHTS, STAGE_DONE  # noqa: E402
 from trainer.cli import build_task  # noqa: E402
+from trainer.config import STAGE_ORDER  # noqa: E402
+from trainer.data import grpo_prompt_and_answer  # noqa: E402
 from trainer.loop import run_stage  # noqa: E402
 from trainer.metrics import read_metrics  # noqa: E402
+from trainer.rewards import answer_closeness, think_and_answer, well_formed  # noqa: E402
+from trainer.tokenizer import add_think_switch, get_tokenizer, split_think_switch  # noqa: E402
 
 QUIET = dict(eval_every_steps=0, save_every_steps=10**9)  # evals at the start and the end only, no checkpoints
+EVAL_NEW_TOKENS = 128  # above every reply of the SFT data (at most 90 tokens)
+BATCH = 64
 
 
-def train(config) -> Path:
-    return run_stage(config, lambda c: build_task(c, utils.data_files(c)))
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def sft_weights(run_root: Path) -> Path:
-    """Tiny pretrain_stage0 -> cot; each stage is skipped when its run dir is already complete."""
-    train(replace(utils.stage_config("pretrain_stage0", "tiny"), run_root=str(run_root), **QUIET))
-    return train(replace(utils.stage_config("cot", "tiny"), run_root=str(run_root),
-                         init_from=str(run_root / "pretrain_stage0"), **QUIET))
+def heldout() -> tuple[list[tuple[list[dict], str]], list[str]]:
+    """(GRPO prompt messages, gold answer) of the held-out GRPO prompts, and the distinct held-out questions (GRPO
+    prompts, then the first user turns of mix's held-out chats, their think switch removed)."""
+    grpo = [grpo_prompt_and_answer(r, "grpo.jsonl") for r in read_jsonl(utils.SAMPLE_DATA / "grpo.jsonl")
+            if r["split"] == "eval"]
+    mix = [next(m["content"] for m in r["messages"] if m["role"] == "user")
+           for r in read_jsonl(utils.SAMPLE_DATA / "mix.jsonl") if r["split"] == "eval"]
+    questions = [messages[-1]["content"] for messages, _ in grpo] + [split_think_switch(q)[0] for q in mix]
+    return grpo, list(dict.fromkeys(questions))  # mix asks some facts in several chats: each question once
 
 
-def run_fresh(stage: str, run_root: Path, init: Path) -> tuple[dict, list[dict], list[dict], float]:
-    shutil.rmtree(run_root / stage, ignore_errors=True)
-    config = replace(utils.stage_config(stage, "tiny"), run_root=str(run_root), init_from=str(init), **QUIET)
-    start = time.perf_counter()
-    out = train(config)
-    seconds = time.perf_counter() - start
-    return config, read_metrics(out / "metrics.jsonl"), read_metrics(out / "metrics.jsonl", "eval"), seconds
+def greedy(model, tok, prompts: list[list[int]]) -> list[tuple[str, bool]]:
+    """(decoded reply up to and including </s>, finished) per prompt."""
+    replies = []
+    for i in range(0, len(prompts), BATCH):
+        out = batch_generate(model, prompts[i:i + BATCH], max_new_tokens=EVAL_NEW_TOKENS, pad_token_id=tok.pad_id,
+                             stop_token_ids=[tok.eos_id], temperature=None)
+        for row in out.tolist():
+            finished = tok.eos_id in row
+            replies.append((tok.decode(row[:row.index(tok.eos_id) + 1] if finished else
+                                       [t for t in row if t != tok.pad_id]), finished))
+    return replies
 
 
-def gspo(run_root: Path, sft: Path) -> dict:
-    config, steps, evals, seconds = run_fresh("grpo", run_root, sft)
-    before, after = evals[0], evals[-1]
-    rollouts = steps[-1]["step"] // config.grpo.grpo_steps
-    first, last = steps[:10 * config.grpo.grpo_steps], steps[-10 * config.grpo.grpo_steps:]  # 10 rollouts each
-    return {
-        "rollouts": rollouts, "prompts_per_rollout": config.micro_batch_size, "group_size": config.grpo.group_size,
-        "completions": rollouts * config.micro_batch_size * config.grpo.group_size,
-        "optimizer_steps": steps[-1]["step"],
-        "max_new_tokens": config.grpo.max_new_tokens,
-        "heldout_prompts": config.micro_batch_size * config.data.max_eval_batches,
-        "heldout_reward_before": round(before["eval_reward"], 3),
-        "heldout_reward_after": round(after["eval_reward"], 3),
-        "relative_increase": round(after["eval_reward"] / before["eval_reward"] - 1, 3),
-        "heldout_cut_off_before": round(before["eval_truncated_share"], 3),
-        "heldout_cut_off_after": round(after["eval_truncated_share"], 3),
-        "heldout_exact_before": round(before["eval_exact_match"], 3),
-        "heldout_exact_after": round(after["eval_exact_match"], 3),
-        "heldout_length_before": round(before["eval_completion_len"], 1),
-        "heldout_length_after": round(after["eval_completion_len"], 1),
-        "train_reward_first_10_rollouts": round(sum(s["reward_mean"] for s in first) / len(first), 3),
-        "train_reward_last_10_rollouts": round(sum(s["reward_mean"] for s in last) / len(last), 3),
-        "seconds": round(seconds, 1)}
+@torch.no_grad()
+def measure(weights: Path, config, grpo, questions) -> dict:
+    tok = get_tokenizer("tiny")
+    model = CortexModel(config.model)
+    load_weights(model, weights)
+    model.eval()
+    system = {"role": "system", "content": " "}
+    replies = greedy(model, tok, [tok.encode_prompt(messages) for messages, _ in grpo])
+    finished = [(text, answer) for (text, done), (_, answer) in zip(replies, grpo) if done]
+    exact = sum(answer_closeness(think_and_answer(text)[1], answer) > 0.999 for text, answer in finished)
+    result = {"finished": round(len(finished) / len(grpo), 3),
+              "exact_of_finished": round(exact / max(1, len(finished)), 3), "exact": exact}
+    for thinking, name in ((True, "think"), (False, "no_think")):
+        opener = tok.generation_prompt(thinking).removeprefix("<assistant>")
+        prompts = [tok.encode_prompt([system, {"role": "user", "content": add_think_switch(q, thinking)}], thinking)
+                   for q in questions]
+        ok = sum(well_formed(opener + text, thinking) for text, _ in greedy(model, tok, prompts))
+        result[f"well_formed_{name}"] = round(ok / len(questions), 3)
+    return result
 
 
-def dpo(run_root: Path, sft: Path) -> dict:
-    config, steps, evals, seconds = run_fresh("dpo", run_root, sft)
-    before, after = evals[0], evals[-1]
-    return {"optimizer_steps": steps[-1]["step"], "pairs_per_step": config.micro_batch_size * config.grad_accum_steps,
-            "heldout_pairs": config.micro_batch_size * config.data.max_eval_batches,
-            "heldout_accuracy_before": round(before["eval_reward_accuracy"], 4),
-            "heldout_accuracy_after": round(after["eval_reward_accuracy"], 4),
-            "heldout_dpo_loss_before": round(before["eval_loss"], 4),
-            "heldout_dpo_loss_after": round(after["eval_loss"], 4),
-            "heldout_margin_after": round(after["eval_reward_margin"], 3), "seconds": round(seconds, 1)}
+def train(stage: str, run_root: Path) -> tuple[Path, float, float]:
+    """Trains one stage from the one before; returns its run dir, wall and CPU seconds."""
+    config = replace(utils.stage_config(stage, "tiny"), run_root=str(run_root), **QUIET)
+    wall, cpu = time.perf_counter(), time.process_time()
+    out = run_stage(config, lambda c: build_task(c, utils.data_files(c)))
+    return out, time.perf_counter() - wall, time.process_time() - cpu
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run-dir", type=Path, default=REPO / "runs" / "bench_rl",
-                        help="run root; the SFT stages are cached here")
+    parser.add_argument("--run-dir", type=Path, default=REPO / "runs" / "bench_rl", help="run root of the stages")
+    parser.add_argument("--from", dest="first", choices=STAGE_ORDER, default="grpo",
+                        help="the first stage trained again; the ones before are reused when complete")
     args = parser.parse_args()
-    start = time.perf_counter()
-    sft = sft_weights(args.run_dir)
-    result = {"sft_seconds": round(time.perf_counter() - start, 1), "gspo": gspo(args.run_dir, sft),
-              "dpo": dpo(args.run_dir, sft)}
-    result["gspo"]["target_met"] = result["gspo"]["relative_increase"] >= 0.30
-    result["dpo"]["target_met"] = result["dpo"]["heldout_accuracy_after"] >= 0.9
-    result["total_seconds"] = round(time.perf_counter() - start, 1)
+    torch.manual_seed(0)
+    grpo, questions = heldout()
+    result = {"heldout_arithmetic_prompts": len(grpo), "heldout_questions_per_mode": len(questions),
+              "eval_new_tokens": EVAL_NEW_TOKENS, "stages": {}, "after": {}}
+    for stage in STAGE_ORDER:
+        if STAGE_ORDER.index(stage) >= STAGE_ORDER.index(args.first):
+            shutil.rmtree(args.run_dir / stage, ignore_errors=True)
+        reused = (args.run_dir / stage / STAGE_DONE).exists()
+        out, wall, cpu = train(stage, args.run_dir)
+        steps = read_metrics(out / "metrics.jsonl")
+        result["stages"][stage] = {"steps": steps[-1]["step"], "reused": reused, "wall_s": round(wall, 1),
+                                   "cpu_s": round(cpu, 1)}
+        if stage in ("cot", "grpo", "mix", "dpo"):
+            config = utils.stage_config(stage, "tiny")
+            result["after"][stage] = measure(out / FINAL_WEIGHTS, config, grpo, questions)
+        if stage in ("grpo", "dpo"):
+            evals = read_metrics(out / "metrics.jsonl", "eval")
+            key = "eval_reward" if stage == "grpo" else "eval_reward_accuracy"
+            result["stages"][stage] |= {f"heldout_{key[5:]}_before": round(evals[0][key], 3),
+                                        f"heldout_{key[5:]}_after": round(evals[-1][key], 3)}
+        print(json.dumps({stage: result["stages"][stage], "after": result["after"].get(stage)}), flush=True)
+    after = result["after"]
+    result["targets"] = {
+        "well_formed_think_after_dpo>=0.95": after["dpo"]["well_formed_think"] >= 0.95,
+        "well_formed_no_think_after_dpo>=0.99": after["dpo"]["well_formed_no_think"] >= 0.99,
+        "gspo_raises_exact_of_finished": after["grpo"]["exact_of_finished"] > after["cot"]["exact_of_finished"],
+        "dpo_heldout_accuracy>=0.85": result["stages"]["dpo"]["heldout_reward_accuracy_after"] >= 0.85}
+    trained = [s for s in result["stages"].values() if not s["reused"]]
+    result["trained_stages_wall_s"] = round(sum(s["wall_s"] for s in trained), 1)
+    result["trained_stages_cpu_s"] = round(sum(s["cpu_s"] for s in trained), 1)
     text = json.dumps(result, indent=2)
     (args.run_dir / "bench_rl_learning.json").write_text(text + "\n")
     print(text)

@@ -8,10 +8,14 @@ Prompt (training.md section 2), always in the form training saw:
 * the newest user turn gets " /think" or " /no think" from the thinking flag, and the prompt ends with
   `<assistant><think>` or `<assistant><think> </think>`;
 * leading assistant messages (the original page sent its welcome bubble as history) are dropped;
+* message text (system, user, assistant, thinking) is encoded as text: a "</s><system>" typed into a message stays
+  text, only the template inserts control tokens. Our replies never contain the tags (the decoder hides them), so
+  clients send thinking and answer as separate fields and the template re-inserts the tags around them;
 * when the prompt does not fit the context (minus room for the reply), the oldest exchanges are dropped; the system
   prompt and the newest message never are.
 """
 
+import json
 import math
 import queue
 import time
@@ -19,7 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from serving.engine import THINKING, Finished, GenerationRequest, SamplingParams, TokenEvent
-from trainer.tokenizer import SPECIAL_TOKENS, Tokenizer, add_think_switch, split_think_switch
+from trainer.tokenizer import Tokenizer, add_think_switch, split_think_switch
 
 DEFAULT_SYSTEM_PROMPT = " "
 MAX_MESSAGES = 512
@@ -67,8 +71,10 @@ def check_bool(value, name: str, default: bool) -> bool:
 def check_number(value, name: str, low: float, high: float, default: float) -> float:
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise RequestError(f"'{name}' must be a number, got {json_type(value)}", param=name)
+    if not math.isfinite(value):
+        raise RequestError(f"'{name}' must be a finite number, got {json.dumps(value)}", param=name)
     if not low <= value <= high:
         raise RequestError(f"'{name}' must be between {low} and {high}, got {value}", param=name)
     return float(value)
@@ -152,16 +158,27 @@ def reply_reserve(max_context: int) -> int:
 
 def build_prompt(tokenizer: Tokenizer, messages: list[dict], thinking: bool, max_context: int) -> tuple[list[int], int]:
     """(prompt ids, number of oldest messages dropped so that the reply keeps reply_reserve tokens of the context).
-    Raises RequestError when even the system prompt plus the newest message do not fit."""
+    Message text is encoded as text: only the template's tags are control ids. Raises RequestError when even the
+    system prompt plus the newest message do not fit."""
     max_prompt_tokens = max_context - reply_reserve(max_context)
     system = messages[0] if messages[0]["role"] == "system" else {"role": "system", "content": DEFAULT_SYSTEM_PROMPT}
     chat = messages[1:] if messages[0]["role"] == "system" else messages
     first_user = next(i for i, m in enumerate(chat) if m["role"] == "user")
     skipped, exchanges = first_user, _exchanges(chat[first_user:], thinking)
 
+    # More characters than this cannot fit, whatever the text: refused (or dropped) without tokenising them
+    max_chars = tokenizer.max_token_chars * max_prompt_tokens
+    newest_chars = _chars([system, *exchanges[-1]])
+    if newest_chars > max_chars:
+        raise RequestError(f"the message is too long: with the system prompt it has {newest_chars} characters, far "
+                           f"more than the {max_prompt_tokens} tokens that fit (the context holds {max_context} tokens, "
+                           f"{max_context - max_prompt_tokens} of them kept for the reply); shorten it")
+
     # Newest first, keep the exchanges that fit by their own token counts; the exact check on the whole prompt follows
     budget, kept, used = max_prompt_tokens - len(tokenizer.apply_chat_template([system])), 0, 0
     for exchange in reversed(exchanges):
+        if kept and _chars(exchange) > max_chars:
+            break
         used += len(tokenizer.apply_chat_template(exchange))
         if kept and used > budget:
             break
@@ -176,6 +193,10 @@ def build_prompt(tokenizer: Tokenizer, messages: list[dict], thinking: bool, max
                                f"most {max_prompt_tokens} fit (the context holds {max_context} tokens, "
                                f"{max_context - max_prompt_tokens} of them kept for the reply); shorten it")
         kept -= 1
+
+
+def _chars(messages: list[dict]) -> int:
+    return sum(len(m["content"]) + len(m.get("think", "")) for m in messages)
 
 
 def _exchanges(chat: list[dict], thinking: bool) -> list[list[dict]]:
@@ -215,7 +236,7 @@ class ReplyDecoder:
     (<answer>, </answer>, </think>, </s>, ...) are not shown."""
 
     def __init__(self, tokenizer: Tokenizer):
-        self.control_ids = set(tokenizer.hf.all_special_ids) | set(tokenizer.hf.convert_tokens_to_ids(SPECIAL_TOKENS))
+        self.control_ids = tokenizer.control_ids
         self.decoder = tokenizer.stream_decoder()
         self.kind: str | None = None
 

@@ -213,10 +213,12 @@ class Engine:
         with self._cond:
             if self._stopping:
                 raise RuntimeError("the engine is stopped")
-            if len(self._waiting) >= self.max_queue + self.slots.count(None):  # free slots take waiting requests
+            free = self.slots.count(None)
+            if len(self._waiting) >= self.max_queue + free:  # free slots are about to take waiting requests
                 self._counts["rejected"] += 1
                 raise QueueFullError(f"the server is busy: {len(self.slots)} requests running and "
-                                     f"{len(self._waiting)} waiting (the limit); try again shortly")
+                                     f"{len(self._waiting) - free} waiting (at most {self.max_queue} may wait); "
+                                     f"try again shortly")
             self._counts["requests"] += 1
             self._waiting.append(request)
             self._cond.notify_all()

@@ -122,8 +122,8 @@ class Completion:
 
 
 def error_body(message: str, status: int, param: str | None = None) -> dict:
-    kind = {400: "invalid_request_error", 404: "not_found_error", 413: "invalid_request_error",
-            503: "server_busy"}.get(status, "server_error")
+    kind = {404: "not_found_error", 503: "server_busy"}.get(status,
+                                                             "invalid_request_error" if status < 500 else "server_error")
     return {"error": {"message": message, "type": kind, "param": param, "code": None}}
 
 

@@ -187,6 +187,7 @@ async function send() {
   const session = chat.session;
   setBusy(true);
   let failed = false;
+  let streaming = false; // the server answered: a failure from here on is the stream's, not the connection's
   try {
     const response = await fetch("/api/chat", {
       method: "POST",
@@ -200,6 +201,7 @@ async function send() {
       failed = true;
       return;
     }
+    streaming = true;
     const reader = response.body.getReader();
     const decoder = new TextDecoder();
     let buffer = "";
@@ -221,6 +223,7 @@ async function send() {
     if (!failed) view.finish(note);
   } catch (err) {
     if (err.name === "AbortError") view.finish("stopped");
+    else if (streaming) { view.error(`The reply stream broke off or was malformed: ${err.message}`); failed = true; }
     else { view.error("Could not reach the Cortex server (连接到AI服务器时出错)"); failed = true; }
   } finally {
     chat.controller = null;

@@ -136,3 +136,16 @@ def test_markdown_rendering_is_sanitised(page):
         d.innerHTML = renderMarkdown({json.dumps(XSS + ' [x](javascript:window.__xss=3)')}); document.body.appendChild(d); }})()""")
     assert page.locator("#probe img, #probe script, #probe a").count() == 0
     assert page.evaluate("window.__xss") is None
+
+
+def test_a_malformed_stream_is_shown_as_a_stream_error(page):
+    page.route("**/api/chat", lambda route: route.fulfill(
+        status=200, content_type="text/event-stream",
+        body='data: {"event": "answer_chunk", "data": "partial"}\n\ndata: {not json\n\n'))
+    try:
+        send(page, "Hello")
+        wait_until_idle(page)
+        shown = last_reply(page).inner_text()
+        assert "The reply stream broke off or was malformed" in shown and "Could not reach" not in shown
+    finally:
+        page.unroute("**/api/chat")

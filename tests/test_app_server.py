@@ -2,12 +2,14 @@
 the OpenAI API through the real openai client, bad input, concurrency, disconnects, the queue limit, monitoring,
 checkpoint loading and the CLI's offline message."""
 
+import argparse
 import contextlib
 import dataclasses
 import hashlib
 import http.client
 import http.server
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -67,12 +69,12 @@ def parse_sse(raw: str) -> list[dict]:
     return events
 
 
-def post(base: str, path: str, body=None, raw: bytes | None = None, method: str = "POST"):
+def post(base: str, path: str, body=None, raw: bytes | None = None, method: str = "POST", headers: dict | None = None):
     """(status, content type, body text)."""
     host, port = base.removeprefix("http://").split(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=60)
     data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-    conn.request(method, path, body=data, headers={"Content-Type": "application/json"})
+    conn.request(method, path, body=data, headers={"Content-Type": "application/json", **(headers or {})})
     response = conn.getresponse()
     text = response.read().decode("utf-8")
     conn.close()
@@ -178,18 +180,66 @@ def test_think_budget_0_closes_the_thinking_at_once(server):
     assert usage["completion_tokens_details"]["reasoning_tokens"] == 0 and usage["completion_tokens"] >= 1
 
 
-def test_page_and_cors(server):
+def test_page_assets(server):
     base, _ = server
     status, content_type, html = post(base, "/", method="GET")
     assert status == 200 and "text/html" in content_type and "/static/app.js" in html
     for asset in ("app.js", "markdown.js", "style.css"):
         assert post(base, f"/static/{asset}", method="GET")[0] == 200
-    host, port = base.removeprefix("http://").split(":")
-    conn = http.client.HTTPConnection(host, int(port))
-    conn.request("OPTIONS", "/api/chat")
+
+
+def request_with(base: str, method: str, path: str, headers: dict, body: bytes | None = b"{}"):
+    """(status, headers, body text) of one request with exactly these extra headers."""
+    conn = http.client.HTTPConnection(*base.removeprefix("http://").split(":"), timeout=60)
+    conn.request(method, path, body=body, headers={"Content-Type": "application/json", **headers})
     response = conn.getresponse()
-    assert response.status in (200, 204) and response.getheader("Access-Control-Allow-Origin") == "*"
+    text = response.read().decode()
     conn.close()
+    return response.status, response.headers, text
+
+
+def test_other_sites_and_rebound_host_names_are_refused(server):
+    base, engine = server
+    port = base.rsplit(":", 1)[1]
+    for path in ("/api/chat", "/v1/chat/completions"):  # an empty body passes the checks and gets its 400
+        status, headers, text = request_with(base, "POST", path, {"Origin": "http://evil.example"})
+        assert status == 403 and "--allow-origin http://evil.example" in text and "Traceback" not in text
+        assert headers["Access-Control-Allow-Origin"] is None and headers["Connection"] == "close"
+        status, headers, _ = request_with(base, "OPTIONS", path, {"Origin": "http://evil.example",
+                                                                  "Access-Control-Request-Method": "POST"}, None)
+        assert status == 403 and headers["Access-Control-Allow-Origin"] is None
+        assert request_with(base, "POST", path, {"Origin": base})[0] == 400  # the page's own origin
+        # a browser's cross-site text/plain POST needs no preflight: refused whatever the Origin
+        status, _, text = request_with(base, "POST", path, {"Content-Type": "text/plain"})
+        assert status == 415 and "Content-Type: application/json" in text
+    # DNS rebinding: evil.example resolving to 127.0.0.1 makes the page's origin http://evil.example:PORT
+    status, _, text = request_with(base, "POST", "/api/chat", {"Host": f"evil.example:{port}",
+                                                                "Origin": f"http://evil.example:{port}"})
+    assert status == 403 and "DNS rebinding" in json.loads(text)["data"]
+    assert request_with(base, "GET", "/", {"Host": f"evil.example:{port}"}, None)[0] == 403
+    for host in (f"localhost:{port}", f"127.0.0.1:{port}", f"[::1]:{port}", "localhost"):
+        assert request_with(base, "POST", "/api/chat", {"Host": host})[0] == 400
+
+    # --allow-origin: that site's pages get CORS answers; without a loopback bind any Host is accepted
+    app = app_module.create_app(engine, engine.tokenizer, "cortex-tiny", allow_origins=("http://localhost:3000",),
+                                loopback_only=False).test_client()
+    preflight = app.options("/v1/chat/completions", headers={
+        "Origin": "http://localhost:3000", "Host": "box.lan", "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "content-type, authorization, x-stainless-os"})
+    assert preflight.status_code == 200 and preflight.headers["Access-Control-Allow-Origin"] == "http://localhost:3000"
+    assert preflight.headers["Access-Control-Allow-Headers"] == "content-type, authorization, x-stainless-os"
+    assert "Origin" in preflight.headers["Vary"]
+    assert app.get("/v1/models", headers={"Origin": "http://localhost:3001"}).status_code == 403
+    assert app.get("/v1/models", headers={"Origin": "http://localhost:3000"}).status_code == 200
+
+
+def test_allow_origin_flag_takes_origins_only():
+    assert app_module.origin_arg("http://localhost:3000/") == "http://localhost:3000"
+    assert app_module.origin_arg("*") == "*"
+    with pytest.raises(argparse.ArgumentTypeError, match="not an origin"):
+        app_module.origin_arg("http://localhost:3000/chat")
+    with pytest.raises(argparse.ArgumentTypeError, match="not an origin"):
+        app_module.origin_arg("localhost:3000")
 
 
 # --- the OpenAI API with the real client -----------------------------------------------------------------------------
@@ -239,21 +289,29 @@ def test_openai_errors_come_back_as_api_errors(client):
     ("/api/chat", b"{not json", 400, "not valid JSON"),
     ("/api/chat", b"\xff\xfe{}", 400, "not valid UTF-8"),
     ("/api/chat", b'{"history": null}', 400, "must be an array"),
-    ("/api/chat", b'{"history": [{"role": "user", "content": "hi"}], "temperature": NaN}', 400, "must be a number"),
+    ("/api/chat", b'{"history": [{"role": "user", "content": "hi"}], "temperature": NaN}', 400,
+     "'temperature' must be a finite number, got NaN"),
+    ("/api/chat", b'{"history": ' + b"[" * 1000 + b"]" * 1000 + b"}", 400, "nested too deeply"),
+    ("/v1/chat/completions", b"[" * 100_000 + b"]" * 100_000, 400, "nested too deeply"),
     ("/api/chat", b'{"history": [{"role": "user", "content": "hi"}], "think_budget_enable": true, "think_budget": -1}',
      400, "think_budget"),
     ("/api/chat", json.dumps({"history": [{"role": "user", "content": "x" * (2 << 20)}]}).encode(), 413, "larger than"),
     ("/api/chat", json.dumps({"history": [{"role": "user", "content": "word " * 3000}]}).encode(), 400, "too long"),
+    ("/api/chat", json.dumps({"history": [{"role": "user", "content": "x" * 1_000_000}]}).encode(), 400,
+     "too long: with the system prompt it has 1000008 characters"),  # refused by its length, not tokenised
     ("/v1/chat/completions", b'{"messages": "hi"}', 400, "must be an array"),
     ("/v1/chat/completions", b"[]", 400, "JSON object"),
 ])
-def test_bad_input_gets_a_clear_4xx_json_error_and_the_server_stays_up(server, path, raw, status, message):
+def test_bad_input_gets_a_clear_4xx_json_error_and_the_server_stays_up(server, caplog, path, raw, status, message):
     base, _ = server
     got_status, content_type, text = post(base, path, raw=raw)
     assert got_status == status and content_type == "application/json"
     body = json.loads(text)
     error = body["error"]["message"] if path.startswith("/v1/") else body["data"]
     assert message in error and "Traceback" not in text
+    if path.startswith("/v1/"):
+        assert body["error"]["type"] == "invalid_request_error"
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]  # nothing for the log: no traceback
     assert post(base, "/health", method="GET")[0] == 200
 
 
@@ -263,6 +321,54 @@ def test_unknown_routes_and_methods_are_json_errors(server):
     assert status == 404 and content_type == "application/json" and json.loads(text)["event"] == "error"
     status, _, text = post(base, "/api/chat", method="GET")
     assert status == 405 and json.loads(text)["event"] == "error"
+    status, headers, text = request_with(base, "GET", "/v1/chat/completions", {}, None)
+    assert status == 405 and json.loads(text)["error"]["type"] == "invalid_request_error" and "POST" in headers["Allow"]
+
+
+def test_keep_alive_serves_several_requests_on_one_connection(server):
+    base, _ = server
+    conn = http.client.HTTPConnection(*base.removeprefix("http://").split(":"), timeout=60)
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "thinking": False}
+    requests = [("GET", "/health", None, 200), ("POST", "/v1/chat/completions", json.dumps(chat), 200),
+                ("POST", "/api/chat", '{"history": []}', 400),  # an error reply keeps the connection too
+                ("POST", "/v1/chat/completions", json.dumps({**chat, "stream": True}), 200),  # chunked
+                ("GET", "/health", None, 200)]
+    local_addresses = set()
+    for method, path, body, status in requests:
+        conn.request(method, path, body=body, headers={"Content-Type": "application/json"})
+        response = conn.getresponse()
+        text = response.read().decode()
+        assert response.status == status and response.getheader("Connection") != "close", text
+        local_addresses.add(conn.sock.getsockname())
+    assert len(local_addresses) == 1  # one connection served them all
+    conn.close()
+    # pipelined: the second request arrives with the first one's body; neither reply loses it
+    body = json.dumps(chat).encode()
+    with socket.create_connection(("127.0.0.1", conn.port), timeout=60) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body) +
+                     b"GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        replies = b"".join(iter(lambda: sock.recv(65536), b"")).decode()
+    assert replies.count("HTTP/1.1 200 OK") == 2 and '"finish_reason"' in replies and '"status":"ok"' in replies
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "thinking": False}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "stream": True}),
+])
+def test_a_client_that_half_closes_after_its_request_gets_the_reply(server, path, body):
+    base, _ = server
+    conn = http.client.HTTPConnection(*base.removeprefix("http://").split(":"), timeout=60)
+    conn.request("POST", path, body=json.dumps(body), headers={"Content-Type": "application/json"})
+    conn.sock.shutdown(socket.SHUT_WR)  # nothing more to send; still reading
+    response = conn.getresponse()
+    text = response.read().decode()
+    conn.close()
+    assert response.status == 200, text
+    if body.get("stream"):
+        assert text.rstrip().endswith("data: [DONE]") and '"finish_reason": "length"' in text
+    else:
+        assert json.loads(text)["choices"][0]["finish_reason"] in ("stop", "length")
 
 
 # --- concurrency, disconnects, the queue limit -----------------------------------------------------------------------
@@ -295,10 +401,12 @@ def test_a_disconnected_client_frees_its_slot_and_a_full_queue_answers_503(token
         for _, response in (first, second):
             assert read_event(response).startswith("data: ")
         queued_conn = http.client.HTTPConnection(*base.removeprefix("http://").split(":"), timeout=60)
-        queued_conn.request("POST", "/api/chat", body=json.dumps(body))  # no free slot: it waits in the queue
+        queued_conn.request("POST", "/api/chat", body=json.dumps(body), headers={"Content-Type": "application/json"})
+        # no free slot: it waits in the queue
         wait_for(lambda: engine.stats()["queued"] == 1)
         status, content_type, text = post(base, "/api/chat", body)
-        assert status == 503 and content_type == "application/json" and "busy" in json.loads(text)["data"]
+        assert status == 503 and content_type == "application/json"
+        assert "busy: 2 requests running and 1 waiting (at most 1 may wait)" in json.loads(text)["data"]
 
         hang_up(*first)  # the client goes away: its slot goes to the queued request
         queued = queued_conn.getresponse()

@@ -77,7 +77,7 @@ def test_dpo_loss_nll_term_uses_chosen_response_tokens_only():
     assert out.metrics["dpo_loss"].item() == pytest.approx(dpo, rel=1e-5)
     assert out.metrics["reward_margin"].item() == pytest.approx(0.1 * delta, rel=1e-5)
     assert out.metrics["reward_accuracy"].item() == float(delta > 0)
-    expected = dpo + 0.2 * nll.item() + config.aux_loss_coef * out.metrics["aux_loss"].item()
+    expected = dpo + config.dpo.nll_coef * nll.item() + config.aux_loss_coef * out.metrics["aux_loss"].item()
     assert out.loss.item() == pytest.approx(expected, rel=1e-5)
     with pytest.raises(KeyError, match="reference log-probs"):
         task.loss(model, _pair_batch(tokenizer))

@@ -102,6 +102,9 @@ def test_bad_input_is_one_clear_error(tmp_path, report):
     ("<think>so</think><answer>4</answer></s>x", True, False),     # something after </s>
     ("<think>a</think>b</think><answer>4</answer></s>", True, False),  # a second </think>
     ("<think>so<answer>4</answer></s>", True, False),              # never closed
+    ("<think>so</think><answer>4</answer></s>", None, True),       # None: either mode (the GSPO reward's check)
+    ("<think> </think><answer>4</answer></s>", None, True),
+    ("<think>so</think><answer>4</answer>", None, False),
 ])
 def test_well_formed(reply, thinking, expected):
     assert well_formed(reply, thinking) is expected

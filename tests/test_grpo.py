@@ -153,7 +153,11 @@ def test_cortex_reward_values():
     # the number in the reasoning does not count: the answer part says 40
     leak = _sample("<think>42</think><answer>The answer is 40.</answer></s>")
     assert cortex_score(leak) == pytest.approx(7 * math.exp(-0.2) + 2 * math.log(3) / math.log(501) + 1)
-    assert cortex_score(_sample("<think>so 42</think></s>")) == pytest.approx(2 * math.log(6) / math.log(501))
+    # finished but not well-formed (no answer block; the think block left open): the truncated share of the reward
+    no_answer = 2 * math.log(6) / math.log(501)
+    assert cortex_score(_sample("<think>so 42</think></s>")) == pytest.approx(no_answer * TRUNCATED_FACTOR)
+    unclosed = _sample("<think>so<answer>42</answer></s>")
+    assert cortex_score(unclosed) == pytest.approx((7 + 1) * TRUNCATED_FACTOR)
     assert cortex_score(_sample("42")) == 0.0
     decimal = _sample("<think>a</think><answer>答案是3.5。</answer></s>", answer="3.5")
     assert cortex_score(decimal) == pytest.approx(7 + 2 * math.log(2) / math.log(501) + 1 + 1)

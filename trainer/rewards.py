@@ -31,8 +31,8 @@ RewardFn = Callable[[Sequence[Sample]], list[float]]
 _THINK = re.compile(r"<think>(.*?)</think>", re.DOTALL)
 _ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
-# A completion cut off before its </s> keeps this share of its reward: it never finished, so it gets no full credit,
-# but a long correct answer still beats a long wrong one.
+# A completion that is not well-formed (cut off before its </s>, its think block left open, an extra tag) keeps this
+# share of its reward: it gets no full credit, but a long correct answer still beats a long wrong one.
 TRUNCATED_FACTOR = 0.5
 
 
@@ -46,12 +46,13 @@ _PLAIN_TEXT = r"((?:(?!</?(?:think|answer|s|user|assistant|system)>|<pad>|<unk>)
 _REPLY = re.compile(rf"<think>{_PLAIN_TEXT}</think><answer>{_PLAIN_TEXT}</answer></s>", re.DOTALL)
 
 
-def well_formed(reply: str, thinking: bool) -> bool:
+def well_formed(reply: str, thinking: bool | None = None) -> bool:
     """Whether a whole assistant reply (from its <think>, special tokens kept) is <think>T</think><answer>A</answer></s>
     and nothing more, with a non-empty answer A and, in think mode, a non-empty thought T; in no-think mode T is blank
-    (the empty think block of no-think training data)."""
+    (the empty think block of no-think training data); thinking=None accepts either."""
     match = _REPLY.fullmatch(reply)
-    return bool(match) and bool(match.group(2).strip()) and bool(match.group(1).strip()) == thinking
+    return (bool(match) and bool(match.group(2).strip())
+            and (thinking is None or bool(match.group(1).strip()) == thinking))
 
 
 def _number(text: str) -> float | None:
@@ -79,13 +80,13 @@ def cortex_score(sample: Sample) -> float:
         7 * closeness + 2 * min(1, ln(1 + len(think)) / ln(501)) + 1 * [think and answer present] + 1 * [exact]
 
     Fixed against the original: the number is taken from the <answer> part only (the original took the last number of
-    the whole completion, so a number in the reasoning counted as the answer), and a truncated completion keeps only
-    TRUNCATED_FACTOR of its reward (the original gave it full credit)."""
+    the whole completion, so a number in the reasoning counted as the answer), and a completion that is truncated or
+    otherwise not well_formed keeps only TRUNCATED_FACTOR of its reward (the original gave it full credit)."""
     think, answer = think_and_answer(sample.completion)
     closeness = answer_closeness(answer, sample.answer)
     reward = (7.0 * closeness + 2.0 * min(1.0, math.log1p(len(think)) / math.log(501))
               + float(bool(think) and bool(answer)) + float(closeness > 0.999))
-    return reward * TRUNCATED_FACTOR if sample.truncated else reward
+    return reward if not sample.truncated and well_formed(sample.completion) else reward * TRUNCATED_FACTOR
 
 
 def cortex_reward(samples: Sequence[Sample]) -> list[float]:

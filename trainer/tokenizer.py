@@ -83,7 +83,7 @@ class Tokenizer:
         self.hf = hf_tokenizer
         self.token_dir = token_dir
         self.kind = kind  # "cortex" (the four sentencepiece files) or "bpe" (our own tokenizer.json)
-        ids = dict(zip(SPECIAL_TOKENS, hf_tokenizer.convert_tokens_to_ids(SPECIAL_TOKENS)))
+        self.special_ids = ids = dict(zip(SPECIAL_TOKENS, hf_tokenizer.convert_tokens_to_ids(SPECIAL_TOKENS)))
         absent = [t for t, i in ids.items() if i is None or (i == hf_tokenizer.unk_token_id and t != "<unk>")]
         if absent:
             raise TokenizerFilesError(f"the tokenizer in {token_dir} lacks the special tokens {absent}; "
@@ -98,42 +98,103 @@ class Tokenizer:
         return f"Tokenizer(kind={self.kind!r}, vocab_size={self.vocab_size}, token_dir='{self.token_dir}')"
 
     def encode(self, text: str) -> list[int]:
+        """Ids of text; special tokens written in it ("</s>", "<think>") become their ids, as the training data expects.
+        Text from users goes through encode_text instead."""
         return self.hf.encode(text, add_special_tokens=False)
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return self.hf(texts, add_special_tokens=False)["input_ids"]
+
+    @functools.cached_property
+    def control_ids(self) -> frozenset[int]:
+        """Ids that only the template (or the model) may produce: the special tokens, never text."""
+        added = {i for i, token in self.hf.added_tokens_decoder.items() if token.special}
+        return frozenset(added | set(self.hf.all_special_ids) | set(self.special_ids.values()))
+
+    @functools.cached_property
+    def max_token_chars(self) -> int:
+        """No token covers more characters than this, so text of n characters takes at least n / max_token_chars
+        tokens (lets a too-long message be refused without tokenising it)."""
+        return max(map(len, self.hf.get_vocab()))
+
+    @functools.cached_property
+    def _text_encoder(self) -> tokenizers.Tokenizer:
+        # a private copy that never matches special tokens in text (transformers' split_special_tokens flips the
+        # shared tokenizer's flag on every call, which threads serving requests at once would race on)
+        encoder = tokenizers.Tokenizer.from_str(self.hf.backend_tokenizer.to_str())
+        encoder.encode_special_tokens = True
+        return encoder
+
+    def encode_text(self, text: str) -> list[int]:
+        """Ids of text as text: "</s>" or "<user>" in it are spelled out, never control ids, so text in a message cannot
+        forge turns of the template. Ordinary text gets the same ids as encode()."""
+        ids = self._text_encoder.encode(text, add_special_tokens=False).ids
+        if self.control_ids.isdisjoint(ids):
+            return ids
+        # sentencepiece's converted model scores "</s>" and "<s>" like ordinary pieces: spell those out
+        return [i for token_id in ids for i in (self._spelled_out(token_id) if token_id in self.control_ids else [token_id])]
+
+    def _spelled_out(self, token_id: int) -> list[int]:
+        ids = []
+        for char in self.hf.convert_ids_to_tokens(token_id):
+            char_id = self._text_encoder.token_to_id(char)
+            pieces = [char_id] if char_id is not None and char_id not in self.control_ids else [
+                self._text_encoder.token_to_id(f"<0x{b:02X}>") for b in char.encode("utf-8")]  # byte fallback
+            if None in pieces:
+                raise ValueError(f"the tokenizer in {self.token_dir} cannot spell out {char!r} as text")
+            ids += pieces
+        return ids
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         return self.hf.decode(ids, skip_special_tokens=skip_special_tokens, clean_up_tokenization_spaces=False)
 
     def apply_chat_template(self, messages: list[dict], tokenize: bool = True,
                             add_answer_tag_for_assistant: bool = True) -> list[int] | str:
-        """<role>[<think>T</think>]C</s> per message, C wrapped in <answer></answer> for the assistant. No generation prompt."""
-        turns = []
+        """<role>[<think>T</think>]C</s> per message, C wrapped in <answer></answer> for the assistant. No generation
+        prompt. Ids (tokenize=True): the tags are control ids, the message text is encoded as text (encode_text); the
+        string form encoded with encode() matches special tokens in the text too (what the training data does)."""
+        parts = self._template_parts(messages, add_answer_tag_for_assistant)
+        return self._encode_parts(parts) if tokenize else "".join(text for _, text in parts)
+
+    def _template_parts(self, messages: list[dict], add_answer_tag_for_assistant: bool) -> list[tuple[bool, str]]:
+        """The template as (is a tag, text) pieces."""
+        parts = []
         for i, message in enumerate(messages):
             role, content = message.get("role"), message.get("content")
             if role not in ROLE_TAGS:
                 raise ValueError(f"message {i}: role must be one of {list(ROLE_TAGS)}, got {role!r}")
             if not isinstance(content, str):
                 raise ValueError(f"message {i} ({role}): 'content' must be a string, got {type(content).__name__}")
-            if add_answer_tag_for_assistant and role == "assistant":
-                content = f"<answer>{content}</answer>"
+            parts.append((True, ROLE_TAGS[role]))
             if "think" in message:
                 if not isinstance(message["think"], str):
                     raise ValueError(f"message {i} ({role}): 'think' must be a string, got {type(message['think']).__name__}")
-                content = f"<think>{message['think']}</think>{content}"
-            turns.append(f"{ROLE_TAGS[role]}{content}</s>")
-        text = "".join(turns)
-        return self.encode(text) if tokenize else text
+                parts += [(True, "<think>"), (False, message["think"]), (True, "</think>")]
+            if add_answer_tag_for_assistant and role == "assistant":
+                parts += [(True, "<answer>"), (False, content), (True, "</answer>")]
+            else:
+                parts.append((False, content))
+            parts.append((True, "</s>"))
+        return parts
+
+    def _encode_parts(self, parts: list[tuple[bool, str]]) -> list[int]:
+        return [i for is_tag, text in parts for i in ([self.special_ids[text]] if is_tag else self.encode_text(text))]
 
     def generation_prompt(self, thinking: bool) -> str:
+        return "".join(text for _, text in self._generation_parts(thinking))
+
+    @staticmethod
+    def _generation_parts(thinking: bool | None) -> list[tuple[bool, str]]:
         # no-think answers carry an empty (single space) think block, as in Cortex's training data
-        return "<assistant><think>" if thinking else "<assistant><think> </think>"
+        parts = [(True, "<assistant>")]
+        if thinking is not None:
+            parts += [(True, "<think>")] + ([] if thinking else [(False, " "), (True, "</think>")])
+        return parts
 
     def encode_prompt(self, messages: list[dict], thinking: bool | None = None) -> list[int]:
-        """Template of messages, then "<assistant>" (thinking None: the model decides) or generation_prompt(thinking)."""
-        prompt = "<assistant>" if thinking is None else self.generation_prompt(thinking)
-        return self.encode(self.apply_chat_template(messages, tokenize=False) + prompt)
+        """Template ids of messages (their text as text), then "<assistant>" (thinking None: the model decides) or
+        generation_prompt(thinking)."""
+        return self._encode_parts(self._template_parts(messages, True) + self._generation_parts(thinking))
 
     def stream_decoder(self, skip_special_tokens: bool = False) -> "StreamDecoder":
         return StreamDecoder(self, skip_special_tokens)
