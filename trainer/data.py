@@ -246,21 +246,27 @@ def read_jsonl(path: str | Path) -> list[tuple[str, object]]:
     return records
 
 
-def split_indices(records: list[tuple[str, object]], split: Split, eval_fraction: float) -> Sequence[int]:
-    """Indices of the records of `split`: by their "split" field when the lines carry one, else the last
-    eval_fraction."""
+def split_labels(records: list[tuple[str, object]]) -> list[str] | None:
+    """The records' "split" fields ("train"/"eval"), or None when no line carries one."""
     has_field = [isinstance(r, dict) and "split" in r for _, r in records]
     if not any(has_field):
-        return heldout_range(len(records), split, eval_fraction)
+        return None
     for (where, record), present in zip(records, has_field):
         if not present or record["split"] not in ("train", "eval"):
             raise DataError(f"{where}: every line needs \"split\": \"train\" or \"eval\" once any line has one")
-    return [i for i, (_, r) in enumerate(records) if split in ("all", r["split"])]
+    return [r["split"] for _, r in records]
+
+
+def split_indices(labels: list[str] | None, n: int, split: Split, eval_fraction: float) -> Sequence[int]:
+    """Indices of the n records of `split`: by their split labels when they have them, else the last eval_fraction."""
+    if labels is None:
+        return heldout_range(n, split, eval_fraction)
+    return [i for i, label in enumerate(labels) if split in ("all", label)]
 
 
 def select_split(records: list[tuple[str, object]], split: Split, eval_fraction: float) -> list[tuple[str, object]]:
-    """Records of `split` (see split_indices)."""
-    return [records[i] for i in split_indices(records, split, eval_fraction)]
+    """Records of `split`: by their "split" field when the lines carry one, else the last eval_fraction."""
+    return [records[i] for i in split_indices(split_labels(records), len(records), split, eval_fraction)]
 
 
 def check_messages(messages, where: str) -> list[dict]:
@@ -336,14 +342,15 @@ def encode_records(task: str, records: list[tuple[str, object]], tokenizer) -> d
 # One entry point per task and file
 
 @functools.lru_cache(maxsize=4)
-def _encoded_jsonl(task: str, path: Path, size_and_mtime: tuple[int, int] | None, tokenizer) -> tuple[list, dict]:
-    """The records of a JSONL file and their token ids (RaggedTokens per field; GRPO answers stay strings), cached by
-    the file's size and mtime: a stage reads its first file three times (counting steps, eval split, training) and
-    tokenising is the slow part."""
+def _encoded_jsonl(task: str, path: Path, size_and_mtime: tuple[int, int] | None, tokenizer) -> tuple:
+    """(number of records, their split labels, their token ids: RaggedTokens per field, GRPO answers as strings) of a
+    JSONL file, cached by the file's size and mtime: a stage reads its first file three times (counting steps, eval
+    split, training) and tokenising is the slow part. The parsed records are not kept."""
     records = read_jsonl(path)
     dtype = token_dtype(tokenizer.vocab_size)
     encoded = encode_records(task, records, tokenizer)
-    return records, {k: v if k == "answer" else RaggedTokens.from_sequences(v, dtype) for k, v in encoded.items()}
+    fields = {k: v if k == "answer" else RaggedTokens.from_sequences(v, dtype) for k, v in encoded.items()}
+    return len(records), split_labels(records), fields
 
 
 def load_dataset(task: str, path: str | Path, tokenizer, max_len: int, split: Split = "all",
@@ -361,8 +368,8 @@ def load_dataset(task: str, path: str | Path, tokenizer, max_len: int, split: Sp
     if path.suffix == ".jsonl":
         stat = path.stat() if path.exists() else None  # a missing file: read_jsonl names it
         version = None if stat is None else (stat.st_size, stat.st_mtime_ns)
-        records, fields = _encoded_jsonl(task, path.resolve(), version, tokenizer)
-        items = split_indices(records, split, eval_fraction)
+        n, labels, fields = _encoded_jsonl(task, path.resolve(), version, tokenizer)
+        items = split_indices(labels, n, split, eval_fraction)
         if task == "pretrain":
             docs = fields["text"]
             tokens = np.concatenate([docs[i] for i in items]) if len(items) else np.zeros(0, dtype=dtype)
