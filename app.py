@@ -10,8 +10,10 @@ Endpoints
     POST /api/chat              the original request fields; SSE `data: {"event": "thinking_chunk"|"answer_chunk"|"error"
                                 |"done", "data": ...}` (done carries finish_reason and usage)
     POST /v1/chat/completions   OpenAI chat completions, streamed or not (reasoning_content = thinking)
-    GET  /v1/models             the served model
-    GET  /health, GET /stats    liveness; queue, tokens/s and time to first token
+    POST /v1/completions        OpenAI (legacy) completions on raw text or token ids: echo, logprobs (lm-eval)
+    GET  /v1/models[/ID]        the served model
+    GET  /tokenizer_info, POST /tokenize, POST /detokenize   the tokenizer (vLLM's endpoints, for lm-eval)
+    GET  /health, GET /stats    liveness, model name, size and context; queue, tokens/s and time to first token
 Errors are JSON with a 4xx/5xx status: {"event": "error", "data": message} under /api, OpenAI's {"error": {...}} under /v1.
 
 Other web sites: a request with an Origin header (a browser sends it from pages of other sites) is refused with 403
@@ -38,10 +40,14 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
 from werkzeug.wsgi import LimitedStream
 
+from model import count_parameters
 from serving.chat import ChatRequest, ReplyPiece, RequestError, build_prompt, parse_web_request, stream_reply
 from serving.checkpoint import DTYPES, QUANTIZE, CheckpointError, load_for_serving
+from serving.completions import (collect_choice, completion_body, detokenize, generation_requests,
+                                 parse_completion_request, tokenize, tokenizer_info)
 from serving.engine import Engine, GenerationRequest, QueueFullError
-from serving.openai_api import Completion, error_body, models_list, parse_openai_request, usage
+from serving.openai_api import (Completion, check_model, error_body, model_card, models_list, parse_openai_request,
+                                stop_answer_at, usage)
 from trainer.tokenizer import Tokenizer, TokenizerFilesError
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
@@ -59,12 +65,16 @@ def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str, *, allow_o
     app = Flask(__name__, static_folder=str(STATIC_DIR), static_url_path="/static")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     started = int(time.time())
+    parameters = count_parameters(engine.model.config)  # shown on the page's welcome text
 
     def submit(chat: ChatRequest) -> GenerationRequest:
         prompt_ids, dropped = build_prompt(tokenizer, chat.messages, chat.thinking, engine.max_context)
         if dropped:
             log.info("dropped the %d oldest messages to fit the context", dropped)
-        generation = GenerationRequest(prompt_ids, chat.sampling, chat.thinking, chat.think_budget, client_gone_check())
+        return submit_generation(GenerationRequest(prompt_ids, chat.sampling, chat.thinking, chat.think_budget,
+                                                   client_gone_check()))
+
+    def submit_generation(generation: GenerationRequest) -> GenerationRequest:
         try:
             return engine.submit(generation)
         except QueueFullError as err:
@@ -105,7 +115,7 @@ def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str, *, allow_o
 
     @app.errorhandler(RequestError)
     def request_error(err: RequestError):
-        return error_response(err.status, err.message, err.param)
+        return error_response(err.status, err.message, err.param, err.code)
 
     @app.errorhandler(HTTPException)
     def http_error(err: HTTPException):
@@ -143,9 +153,13 @@ def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str, *, allow_o
 
     @app.post("/v1/chat/completions")
     def chat_completions():
-        chat, stream, include_usage = parse_openai_request(json_body(), engine.max_context)
+        body = json_body()
+        check_model(body, model_name)
+        chat, stream, include_usage = parse_openai_request(body, engine.max_context)
         generation = submit(chat)
         pieces = stream_reply(generation, tokenizer)
+        if chat.sampling.stop:
+            pieces = stop_answer_at(pieces, generation, chat.sampling.stop)
         completion = Completion(model_name)
         if not stream:
             texts, finished = {"thinking": [], "answer": []}, None
@@ -174,14 +188,50 @@ def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str, *, allow_o
 
         return Response(chunks(), mimetype="text/event-stream", headers=SSE_HEADERS)
 
+    @app.post("/v1/completions")
+    def completions():
+        body = json_body()
+        check_model(body, model_name)
+        asked = parse_completion_request(body, tokenizer, engine.max_context)
+        generations = []
+        try:
+            for generation in generation_requests(asked, client_gone_check()):
+                generations.append(submit_generation(generation))
+            choices = [collect_choice(generation, echo_text, asked, tokenizer)
+                       for generation, (_, echo_text) in zip(generations, asked.prompts)]
+        finally:
+            for generation in generations:  # after a failure (queue full, a lost client): free the others' slots
+                generation.cancel()
+        if any(choice.finish_reason in ("error", "cancelled") for choice in choices):
+            return error_response(500, "generation failed: " + INTERNAL_ERROR)
+        return jsonify(completion_body(choices, model_name))
+
     @app.get("/v1/models")
     def models():
         return jsonify(models_list(model_name, started))
+
+    @app.get("/v1/models/<path:model_id>")
+    def model(model_id: str):
+        check_model({"model": model_id}, model_name)
+        return jsonify(model_card(model_name, started))
+
+    @app.get("/tokenizer_info")
+    def get_tokenizer_info():
+        return jsonify(tokenizer_info(tokenizer, engine.max_context))
+
+    @app.post("/tokenize")
+    def post_tokenize():
+        return jsonify(tokenize(json_body(), tokenizer, engine.max_context))
+
+    @app.post("/detokenize")
+    def post_detokenize():
+        return jsonify(detokenize(json_body(), tokenizer))
 
     @app.get("/health")
     def health():
         ok = engine.alive
         body = {"status": "ok" if ok else "decode thread stopped", "model": model_name,
+                "parameters": parameters.total, "active_parameters": parameters.active,
                 "max_context": engine.max_context, "slots": len(engine.slots)}
         return jsonify(body), 200 if ok else 503
 
@@ -192,9 +242,9 @@ def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str, *, allow_o
     return app
 
 
-def error_response(status: int, message: str, param: str | None = None):
+def error_response(status: int, message: str, param: str | None = None, code: str | None = None):
     openai_path = request.path.startswith("/v1/")
-    response = jsonify(error_body(message, status, param) if openai_path else {"event": "error", "data": message})
+    response = jsonify(error_body(message, status, param, code) if openai_path else {"event": "error", "data": message})
     response.status_code = status
     if status == 503:
         response.headers["Retry-After"] = "1"

@@ -35,7 +35,7 @@ from tqdm import tqdm
 import utils
 from model import WeightsMismatchError
 from serving.checkpoint import RUN_SUMMARY, CheckpointError, load_for_serving
-from serving.engine import THINK_BUDGET_CLOSING, THINKING, Engine, Finished, GenerationRequest, SamplingParams
+from serving.engine import THINK_BUDGET_CLOSINGS, THINKING, Engine, Finished, GenerationRequest, SamplingParams
 from trainer.config import STAGE_ORDER, TrainConfig
 from trainer.data import IGNORE_INDEX
 from trainer.errors import InputError
@@ -328,9 +328,10 @@ def markdown(report: dict) -> str:
                   f"{_pct(r['finished_share'])} | {r['mean_reply_tokens']} | {r['mean_thinking_tokens']} / "
                   f"{r['max_thinking_tokens']} |" for r in report["budget"]]
         n = report["budget_closing_sentence_tokens"]
-        lines += ["", f"A budget above {n} tokens ends a thought the model has not closed in time with the "
-                      f"original's closing sentence ({n} tokens with this tokenizer, counted as thinking) and "
-                      f"`</think>`; a budget of {n} or less with `</think>` alone (serving/engine.py).", "",
+        counts = ", ".join(f"{count} tokens in {language}" for language, count in n.items())
+        lines += ["", f"A thought the model has not closed within its budget is ended with the closing sentence in the "
+                      f"thought's language ({counts} with this tokenizer, counted as thinking) and `</think>`, or "
+                      f"with `</think>` alone when the sentence does not fit (serving/engine.py).", "",
                   "![accuracy against thinking budget](budget_curve.png)", ""]
     if "moe" in report:
         m = report["moe"]
@@ -435,7 +436,8 @@ def evaluate(args: argparse.Namespace) -> dict:
         if "budget" in work:
             bar.set_postfix_str("thinking budget")
             report["budget"] = budget_section(served, arithmetic, max_new, args.slots, args.seed, bar)
-            report["budget_closing_sentence_tokens"] = len(tok.encode(THINK_BUDGET_CLOSING))
+            report["budget_closing_sentence_tokens"] = {language: len(tok.encode(text))
+                                                        for language, text in THINK_BUDGET_CLOSINGS.items()}
     report["seconds"] = round(time.perf_counter() - start, 1)
 
     out.mkdir(parents=True, exist_ok=True)

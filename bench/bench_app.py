@@ -75,7 +75,7 @@ def start_server(run_dir: Path, slots: int, threads: int, compile: bool) -> tupl
 
 def stream_once(port: int, prompt: str, max_tokens: int) -> tuple[float, int]:
     """(seconds to the first content chunk, completion tokens)."""
-    body = {"model": "bench", "messages": [{"role": "user", "content": prompt}], "stream": True, "thinking": False,
+    body = {"messages": [{"role": "user", "content": prompt}], "stream": True, "thinking": False,
             "temperature": 0.8, "top_p": 0.95, "max_tokens": max_tokens, "stream_options": {"include_usage": True}}
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
     start = time.perf_counter()

@@ -5,7 +5,8 @@ target scoring of model/head.py that the trainer uses: time and peak memory of f
     python3 bench/bench_head.py --positions 2048     # smaller
 
 Each variant runs in a fresh process so that its peak resident memory (ru_maxrss, Linux) is its own; the figure is the
-growth over the process's size after the inputs were allocated. Prints one JSON line.
+growth over the process's size after the inputs were allocated. "cpu_seconds" (process CPU time) is the steadier figure
+on a shared machine with OMP_NUM_THREADS=1. Prints one JSON line.
 """
 
 import argparse
@@ -36,19 +37,20 @@ def run_variant(variant: str, positions: int, hidden_size: int, vocab_size: int,
     targets = torch.randint(0, vocab_size, (positions,), generator=gen)
     base = peak_rss_mb()
 
-    def step() -> float:
+    def step() -> tuple[float, float]:
         hidden.grad = weight.grad = None
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         if variant == "plain":
             loss = F.cross_entropy(F.linear(hidden, weight), targets)
         else:
             loss = -target_log_probs(hidden, weight, targets, summed=True)[0] / positions
         loss.backward()
-        return time.perf_counter() - start
+        return time.perf_counter() - start, time.process_time() - start_cpu
 
     step()  # warm-up; the peak is reached here already
-    seconds = statistics.median(step() for _ in range(repeats))
-    return {"seconds": round(seconds, 3), "peak_extra_mb": round(peak_rss_mb() - base)}
+    wall, cpu = zip(*(step() for _ in range(repeats)))
+    return {"seconds": round(statistics.median(wall), 3), "cpu_seconds": round(statistics.median(cpu), 3),
+            "peak_extra_mb": round(peak_rss_mb() - base)}
 
 
 def main():
@@ -71,6 +73,7 @@ def main():
                                capture_output=True, text=True, check=True)
         result[variant] = json.loads(child.stdout)
     result["speedup"] = round(result["plain"]["seconds"] / result["chunked"]["seconds"], 2)
+    result["cpu_speedup"] = round(result["plain"]["cpu_seconds"] / result["chunked"]["cpu_seconds"], 2)
     print(json.dumps(result))
 
 

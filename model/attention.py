@@ -40,8 +40,7 @@ class Attention(nn.Module):
         k = apply_rotary(k.transpose(1, 2), cos, sin)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
-        # Query head h reads KV head h // group. enable_gqa does it without repeating K/V, but on CUDA only the flash
-        # and math kernels take it, and flash takes no mask: with a mask K/V are repeated, for the memory-efficient one
+        # Query head h reads KV head h // group; on CUDA enable_gqa excludes the memory-efficient kernel a mask needs
         enable_gqa = self.num_kv_heads != self.num_heads
         if enable_gqa and attn_bias is not None and q.device.type != "cpu":
             group = self.num_heads // self.num_kv_heads
@@ -56,12 +55,10 @@ class Attention(nn.Module):
 def build_attention_bias(attention_mask: torch.Tensor | None, doc_boundary_mask: torch.Tensor | None, batch: int,
                          new_len: int, past_len: int, dtype: torch.dtype,
                          device: torch.device) -> tuple[torch.Tensor | None, bool]:
-    """(additive bias or None, is_causal) for SDPA.
+    """(additive bias or None, is_causal) for SDPA, in dtype (what SDPA computes in).
 
-    Without padding or a document mask nothing is materialised: SDPA's is_causal (the flash kernel on a GPU) for a fresh
-    sequence, no mask for one new token. Otherwise the bias is the reference's: a finfo.min term per reason a key is
-    blocked (causal, padding, other document), summed, so a fully blocked row (left padding) stays finite, with no NaN.
-    dtype: what SDPA computes in (autocast's dtype when it is on)."""
+    Without padding or a document mask: no bias, SDPA's is_causal (the flash kernel on a GPU). Otherwise the reference's
+    bias: a finfo.min term per reason a key is blocked (causal, padding, other document), summed (finite, no NaN)."""
     total_len = past_len + new_len
     if attention_mask is not None and attention_mask.shape != (batch, total_len):
         raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected (batch, past + new tokens) "
@@ -81,7 +78,6 @@ def build_attention_bias(attention_mask: torch.Tensor | None, doc_boundary_mask:
                 doc_boundary_mask.shape[1:] != (1, new_len, total_len)):
             raise ValueError(f"doc_boundary_mask has shape {tuple(doc_boundary_mask.shape)}, "
                              f"expected ({batch}, 1, {new_len}, {total_len})")
-        # bool: True = may attend; float: additive like the reference's (0 = attend, negative = blocked)
         blocked_terms.append(~doc_boundary_mask if doc_boundary_mask.dtype == torch.bool else doc_boundary_mask < 0)
     neg = torch.tensor(torch.finfo(dtype).min, dtype=dtype, device=device)
     zero = torch.zeros((), dtype=dtype, device=device)

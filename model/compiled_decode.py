@@ -1,11 +1,8 @@
-"""Token-by-token decoding as one torch.compile'd graph per step: generate(..., compile=True) and the server's --compile.
+"""Token-by-token decoding, one torch.compile'd graph per step (generate(..., compile=True), the server's --compile).
 
-Eagerly, a decode step is some 300 small operations whose dispatch (on a GPU, kernel launches) costs more than their
-arithmetic. This step has no data-dependent control flow, so it compiles to one graph: each row's new key/value are
-written at a position held in a tensor, attention reads the whole cache under a mask, and each row's experts are picked
-from the stacked weights by index (RoutedExperts.gathered). It runs the model's own modules and weights (weight updates
-are seen) and matches eager decoding up to rounding order. It needs a C++ compiler on CPU, Triton on CUDA; each new
-shape (batch size, cache width) compiles for seconds, the second one a dynamic graph, and a batch of one its own.
+The step has no data-dependent control flow: each row's key/value is written at a position held in a tensor, attention
+reads the whole cache under a mask, and each row's experts are picked from the stacked weights by index. It runs the
+model's own modules and weights; each new shape (batch size, cache width) compiles once (a C++ compiler on CPU).
 """
 
 import functools
@@ -18,8 +15,7 @@ from .kv_cache import KVCache
 
 
 class _WriteAtPositions:
-    """The KVCache interface inside a compiled step: row b's new key/value go to position positions[b] of each layer's
-    (B, n_kv, S, head_dim) buffer, and attention reads the whole buffer (the caller's bias masks the rest)."""
+    """KVCache.update in a compiled step: row b's key/value go to position positions[b]; the whole buffer is read."""
 
     def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], positions: torch.Tensor):
         self.keys, self.values, self.positions = keys, values, positions
@@ -34,11 +30,8 @@ class _WriteAtPositions:
 
 def decode_step(model: nn.Module, tokens: torch.Tensor, position_ids: torch.Tensor, write_positions: torch.Tensor,
                 attn_bias: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor]) -> torch.Tensor:
-    """One new token per row through the whole model -> logits (B, V).
-
-    tokens (B,); position_ids (B, 1) RoPE positions; write_positions (B,) each row's cache position for this token;
-    attn_bias (B, 1, 1, S) additive, 0 where a row may attend (its tokens so far and this one); keys / values: each
-    layer's (B, n_kv, S, head_dim) cache, written in place."""
+    """tokens (B,) at RoPE positions (B, 1), written at cache positions write_positions (B,) -> logits (B, V).
+    attn_bias (B, 1, 1, S): 0 where a row may attend; keys / values: each layer's (B, n_kv, S, D) cache."""
     x = model.embed_tokens(tokens[:, None])
     cos, sin = model.rotary_emb(position_ids, x.dtype)
     cache = _WriteAtPositions(keys, values, write_positions)
@@ -55,8 +48,7 @@ def attention_bias(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 @functools.cache
 def _compiled() -> Callable:
-    # One compiled function for every model: the model is an argument, so its weights are graph inputs (guarded on
-    # shape, dtype and device only); the C++ wrapper saves the Python cost of each kernel call
+    # One function for every model: its weights are graph inputs; the C++ wrapper saves Python per kernel call
     return torch.compile(decode_step, fullgraph=True, options={"cpp_wrapper": True})
 
 
@@ -69,7 +61,7 @@ def compiled_decode_step(model: nn.Module) -> Callable:
 
 
 class CompiledDecoder:
-    """Decodes into a fixed-size KVCache that holds the prompt, one compiled step per token (as in model.generate)."""
+    """Decodes into a fixed-size KVCache that holds the prompt, one compiled step per token."""
 
     def __init__(self, model: nn.Module, cache: KVCache, attention_mask: torch.Tensor | None):
         """attention_mask (B, P) of the prompt in the cache (None = no padding)."""

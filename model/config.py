@@ -1,8 +1,5 @@
-"""Model configuration: dataclasses with the field names of the reference `llm_model` 0.6.0, Cortex presets, parameter counts.
-
-A config written for the reference (`ModelConfig(vocab_size=..., moe_config=MoEConfig(...), ...)`) builds the same
-network here, with the same state-dict keys and shapes.
-"""
+"""Model configuration: dataclasses with the field names of the reference `llm_model` 0.6.0 (a config written for it
+builds the same network here), Cortex presets, parameter counts."""
 
 from dataclasses import asdict, dataclass, field, fields, replace
 
@@ -39,12 +36,10 @@ class MoEConfig:
     norm_topk_prob: bool = False  # renormalise the top-k weights to sum to 1
 
     def __post_init__(self):
-        for name in ("intermediate_size", "num_experts_per_tok", "n_routed_experts"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"MoEConfig.{name} must be a positive int, got {getattr(self, name)!r}")
-        for name in ("n_dense_layer", "n_shared_experts"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
-                raise ValueError(f"MoEConfig.{name} must be an int >= 0, got {getattr(self, name)!r}")
+        for name, least in (("intermediate_size", 1), ("num_experts_per_tok", 1), ("n_routed_experts", 1),
+                            ("n_dense_layer", 0), ("n_shared_experts", 0)):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < least:
+                raise ValueError(f"MoEConfig.{name} must be an int >= {least}, got {getattr(self, name)!r}")
         if self.num_experts_per_tok > self.n_routed_experts:
             raise ValueError(f"MoEConfig.num_experts_per_tok={self.num_experts_per_tok} exceeds "
                              f"n_routed_experts={self.n_routed_experts}")
@@ -155,17 +150,14 @@ def count_parameters(config: ModelConfig) -> ParameterCount:
     dense_mlp = 3 * hidden * config.intermediate_size
     total = active = hidden  # head_norm
     for layer_idx in range(config.num_hidden_layers):
-        total += attention + norms
-        active += attention + norms
         if config.is_moe_layer(layer_idx):
             moe = config.moe_config
             expert = 3 * hidden * moe.intermediate_size
-            shared = expert * moe.n_shared_experts
-            router = moe.n_routed_experts * hidden
-            total += moe.n_routed_experts * expert + shared + router
-            active += moe.num_experts_per_tok * expert + shared + router
+            always = attention + norms + expert * moe.n_shared_experts + moe.n_routed_experts * hidden  # + router
+            total += always + moe.n_routed_experts * expert
+            active += always + moe.num_experts_per_tok * expert
         else:
-            total += dense_mlp
-            active += dense_mlp
+            total += attention + norms + dense_mlp
+            active += attention + norms + dense_mlp
     total += 2 * config.vocab_size * hidden  # untied embed_tokens and lm_head
     return ParameterCount(total=total, active=active)

@@ -1,9 +1,8 @@
 """Autoregressive generation with a fixed-size KV cache: greedy or sampling, stop tokens, streaming, left-padded batches.
 
-Logits are processed in this order: repetition penalty -> suppressed tokens -> temperature -> top-k -> top-p, then
-argmax (temperature None or 0) or a multinomial draw from `generator` (seed it for reproducible samples).
-A stop token is emitted and ends its row; in a batch, finished rows continue with pad tokens until all rows are done.
-The model is put in eval mode (no dropout) while generating and restored afterwards.
+Logits: repetition penalty -> suppressed tokens -> temperature -> top-k -> top-p, then argmax (temperature None or 0) or
+a draw from `generator`. A stop token is emitted and ends its row (finished rows continue with pad tokens). The model
+runs in eval mode while generating.
 """
 
 from collections.abc import Iterator, Sequence
@@ -43,7 +42,7 @@ def process_logits(logits: torch.Tensor, *, temperature: float | None = None, to
 def select_tokens(logits: torch.Tensor, temperature: float | None, generator: torch.Generator | None) -> torch.Tensor:
     """Processed logits (B, V) -> token ids (B,): argmax when greedy, else a draw from softmax(logits)."""
     if not temperature:
-        return logits.max(dim=-1).indices  # the first maximum, like argmax, and faster on CPU
+        return logits.max(dim=-1).indices  # the first maximum, like argmax
     return torch.multinomial(logits.softmax(dim=-1), num_samples=1, generator=generator).squeeze(1)
 
 
@@ -73,7 +72,7 @@ def _decode(model: nn.Module, prompts: Sequence[Sequence[int]], *, max_new_token
     device = model.lm_head.weight.device
     input_ids, prompt_mask = left_pad(prompts, pad_token_id, device)
     batch, prompt_len = input_ids.shape
-    # Real tokens are numbered from 0 in every row; padding positions are masked out, their position is irrelevant
+    # Real tokens are numbered from 0 in every row (padding is masked out)
     position_ids = (prompt_mask.cumsum(dim=-1) - 1).clamp(min=0)
     attention_mask = None if bool(prompt_mask.all()) else prompt_mask  # None keeps the fast unmasked attention path
     stop_ids = torch.tensor(list(stop_token_ids), dtype=torch.long, device=device)
@@ -118,9 +117,7 @@ def generate_stream(model: nn.Module, prompt_ids: Sequence[int], *, max_new_toke
     """Yield new token ids one at a time for a single prompt; a stop token is yielded last.
 
     sampling: stop_token_ids=(), temperature=None (None or 0: greedy), top_k=None, top_p=None, repetition_penalty=1.0,
-    suppress_token_ids=(), generator=None (seed it for reproducible samples), compile=False (True: decode each token
-    with one torch.compile'd step, see model/compiled_decode.py; the first call of a new shape compiles)."""
-    # pad_token_id is never emitted: a single row stops as soon as it finishes
+    suppress_token_ids=(), generator=None, compile=False (True: one torch.compile'd step per token, compiled_decode.py)."""
     for tokens in _decode(model, [prompt_ids], max_new_tokens=max_new_tokens, pad_token_id=0, **sampling):
         yield int(tokens[0])
 
@@ -132,10 +129,7 @@ def generate(model: nn.Module, prompt_ids: Sequence[int], **kwargs) -> list[int]
 
 def batch_generate(model: nn.Module, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, pad_token_id: int,
                    **sampling) -> torch.Tensor:
-    """Generate for several prompts at once (left-padded, per-row positions, one KV cache); sampling as in
-    generate_stream.
-
-    Returns the completions (B, L), L <= max_new_tokens: each row's tokens up to and including its stop token, then
-    pad_token_id."""
+    """Completions (B, L <= max_new_tokens) of several prompts at once (left-padded, one KV cache): each row's tokens up
+    to and including its stop token, then pad_token_id; sampling as in generate_stream."""
     steps = _decode(model, prompts, max_new_tokens=max_new_tokens, pad_token_id=pad_token_id, **sampling)
     return torch.stack(list(steps), dim=1)

@@ -4,11 +4,9 @@ import torch
 
 
 class KVCache:
-    """`KVCache()` grows by concatenation with no limit (the reference's behaviour); `KVCache(max_length=N)` allocates N
-    positions per layer on first use and writes in place (no copy of the past per step), and refuses to go past N.
-
-    All rows share the sequence axis: rows of different lengths are left-padded and masked by the caller's
-    attention_mask (B, S). keys[i] / values[i] hold layer i's storage; its first get_seq_len(i) positions are valid."""
+    """`KVCache()` grows by concatenation (the reference's behaviour); `KVCache(max_length=N)` allocates N positions per
+    layer on first use and writes in place. Rows share the sequence axis (left-padded, masked by the caller);
+    keys[i] / values[i] hold layer i's storage, its first get_seq_len(i) positions valid."""
 
     def __init__(self, max_length: int | None = None):
         if max_length is not None and max_length < 1:

@@ -26,11 +26,9 @@ class Router(nn.Module):
 
 
 class RoutedExperts(nn.Module):
-    """The E routed SwiGLU experts as three stacked weights: gate_proj and up_proj (E, I, H), down_proj (E, H, I).
-
-    One module, so that DeepSpeed ZeRO-3 gathers every expert around one call that each rank makes whatever its tokens,
-    and the expert products can be one grouped matrix product. The state dict keeps the published per-expert keys
-    (`{e}.gate_proj.weight`, ...)."""
+    """The E routed SwiGLU experts as stacked weights gate_proj, up_proj (E, I, H) and down_proj (E, H, I): one module
+    for DeepSpeed ZeRO-3 to gather around one call per rank, one grouped product; the state dict keeps the published
+    per-expert keys (`{e}.gate_proj.weight`, ...)."""
 
     WEIGHTS = ("gate_proj", "up_proj", "down_proj")
 
@@ -43,15 +41,13 @@ class RoutedExperts(nn.Module):
         self.init_weights(lambda weight: nn.init.kaiming_uniform_(weight, a=math.sqrt(5)))  # nn.Linear's default
 
     def init_weights(self, init) -> None:
-        """init applied expert by expert, in the reference's order (a seeded model draws the reference's numbers)."""
+        """Expert by expert, in the reference's order (a seeded model draws the reference's numbers)."""
         for expert in range(self.num_experts):
             for name in self.WEIGHTS:
                 init(getattr(self, name)[expert])
 
     def forward(self, x: torch.Tensor, expert_idx: torch.Tensor) -> torch.Tensor:
-        """x (N, H), expert_idx (N, K) -> each row through each of its K experts (N, K, H).
-
-        The N*K (row, expert) pairs are sorted by expert, so that each expert multiplies one contiguous slice."""
+        """x (N, H), expert_idx (N, K) -> (N, K, H); the (row, expert) pairs sorted by expert, one slice each."""
         num_rows, top_k = expert_idx.shape
         order = expert_idx.reshape(-1).argsort(stable=True)
         rows = x.index_select(0, order // top_k)
@@ -60,8 +56,7 @@ class RoutedExperts(nn.Module):
         return out.new_empty(out.shape).index_copy(0, order, out).view(num_rows, top_k, -1)
 
     def _grouped_mm_fits(self, rows: torch.Tensor) -> bool:
-        # torch._grouped_mm (CPU and CUDA) wants rows 16-byte aligned; on CUDA it is one kernel with no host sync for
-        # bf16 on compute capability 9.0/10.0, else it loops over the experts itself
+        # rows must be 16-byte aligned; on CUDA (bf16, sm90/100) one kernel with no host sync
         dtype = compute_dtype(rows)
         aligned = all(size * dtype.itemsize % 16 == 0 for size in self.down_proj.shape[1:])
         return hasattr(torch, "_grouped_mm") and rows.device.type in ("cpu", "cuda") and aligned
@@ -75,16 +70,12 @@ class RoutedExperts(nn.Module):
         return torch._grouped_mm(hidden, down, offs=ends)
 
     def _looped(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        outs = [F.linear(F.silu(F.linear(chunk, gate)) * F.linear(chunk, up), down)
-                for chunk, gate, up, down in zip(rows.split(counts.tolist()), *self._per_expert())]
-        return torch.cat(outs)
-
-    def _per_expert(self) -> list[tuple[torch.Tensor, ...]]:
-        return [getattr(self, name).unbind(0) for name in self.WEIGHTS]
+        per_expert = (getattr(self, name).unbind(0) for name in self.WEIGHTS)
+        return torch.cat([F.linear(F.silu(F.linear(chunk, gate)) * F.linear(chunk, up), down)
+                          for chunk, gate, up, down in zip(rows.split(counts.tolist()), *per_expert)])
 
     def gathered(self, rows: torch.Tensor, expert_idx: torch.Tensor) -> torch.Tensor:
-        """rows (N, H), expert_idx (N, K) -> (N, K, H) like forward, with each row's expert weights picked by index:
-        no data-dependent shapes, for compiled decoding of a few rows at a time."""
+        """Like forward, each row's expert weights picked by index: no data-dependent shapes (compiled decoding)."""
         num_rows, top_k = expert_idx.shape
         idx = expert_idx.reshape(-1)
         inputs = rows.repeat_interleave(top_k, dim=0).unsqueeze(-1)  # (N*K, H, 1)
@@ -93,17 +84,16 @@ class RoutedExperts(nn.Module):
         return torch.bmm(self.down_proj[idx], F.silu(gate) * up).view(num_rows, top_k, -1)
 
     def _holds_zero3_shards(self) -> bool:
-        # Under DeepSpeed ZeRO-3, outside a gather, each parameter is a placeholder (ds_shape is the real shape), and
-        # DeepSpeed's own checkpoints go by parameter name
+        # ZeRO-3 placeholders outside a gather (ds_shape is the real shape); DeepSpeed's checkpoints go by name
         return hasattr(self.gate_proj, "ds_id") and tuple(self.gate_proj.shape) != tuple(self.gate_proj.ds_shape)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         if self._holds_zero3_shards():
             return super()._save_to_state_dict(destination, prefix, keep_vars)
-        per_expert = self._per_expert()
         for expert in range(self.num_experts):  # the published order: expert by expert
-            for name, weights in zip(self.WEIGHTS, per_expert):
-                destination[f"{prefix}{expert}.{name}.weight"] = weights[expert] if keep_vars else weights[expert].detach()
+            for name in self.WEIGHTS:
+                weight = getattr(self, name)[expert]
+                destination[f"{prefix}{expert}.{name}.weight"] = weight if keep_vars else weight.detach()
 
     def _load_from_state_dict(self, state_dict, prefix, *args):
         if not self._holds_zero3_shards():  # the published per-expert keys -> one stacked entry per weight
@@ -115,7 +105,7 @@ class RoutedExperts(nn.Module):
 
 
 def unstack_expert_weights(named_tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Tensors named as parameters (`layers.1.mlp.experts.gate_proj`, stacked (E, ...)) -> state-dict keys
+    """Parameter names (`layers.1.mlp.experts.gate_proj`, stacked) -> the published state-dict keys
     (`layers.1.mlp.experts.{e}.gate_proj.weight`), for code that collects weights by parameter name (DeepSpeed)."""
     out = {}
     for name, tensor in named_tensors.items():
@@ -143,9 +133,7 @@ class MoE(nn.Module):
         self.shared_experts = MLP(config.hidden_size, shared_size) if shared_size else None
 
     def forward(self, x: torch.Tensor, gather_experts: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """x (B, T, H) -> (output (B, T, H), aux loss (0-d fp32) in training mode, else None).
-
-        gather_experts: pick each row's expert weights by index (RoutedExperts.gathered), for compiled decoding."""
+        """x (B, T, H) -> (output, aux loss (0-d fp32) when training, else None); gather_experts: compiled decoding."""
         batch, seq_len, hidden = x.shape
         flat = x.reshape(-1, hidden)
         scores = self.gate(flat)
@@ -154,16 +142,15 @@ class MoE(nn.Module):
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         weights = weights * self.routed_scaling_factor
         routed = self.experts.gathered(flat, expert_idx) if gather_experts else self.experts(flat, expert_idx)
-        # Weighted in fp32 (the router's dtype), then cast back to the experts' dtype
-        out = (routed.float() * weights.unsqueeze(-1)).sum(dim=1).to(routed.dtype).view(batch, seq_len, hidden)
+        out = (routed.float() * weights.unsqueeze(-1)).sum(dim=1).to(routed.dtype)  # weighted in fp32
+        out = out.view(batch, seq_len, hidden)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
         aux_loss = self._aux_loss(scores, expert_idx, batch, seq_len) if self.training else None
         return out, aux_loss
 
     def _aux_loss(self, scores: torch.Tensor, expert_idx: torch.Tensor, batch: int, seq_len: int) -> torch.Tensor:
-        """Load balancing, sum_e f_e * P_e: f = routed share x E (no gradient), P = mean router probability.
-        Unscaled (the trainer applies its coefficient); padding tokens count, as in the reference."""
+        """sum_e f_e * P_e: f = routed share x E (no gradient), P = mean router probability. Unscaled; padding counts."""
         num_experts, top_k = self.num_experts, self.top_k
         if self.seq_aux:  # per sequence, then averaged over the batch
             counts = scores.new_zeros(batch, num_experts).scatter_add_(

@@ -9,9 +9,9 @@ from .config import ModelConfig
 
 
 def yarn_factor_and_original_length(config: ModelConfig) -> tuple[float, int]:
-    # When the original length is given, the factor is implied by it and RoPEConfig.factor is ignored (as in the reference)
-    if config.original_max_position_embeddings:
-        return config.max_position_embeddings / config.original_max_position_embeddings, config.original_max_position_embeddings
+    original = config.original_max_position_embeddings  # when given, it implies the factor (RoPEConfig.factor ignored)
+    if original:
+        return config.max_position_embeddings / original, original
     return config.rope_config.factor, config.max_position_embeddings
 
 
@@ -40,8 +40,7 @@ def rope_inv_freq(config: ModelConfig, device: torch.device | str | None = None)
     if rope.rope_type == "default":
         return 1.0 / pos_freqs
 
-    # YaRN: high-frequency pairs keep their frequency (extrapolation), low-frequency pairs are divided by the factor
-    # (interpolation), a linear ramp in between; the ramp ends come from the number of rotations over the original length.
+    # YaRN: high-frequency pairs keep their frequency, low-frequency ones are divided by the factor, a ramp in between
     factor, original_length = yarn_factor_and_original_length(config)
     beta_fast, beta_slow = rope.beta_fast or 32, rope.beta_slow or 1
 
@@ -53,9 +52,8 @@ def rope_inv_freq(config: ModelConfig, device: torch.device | str | None = None)
     if low == high:
         high += 0.001  # avoid a zero-width ramp
     ramp = ((torch.arange(dim // 2, dtype=torch.float32, device=device) - low) / (high - low)).clamp(0, 1)
-    extrapolation_share = 1 - ramp
-    # Written in the same operation order as the reference so the frequencies agree bit for bit
-    return (1.0 / (factor * pos_freqs)) * (1 - extrapolation_share) + (1.0 / pos_freqs) * extrapolation_share
+    keep = 1 - ramp  # the reference's operation order, for bit-equal frequencies
+    return (1.0 / (factor * pos_freqs)) * (1 - keep) + (1.0 / pos_freqs) * keep
 
 
 class RotaryEmbedding(nn.Module):
@@ -68,8 +66,7 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
 
     def _apply(self, fn, recurse=True):
-        # model.to(bfloat16) / .half() would round inv_freq (up to 0.4% error, large angle errors at long positions):
-        # recompute it in fp32 on whatever device the cast moved it to.
+        # .to(bfloat16) would round inv_freq (0.4%, large angle errors at long positions): recompute it in fp32
         super()._apply(fn, recurse)
         self.inv_freq = rope_inv_freq(self.config, device=self.inv_freq.device)
         return self

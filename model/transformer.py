@@ -46,7 +46,7 @@ class CortexModel(nn.Module):
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
-        # N(0, 0.02) for every Linear, Embedding and routed expert; norms stay 1, the router keeps its kaiming init
+        # N(0, 0.02) for Linear, Embedding and routed experts; norms stay 1, the router keeps its kaiming init
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
         elif isinstance(module, RoutedExperts):
@@ -58,25 +58,18 @@ class CortexModel(nn.Module):
                 targets: torch.Tensor | None = None, sum_target_log_probs: bool = False,
                 return_entropy: bool = False) -> dict:
         """
-        input_ids: (B, T) new tokens.
-        attention_mask: (B, P+T), True/1 = real token, False/0 = padding; must cover the cached positions too.
-        position_ids: (B, T) or (1, T); default arange(P, P+T) for every row (RoPE is relative, so left padding
-            needs no correction for the logits; generation passes per-row positions anyway).
-        doc_boundary_mask: (B, 1, T, P+T) for packed documents, either bool (True = may attend) or the reference's
-            additive float form (0 = may attend, negative = blocked). Causality is always added on top.
-        past_key_values: a KVCache, used and updated whenever given; use_cache=True creates one if none is given.
+        input_ids (B, T) new tokens; attention_mask (B, P+T) True = real token, covering the cached positions too.
+        position_ids (B or 1, T), default arange(P, P+T); doc_boundary_mask (B, 1, T, P+T) for packed documents, bool
+            (True = may attend) or the reference's additive float form; causality is always added on top.
+        past_key_values: a KVCache, used and updated whenever given; use_cache=True creates one.
         logits_to_keep: 0 = logits for all T positions, k > 0 = only the last k.
-        targets: (B, T or k) token ids to score instead of returning logits (-100 = not scored): position t scores
-            targets[:, t], so for next-token prediction pass the inputs shifted left. Computed in chunks of positions
-            without materialising the (B, T, V) logits (model/head.py).
-        sum_target_log_probs: return the sum of the target log-probs (0-d) rather than one per position, which spares
-            backward a projection (use it for a cross-entropy loss).
-        return_entropy: also return each kept position's entropy (no gradient), with targets.
+        targets (B, T or k): score these token ids (-100 = not scored) instead of returning logits, a chunk of positions
+            at a time (model/head.py); for next-token prediction pass the inputs shifted left.
+        sum_target_log_probs: return their sum (0-d, the cross-entropy case); return_entropy: each position's entropy.
 
-        Returns {'logits': (B, T or k, V), or None with targets, 'aux_loss': sum of the MoE layers' aux losses (0-d
-        fp32) in training mode, None in eval mode or without MoE, 'past_key_values': the cache or None}, and with
-        targets 'target_log_probs' ((B, T or k) fp32, 0 where not scored, or their sum) and 'entropy' ((B, T or k) fp32
-        or None).
+        Returns {'logits': (B, T or k, V) or None with targets, 'aux_loss': the MoE layers' summed aux loss (0-d fp32)
+        when training, else None, 'past_key_values'}, with targets also 'target_log_probs' ((B, T or k) fp32, 0 where
+        not scored, or their sum) and 'entropy' ((B, T or k) fp32, or None).
         """
         batch, new_len = input_ids.shape
         if targets is None and (sum_target_log_probs or return_entropy):
@@ -101,7 +94,7 @@ class CortexModel(nn.Module):
                 aux_loss = layer_aux if aux_loss is None else aux_loss + layer_aux
 
         if logits_to_keep > 0:
-            x = x[:, -logits_to_keep:]  # the norm is per position, so slicing first saves work
+            x = x[:, -logits_to_keep:]
         x = self.head_norm(x)
         out = {"aux_loss": aux_loss, "past_key_values": past_key_values}
         if targets is None:

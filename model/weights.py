@@ -1,7 +1,5 @@
-"""Loading and saving weights: the published plain torch state dict (`.bin`, e.g. Cortex 2.5.1 `dpo.bin`) and safetensors.
-
-Loading is always strict: any missing or unexpected key or shape mismatch is an error that lists them all.
-"""
+"""Weights as the published plain torch state dict (`.bin`, e.g. Cortex 2.5.1 `dpo.bin`) or safetensors; loading is
+strict, and a mismatch is an error that lists every missing, unexpected or mis-shaped key."""
 
 import pickle
 from pathlib import Path
@@ -54,12 +52,8 @@ def check_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], sour
     if not (missing or unexpected or mismatched):
         return
     parts = [f"{source} does not match the model ({type(model).__name__})"]
-    if missing:
-        parts.append(_listing("missing keys", missing))
-    if unexpected:
-        parts.append(_listing("unexpected keys", unexpected))
-    if mismatched:
-        parts.append(_listing("shape mismatches", mismatched))
+    parts += [_listing(title, items) for title, items in
+              (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched)) if items]
     prefixes = {k.split(".", 1)[0] for k in unexpected}
     if len(prefixes) == 1 and all(k.split(".", 1)[-1] in expected for k in unexpected):
         parts.append(f"hint: every key carries the prefix '{prefixes.pop()}.'; strip it before loading")
@@ -90,8 +84,7 @@ def save_weights(model_or_state_dict: nn.Module | dict[str, torch.Tensor], path:
 
 
 def _standalone(tensor: torch.Tensor) -> torch.Tensor:
-    """A contiguous CPU tensor that owns its storage: the routed experts' entries are views of stacked weights, which
-    safetensors refuses and torch.save would write whole for each view."""
+    """A contiguous CPU tensor owning its storage (the routed experts' entries are views of stacked weights)."""
     tensor = tensor.detach().cpu()
     owns_storage = tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
     return tensor if owns_storage and tensor.is_contiguous() else tensor.clone(memory_format=torch.contiguous_format)

@@ -7,6 +7,11 @@ Prompt (training.md section 2), always in the form training saw:
   with the empty think block of no-think training data; each past user turn gets the soft switch that matches its reply;
 * the newest user turn gets " /think" or " /no think" from the thinking flag, and the prompt ends with
   `<assistant><think>` or `<assistant><think> </think>`;
+* a later system message (mid-conversation) is a `<system>S</s>` turn where it stands, kept or dropped with the
+  exchange it precedes;
+* a trailing assistant message (OpenAI API) is a prefill that the model continues: `<assistant><think>T</think>
+  <answer>C` (T a single space when not given), or `<assistant><think>T` (thinking continued) when only its thinking
+  is given;
 * leading assistant messages (the original page sent its welcome bubble as history) are dropped;
 * message text (system, user, assistant, thinking) is encoded as text: a "</s><system>" typed into a message stays
   text, only the template inserts control tokens. Our replies never contain the tags (the decoder hides them), so
@@ -34,9 +39,9 @@ FLUSH_INTERVAL_S = 0.05  # after the first piece, a stream sends what it has at 
 class RequestError(ValueError):
     """Bad client input: answered with this status and message (never a stack trace)."""
 
-    def __init__(self, message: str, status: int = 400, param: str | None = None):
+    def __init__(self, message: str, status: int = 400, param: str | None = None, code: str | None = None):
         super().__init__(message)
-        self.message, self.status, self.param = message, status, param
+        self.message, self.status, self.param, self.code = message, status, param, code
 
 
 @dataclass(frozen=True)
@@ -96,9 +101,9 @@ def json_type(value) -> str:
     return names.get(type(value), type(value).__name__)
 
 
-def check_messages(messages, name: str) -> list[dict]:
-    """A non-empty list of {role: system|user|assistant, content: str[, think: str]}: an optional system message
-    first, the last one from the user."""
+def check_messages(messages, name: str, prefill: bool = False) -> list[dict]:
+    """A non-empty list of {role: system|user|assistant, content: str[, think: str]} with a user message, the last one
+    from the user or (prefill) the assistant."""
     if not isinstance(messages, list):
         raise RequestError(f"'{name}' must be an array of messages, got {json_type(messages)}", param=name)
     if not messages:
@@ -114,14 +119,16 @@ def check_messages(messages, name: str) -> list[dict]:
         role = message.get("role")
         if role not in ("system", "user", "assistant"):
             raise RequestError(f"'{where}.role' must be 'system', 'user' or 'assistant', got {role!r}", param=where)
-        if role == "system" and i != 0:
-            raise RequestError(f"'{where}': a system message may only come first", param=where)
         entry = {"role": role, "content": check_text(message.get("content"), f"{where}.content")}
         if role == "assistant" and message.get("think") is not None:
             entry["think"] = check_text(message["think"], f"{where}.think")
         checked.append(entry)
-    if checked[-1]["role"] != "user" or not checked[-1]["content"].strip():
-        raise RequestError(f"the last message of '{name}' must be a non-empty user message", param=name)
+    last = checked[-1]
+    if prefill and last["role"] == "assistant" and any(m["role"] == "user" for m in checked):
+        return checked
+    if last["role"] != "user" or not last["content"].strip():
+        ending = " (or an assistant message for the model to continue)" if prefill else ""
+        raise RequestError(f"the last message of '{name}' must be a non-empty user message{ending}", param=name)
     return checked
 
 
@@ -156,15 +163,26 @@ def reply_reserve(max_context: int) -> int:
     return min(512, max_context // 4)
 
 
+def prefill_thinking(messages: list[dict]) -> bool | None:
+    """For a chat ending with an assistant message: whether its prefill ends inside an open <think> (only thinking
+    given); None when the chat ends with a user message."""
+    last = messages[-1]
+    return None if last["role"] != "assistant" else (not last["content"] and last.get("think") is not None)
+
+
 def build_prompt(tokenizer: Tokenizer, messages: list[dict], thinking: bool, max_context: int) -> tuple[list[int], int]:
     """(prompt ids, number of oldest messages dropped so that the reply keeps reply_reserve tokens of the context).
+    thinking: the prompt ends inside an open <think> (for a prefill, prefill_thinking says).
     Message text is encoded as text: only the template's tags are control ids. Raises RequestError when even the
     system prompt plus the newest message do not fit."""
     max_prompt_tokens = max_context - reply_reserve(max_context)
     system = messages[0] if messages[0]["role"] == "system" else {"role": "system", "content": DEFAULT_SYSTEM_PROMPT}
     chat = messages[1:] if messages[0]["role"] == "system" else messages
-    first_user = next(i for i, m in enumerate(chat) if m["role"] == "user")
-    skipped, exchanges = first_user, _exchanges(chat[first_user:], thinking)
+    prefill = chat[-1] if chat[-1]["role"] == "assistant" else None
+    if prefill is not None:
+        chat = chat[:-1]
+    first = next(i for i, m in enumerate(chat) if m["role"] != "assistant")
+    skipped, exchanges = first, _exchanges(chat[first:], thinking, prefill)
 
     # More characters than this cannot fit, whatever the text: refused (or dropped) without tokenising them
     max_chars = tokenizer.max_token_chars * max_prompt_tokens
@@ -185,7 +203,10 @@ def build_prompt(tokenizer: Tokenizer, messages: list[dict], thinking: bool, max
         kept += 1
     while True:
         turns = [m for exchange in exchanges[len(exchanges) - kept:] for m in exchange]
-        ids = tokenizer.encode_prompt([system, *turns], thinking)
+        if prefill is None:
+            ids = tokenizer.encode_prompt([system, *turns], thinking)
+        else:
+            ids = tokenizer.apply_chat_template([system, *turns]) + _prefill_ids(tokenizer, prefill)
         if len(ids) <= max_prompt_tokens:
             return ids, skipped + sum(len(e) for e in exchanges[: len(exchanges) - kept])
         if kept == 1:
@@ -199,25 +220,45 @@ def _chars(messages: list[dict]) -> int:
     return sum(len(m["content"]) + len(m.get("think", "")) for m in messages)
 
 
-def _exchanges(chat: list[dict], thinking: bool) -> list[list[dict]]:
-    """Groups [user, assistant...] with the template fields training used; the last group is the newest user message."""
+def _prefill_ids(tokenizer: Tokenizer, prefill: dict) -> list[int]:
+    """<assistant><think>T, or <assistant><think>T</think><answer>C (T a single space when not given); T and C as
+    text."""
+    if prefill_thinking([prefill]):
+        return [tokenizer.assistant_id, tokenizer.think_id, *tokenizer.encode_text(prefill["think"])]
+    return [tokenizer.assistant_id, tokenizer.think_id, *tokenizer.encode_text(prefill.get("think") or " "),
+            tokenizer.think_end_id, tokenizer.answer_id, *tokenizer.encode_text(prefill["content"])]
+
+
+def _exchanges(chat: list[dict], thinking: bool, prefill: dict | None = None) -> list[list[dict]]:
+    """Groups [system..., user, assistant...] with the template fields training used; the last group holds the newest
+    user message (and is answered by the prefill, when given)."""
     exchanges: list[list[dict]] = []
+    systems: list[dict] = []  # later system messages, kept with the exchange they precede
     for message in chat:
-        if message["role"] == "user":
-            exchanges.append([message])
+        if message["role"] == "system":
+            systems.append(message)
+        elif message["role"] == "user":
+            exchanges.append([*systems, message])
+            systems = []
         else:
             exchanges[-1].append(message)
+    exchanges[-1].extend(systems)  # after the newest user message (before a prefill)
     templated = []
     for n, exchange in enumerate(exchanges):
-        user, replies = exchange[0], exchange[1:]
-        if n == len(exchanges) - 1 or not replies:
+        u = next(i for i, m in enumerate(exchange) if m["role"] == "user")
+        user, replies = exchange[u], exchange[u + 1:]
+        if n == len(exchanges) - 1 and prefill is not None:
+            user_thinking = prefill_thinking([prefill]) or bool((prefill.get("think") or "").strip())
+        elif n == len(exchanges) - 1 or not replies:
             user_thinking = thinking if n == len(exchanges) - 1 else split_think_switch(user["content"])[1]
             user_thinking = thinking if user_thinking is None else user_thinking
         else:
-            user_thinking = bool(replies[0].get("think", "").strip())
-        turns = [{"role": "user", "content": add_think_switch(user["content"], user_thinking)}]
+            first_reply = next((m for m in replies if m["role"] == "assistant"), {})
+            user_thinking = bool(first_reply.get("think", "").strip())
+        turns = [*exchange[:u], {"role": "user", "content": add_think_switch(user["content"], user_thinking)}]
         for reply in replies:
-            turns.append({"role": "assistant", "content": reply["content"], "think": reply.get("think") or " "})
+            turns.append(reply if reply["role"] == "system" else
+                         {"role": "assistant", "content": reply["content"], "think": reply.get("think") or " "})
         templated.append(turns)
     return templated
 

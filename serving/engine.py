@@ -2,18 +2,26 @@
 
 The KV cache is allocated once: `slots` sequences of up to `max_context` positions. A request waits in a bounded queue
 until a slot is free, is prefilled into that slot between two decode steps, then advances one token per step together
-with the other slots (each with its own length, position and sampling parameters). A finished, cancelled or
-disconnected request frees its slot before the next step. Requests get token ids back, tagged with their phase
-(thinking or answer); turning them into text is the caller's business (serving/chat.py).
+with the other slots (each with its own length, position and sampling parameters, presence/frequency penalties and,
+for a request with a seed, its own random generator, so its reply does not depend on the rest of the batch). A
+finished, cancelled or disconnected request frees its slot before the next step. Requests get token ids back, tagged
+with their phase (thinking or answer); turning them into text is the caller's business (serving/chat.py,
+serving/completions.py).
+
+Log-probabilities (on request) are the model's own: log-softmax of the fp32 logits before temperature, top-p and
+penalties, for the prompt's tokens (a forward over the whole prompt at prefill) and for each generated token.
 
 Thinking budget: a request that starts inside `<think>` may produce at most `think_budget` thinking tokens. When the
-model has not closed the thinking by itself, the original Cortex closing sentence and `</think>` are forced in (fed
-through the model like sampled tokens), so the answer follows from a closed thought and the count is exact. A budget of
-0 forces `</think>` as the first token: no thinking at all.
+model has not closed the thinking by itself, a closing sentence and `</think>` are forced in (fed through the model
+like sampled tokens), so the answer follows from a closed thought and the count is exact. The sentence is the original
+Cortex one when the thinking so far is Chinese, else its English translation; the language is judged once, when the
+room left first reaches the longest closing, so whichever is chosen still fits the budget exactly. A budget of 0 forces
+`</think>` as the first token: no thinking at all.
 """
 
 import logging
 import queue
+import re
 import threading
 import time
 from collections import deque
@@ -30,8 +38,18 @@ from trainer.tokenizer import Tokenizer
 log = logging.getLogger(__name__)
 
 THINKING, ANSWER = "thinking", "answer"
-# What the original app appended when the budget ran out (serving.md 13.1), followed by </think>
-THINK_BUDGET_CLOSING = "。考虑到用户的时间限制，我现在必须根据思考直接给出解决方案\n"
+# What the original app appended when the budget ran out (serving.md 13.1), followed by </think>; and in English
+THINK_BUDGET_CLOSINGS = {
+    "zh": "。考虑到用户的时间限制，我现在必须根据思考直接给出解决方案\n",
+    "en": "... Considering the user's time limit, I must now answer directly from my thinking so far.\n",
+}
+CJK_CHARACTER = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff]")
+LATIN_WORD = re.compile(r"[A-Za-z]+")
+
+
+def closing_language(thinking: str) -> str:
+    """"zh" when the text has more CJK characters than Latin words (one character carries about a word), else "en"."""
+    return "zh" if len(CJK_CHARACTER.findall(thinking)) > len(LATIN_WORD.findall(thinking)) else "en"
 
 
 class QueueFullError(RuntimeError):
@@ -42,18 +60,41 @@ class QueueFullError(RuntimeError):
 class SamplingParams:
     temperature: float = 1.0  # 0 = greedy
     top_p: float = 1.0  # 1 (or 0) = no nucleus cut
-    max_new_tokens: int | None = None  # None = until </s> or the end of the context
+    max_new_tokens: int | None = None  # None = until </s> or the end of the context; 0 = prefill only
+    seed: int | None = None  # a generator of the request's own: same seed and request, same reply
+    presence_penalty: float = 0.0  # OpenAI's: logit -= presence * (count > 0) + frequency * count,
+    frequency_penalty: float = 0.0  # count = times the token was generated so far in this reply
+    stop: tuple[str, ...] = ()  # stop strings: matched on the text by the reader (serving/openai_api.py), not here
+
+    @property
+    def penalised(self) -> bool:
+        return self.presence_penalty != 0 or self.frequency_penalty != 0
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    logprob: float  # of the token itself
+    top: tuple[tuple[int, float], ...]  # (token id, logprob) of the most likely tokens, most likely first
 
 
 @dataclass(frozen=True)
 class TokenEvent:
     token_id: int
     phase: str  # THINKING or ANSWER: the part of the reply the token belongs to (</think> still belongs to THINKING)
+    logprobs: TokenLogprobs | None = None  # when the request asked for them
+
+
+@dataclass(frozen=True)
+class PromptLogprobs:
+    """Sent before any TokenEvent to a request that asked for prompt log-probabilities: one entry per prompt token,
+    None for the first (nothing predicts it)."""
+    entries: list[TokenLogprobs | None]
 
 
 @dataclass(frozen=True)
 class Finished:
-    reason: str  # "stop" (</s>), "length" (max_new_tokens or context full), "cancelled", "error"
+    reason: str  # "stop" (</s>, or a stop string the reader found), "length" (max_new_tokens or context full),
+    # "cancelled", "error"
     prompt_tokens: int
     completion_tokens: int  # every generated token, forced ones and </s> included
     thinking_tokens: int  # tokens between <think> and </think>
@@ -63,22 +104,32 @@ class GenerationRequest:
     """One generation: the caller submits it to an Engine and reads `events` (TokenEvent..., then one Finished)."""
 
     def __init__(self, prompt_ids: list[int], sampling: SamplingParams, thinking: bool, think_budget: int | None = None,
-                 client_gone: Callable[[], bool] | None = None):
+                 client_gone: Callable[[], bool] | None = None, *, logprobs: int | None = None,
+                 prompt_logprobs: bool = False):
+        """logprobs: None, or how many of the most likely tokens to report with each token's log-probability (0 = just
+        the token's own); prompt_logprobs: report them for the prompt's tokens too (needs logprobs)."""
         if not prompt_ids:
             raise ValueError("the prompt is empty")
         if think_budget is not None and think_budget < 0:
             raise ValueError(f"think_budget must be >= 0 (0: the thinking is closed at once), got {think_budget}")
+        if prompt_logprobs and logprobs is None:
+            raise ValueError("prompt_logprobs needs logprobs (the number of top tokens to report)")
         self.prompt_ids = list(prompt_ids)
         self.sampling = sampling
         self.thinking = thinking  # the prompt ends inside an open <think>
         self.think_budget = think_budget if thinking else None
+        self.logprobs, self.prompt_logprobs = logprobs, prompt_logprobs
         self.events: queue.Queue = queue.Queue()
         self.submitted_at = time.monotonic()
         self._cancelled = threading.Event()
+        self.cancel_reason = "cancelled"
         self._client_gone = client_gone  # asked before every step, so a disconnect frees the slot at the next token
 
-    def cancel(self):
-        """Stop generating; the engine frees the slot before its next step. Harmless after the request finished."""
+    def cancel(self, reason: str = "cancelled"):
+        """Stop generating; the engine frees the slot before its next step. Harmless after the request finished.
+        reason "stop": the caller found a stop string (the request counts as completed, not cancelled)."""
+        if not self._cancelled.is_set():
+            self.cancel_reason = reason
         self._cancelled.set()
 
     @property
@@ -154,8 +205,15 @@ class _Slot:
     length: int = 0  # positions of this slot filled in the cache
     next_input: int = -1  # the last generated token, fed at the next step
     generated: int = 0
-    thinking_tokens: int = 0
+    thinking_ids: list[int] = field(default_factory=list)  # the thought so far (</think> excluded)
+    closing: list[int] | None = None  # the budget's closing, chosen once its language is judged
     forced: deque = field(default_factory=deque)  # tokens to emit instead of sampling (the budget's closing)
+    generator: torch.Generator | None = None  # the request's own, when it has a seed
+    counts: torch.Tensor | None = None  # (V,) times each token was generated, when the request has penalties
+
+    @property
+    def thinking_tokens(self) -> int:
+        return len(self.thinking_ids)
 
 
 class Engine:
@@ -178,7 +236,8 @@ class Engine:
         self.device = model.embed_tokens.weight.device
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(seed if seed is not None else torch.seed())
-        self.closing_ids = tokenizer.encode(THINK_BUDGET_CLOSING)
+        self.closing_ids = {language: tokenizer.encode(text) for language, text in THINK_BUDGET_CLOSINGS.items()}
+        self.longest_closing = max(len(ids) for ids in self.closing_ids.values()) + 1  # with </think>
         self.compiled_step = compiled_decode_step(self.model) if compile else None
         if self.compiled_step is not None:
             self._warm_up_compiled_step()
@@ -287,23 +346,38 @@ class Engine:
                 request.events.put(Finished("cancelled", len(request.prompt_ids), 0, 0))
                 continue
             room = self.max_context - len(request.prompt_ids)
-            max_new = min(room, request.sampling.max_new_tokens or room)
+            sampling = request.sampling
+            max_new = room if sampling.max_new_tokens is None else min(room, sampling.max_new_tokens)
             slot_idx = self.slots.index(None)
-            self.slots[slot_idx] = _Slot(request, max_new, THINKING if request.thinking else ANSWER)
+            slot = _Slot(request, max_new, THINKING if request.thinking else ANSWER)
+            if sampling.seed is not None:
+                slot.generator = torch.Generator(device=self.device).manual_seed(sampling.seed)
+            if sampling.penalised:
+                slot.counts = torch.zeros(self.model.config.vocab_size, device=self.device)
+            self.slots[slot_idx] = slot
             admitted.append(slot_idx)
         return admitted
 
     def _free_cancelled(self):
         for slot_idx, slot in enumerate(self.slots):
             if slot is not None and slot.request.cancelled:
-                self._finish(slot_idx, "cancelled")
+                self._finish(slot_idx, slot.request.cancel_reason)
 
     def _prefill(self, slot_idx: int):
         slot = self.slots[slot_idx]
-        prompt = torch.tensor([slot.request.prompt_ids], device=self.device)
-        logits = self.model(prompt, past_key_values=self.cache.prefill(slot_idx), logits_to_keep=1)["logits"][:, -1]
+        request = slot.request
+        prompt = torch.tensor([request.prompt_ids], device=self.device)
+        logits = self.model(prompt, past_key_values=self.cache.prefill(slot_idx),
+                            logits_to_keep=0 if request.prompt_logprobs else 1)["logits"][0]
         slot.length = prompt.shape[1]
-        self._emit(slot_idx, self._choose_tokens([slot], logits)[0])
+        if request.prompt_logprobs:
+            scored = self._logprobs(logits[:-1], prompt[0, 1:].tolist(), request.logprobs)
+            request.events.put(PromptLogprobs([None, *scored]))
+        if slot.max_new_tokens == 0:
+            self._finish(slot_idx, "length")
+            return
+        token, = self._choose_tokens([slot], logits[-1:])
+        self._emit(slot_idx, token, self._token_logprobs(slot, logits[-1:], token))
 
     def _decode_step(self):
         batch = max(i for i, s in enumerate(self.slots) if s is not None) + 1  # free slots below it ride along, masked
@@ -321,9 +395,10 @@ class Engine:
         live = [(i, s) for i, s in enumerate(rows) if s is not None]
         for _, slot in live:
             slot.length += 1
-        tokens = self._choose_tokens([s for _, s in live], logits[[i for i, _ in live]])
-        for (slot_idx, _), token in zip(live, tokens):
-            self._emit(slot_idx, token)
+        logits = logits[[i for i, _ in live]]
+        tokens = self._choose_tokens([s for _, s in live], logits)
+        for row, ((slot_idx, slot), token) in enumerate(zip(live, tokens)):
+            self._emit(slot_idx, token, self._token_logprobs(slot, logits[row:row + 1], token))
         with self._cond:
             self._counts["tokens"] += len(live)
             self._token_times.append((time.monotonic(), len(live)))
@@ -353,29 +428,61 @@ class Engine:
                 self._compiled_logits(tokens, positions, torch.ones(batch, dtype=torch.bool, device=self.device))
 
     def _choose_tokens(self, slots: list[_Slot], logits: torch.Tensor) -> list[int]:
-        """Forced tokens where a thinking budget is closing, else drawn with each request's own temperature and top-p."""
+        """Forced tokens where a thinking budget is closing, else drawn with each request's own penalties, temperature,
+        top-p and generator."""
+        penalised = [row for row, s in enumerate(slots) if s.counts is not None]
+        if penalised:  # a new tensor: the raw logits stay for log-probabilities
+            counts = torch.stack([slots[row].counts for row in penalised])
+            penalties = torch.tensor([[s.sampling.presence_penalty, s.sampling.frequency_penalty]
+                                      for s in (slots[row].request for row in penalised)], device=logits.device)
+            logits = logits.float().index_add(0, torch.tensor(penalised, device=logits.device),
+                                              -(penalties[:, :1] * (counts > 0) + penalties[:, 1:] * counts))
         params = torch.tensor([[s.request.sampling.temperature, s.request.sampling.top_p] for s in slots])
-        sampled = sample_tokens(logits, *params.to(logits.device).unbind(dim=1), generator=self.generator).tolist()
+        if all(s.generator is None for s in slots):
+            uniform = torch.rand(len(slots), generator=self.generator, device=self.device)
+        else:  # one number per row, each from its request's generator (or the engine's): rows never share a stream
+            uniform = torch.stack([torch.rand((), generator=s.generator or self.generator, device=self.device)
+                                   for s in slots])
+        sampled = sample_tokens(logits, *params.to(logits.device).unbind(dim=1), uniform).tolist()
         chosen = []
         for slot, token in zip(slots, sampled):
             if not slot.forced and self._budget_spent(slot):
-                slot.forced.extend(self._closing_for(slot.request.think_budget))
+                slot.forced.extend(slot.closing)
             chosen.append(slot.forced.popleft() if slot.forced else token)
         return chosen
 
-    def _closing_for(self, budget: int) -> list[int]:
-        # The closing sentence counts as thinking; with a budget too small to hold it, only </think> is forced.
-        return [*self.closing_ids, self.tokenizer.think_end_id] if budget > len(self.closing_ids) \
-            else [self.tokenizer.think_end_id]
+    def _token_logprobs(self, slot: _Slot, logits: torch.Tensor, token: int) -> TokenLogprobs | None:
+        top = slot.request.logprobs
+        return None if top is None else self._logprobs(logits, [token], top)[0]
+
+    @staticmethod
+    def _logprobs(logits: torch.Tensor, tokens: list[int], top: int) -> list[TokenLogprobs]:
+        """logits (N, V) predicting tokens (N ids) -> each token's log-probability and the `top` most likely."""
+        logprobs = logits.float().log_softmax(dim=-1)
+        chosen = logprobs.gather(-1, torch.tensor(tokens, device=logits.device)[:, None])[:, 0].tolist()
+        best_values, best_ids = logprobs.topk(top, dim=-1) if top else (logprobs[:, :0], logprobs[:, :0].long())
+        return [TokenLogprobs(value, tuple(zip(ids, values)))
+                for value, ids, values in zip(chosen, best_ids.tolist(), best_values.tolist())]
+
+    def closing_for(self, budget: int, thinking_ids: list[int]) -> list[int]:
+        """The tokens forced to end a thought (`thinking_ids` so far) that spent its budget: the closing sentence in the
+        thought's language, which counts as thinking, and </think>; with a budget too small for the sentence, only
+        </think>."""
+        closing = self.closing_ids[closing_language(self.tokenizer.decode(thinking_ids))]
+        return [*closing, self.tokenizer.think_end_id] if budget > len(closing) else [self.tokenizer.think_end_id]
 
     def _budget_spent(self, slot: _Slot) -> bool:
         budget = slot.request.think_budget
         if slot.phase != THINKING or budget is None:
             return False
-        free_tokens = budget - len(self._closing_for(budget)) + 1  # what the model may think before the closing
+        if slot.closing is None:
+            if budget - slot.thinking_tokens > self.longest_closing:
+                return False  # any closing still fits: its language can wait for more thought
+            slot.closing = self.closing_for(budget, slot.thinking_ids)
+        free_tokens = budget - len(slot.closing) + 1  # what the model may think before the closing
         return slot.thinking_tokens >= free_tokens
 
-    def _emit(self, slot_idx: int, token: int):
+    def _emit(self, slot_idx: int, token: int, logprobs: TokenLogprobs | None = None):
         slot = self.slots[slot_idx]
         request = slot.request
         if slot.generated == 0:
@@ -383,12 +490,14 @@ class Engine:
                 self._ttft.append(time.monotonic() - request.submitted_at)
         slot.generated += 1
         slot.next_input = token
-        request.events.put(TokenEvent(token, slot.phase))
+        if slot.counts is not None:
+            slot.counts[token] += 1
+        request.events.put(TokenEvent(token, slot.phase, logprobs))
         if slot.phase == THINKING:
             if token == self.tokenizer.think_end_id:
                 slot.phase = ANSWER
             else:
-                slot.thinking_tokens += 1
+                slot.thinking_ids.append(token)
         if token == self.tokenizer.eos_id:
             self._finish(slot_idx, "stop")
         elif slot.generated >= slot.max_new_tokens or slot.length + 1 >= self.max_context:

@@ -5,7 +5,9 @@ more likely than it hold at most top_p; top_p 0 or 1 = no cut), computed for all
 * the nucleus comes from the 64 most likely tokens whenever they hold more than top_p (then no other token can be in
   it), so the full-vocabulary sort is only needed for flat distributions;
 * the draw is one uniform number per row through the cumulative distribution, not torch.multinomial (on CPU ~10x
-  slower, and it grows with the vocabulary: 12 ms for 8 rows of the 46957-token vocabulary against 2 ms).
+  slower, and it grows with the vocabulary: 12 ms for 8 rows of the 46957-token vocabulary against 2 ms);
+* the caller gives each row its uniform number, and rows with and without a nucleus cut are drawn apart, so a row's
+  token depends only on its own logits, settings and number, never on the other rows of the batch (seeded requests).
 """
 
 import torch
@@ -42,19 +44,22 @@ def next_token_probs(logits: torch.Tensor, temperature: torch.Tensor, top_p: tor
 
 
 def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
-                  generator: torch.Generator | None = None) -> torch.Tensor:
-    """logits (B, V) -> token ids (B,): argmax for rows with temperature 0, else a draw from next_token_probs."""
+                  uniform: torch.Tensor) -> torch.Tensor:
+    """logits (B, V), uniform (B,) in [0, 1) -> token ids (B,): argmax for rows with temperature 0, else a draw from
+    next_token_probs."""
     tokens = logits.argmax(dim=-1)
     sampled = temperature > 0
-    if not bool(sampled.any()):
-        return tokens
-    rows = slice(None) if bool(sampled.all()) else sampled.nonzero(as_tuple=True)[0]
-    weights, ids = _candidates(logits[rows], temperature[rows], top_p[rows])
-    cdf = weights.cumsum(dim=-1)
-    total = cdf[:, -1:]
-    target = torch.rand(total.shape, device=cdf.device, generator=generator) * total
-    target = torch.minimum(target, torch.nextafter(total, torch.zeros_like(total)))  # u * total may round up to total
-    # the first position whose cumulative weight exceeds the target: always a token of non-zero probability
-    drawn = torch.searchsorted(cdf, target, right=True)
-    tokens[rows] = (drawn if ids is None else ids.gather(-1, drawn)).squeeze(-1)
+    cut = (top_p > 0) & (top_p < 1)
+    for group in (sampled & cut, sampled & ~cut):
+        if not bool(group.any()):
+            continue
+        rows = slice(None) if bool(group.all()) else group.nonzero(as_tuple=True)[0]
+        weights, ids = _candidates(logits[rows], temperature[rows], top_p[rows])
+        cdf = weights.cumsum(dim=-1)
+        total = cdf[:, -1:]
+        target = uniform[rows][:, None].to(cdf.dtype) * total
+        target = torch.minimum(target, torch.nextafter(total, torch.zeros_like(total)))  # u * total may round up
+        # the first position whose cumulative weight exceeds the target: always a token of non-zero probability
+        drawn = torch.searchsorted(cdf, target, right=True)
+        tokens[rows] = (drawn if ids is None else ids.gather(-1, drawn)).squeeze(-1)
     return tokens

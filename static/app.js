@@ -8,11 +8,12 @@ const els = {
   stop: $("stop"), newChat: $("new-chat"), thinking: $("thinking-toggle"), settingsToggle: $("settings-toggle"),
   settings: $("settings"), temperature: $("temperature"), temperatureValue: $("temperature-value"), topP: $("top-p"),
   topPValue: $("top-p-value"), budgetEnable: $("budget-enable"), budget: $("budget"), budgetValue: $("budget-value"),
-  modelName: $("model-name"),
+  modelName: $("model-name"), modelSize: $("model-size"),
 };
 
 const chat = {
-  history: [],        // [{role, content}] of finished turns; assistant content is the answer only
+  history: [],        // [{role, content[, think]}] of every turn shown; assistant content is the answer only
+  follow: true,       // keep the newest text in view: true while the user is at the bottom of the messages
   thinking: true,
   controller: null,   // AbortController of the reply in progress
   session: 0,         // bumped by "New chat", so that a reply still finishing does not enter the new history
@@ -51,9 +52,18 @@ els.budgetEnable.addEventListener("change", () => {
   els.budget.disabled = els.budgetValue.disabled = !els.budgetEnable.checked;
 });
 
-// The budget slider's upper end follows the served model's context
+// 603149568 -> "0.6B", 386080 -> "0.4M", 99360 -> "99K"
+function shortCount(n) {
+  const [unit, suffix] = n >= 1e8 ? [1e9, "B"] : n >= 1e5 ? [1e6, "M"] : [1e3, "K"];
+  const value = n / unit;
+  return (value < 10 ? value.toFixed(1).replace(/\.0$/, "") : String(Math.round(value))) + suffix;
+}
+
+// The served model's name and size; the budget slider's upper end follows its context
 fetch("/health").then((r) => r.json()).then((info) => {
   els.modelName.textContent = info.model;
+  els.modelSize.textContent = `${shortCount(info.parameters)}-parameter model ` +
+    `(${shortCount(info.active_parameters)} active per token)`;
   const max = Math.min(2048, info.max_context);
   const value = String(Math.min(Number(els.budgetValue.value) || 512, max));
   for (const el of [els.budget, els.budgetValue]) { el.max = String(max); el.value = value; }
@@ -64,6 +74,12 @@ fetch("/health").then((r) => r.json()).then((info) => {
 function scrollToEnd() {
   els.messages.scrollTop = els.messages.scrollHeight;
 }
+
+// Streaming text follows only while the user is at the bottom: scrolling up stops it, scrolling back down resumes it
+els.messages.addEventListener("scroll", () => {
+  const { scrollTop, scrollHeight, clientHeight } = els.messages;
+  chat.follow = scrollHeight - scrollTop - clientHeight < 24;
+});
 
 function addMessage(role) {
   els.empty.hidden = true;
@@ -79,6 +95,7 @@ function addMessage(role) {
 function addUserMessage(text) {
   const bubble = addMessage("user");
   bubble.textContent = text; // shown exactly as typed, never as markup
+  chat.follow = true;
   scrollToEnd();
 }
 
@@ -124,14 +141,16 @@ class AssistantView {
     this.frame = 0;
     if (this.thinkingEl) this.thinkingEl.textContent = this.thinkingText;
     this.answerEl.innerHTML = renderMarkdown(this.answerText);
-    scrollToEnd();
+    if (chat.follow) scrollToEnd();
   }
 
-  finish(note) {
+  // note: the status line; ending: why the reply ended ("stop", "length", "stopped"), to explain a missing answer
+  finish(note, ending) {
     if (this.frame) cancelAnimationFrame(this.frame);
     this.render();
     this.answerEl.classList.remove("pending");
     if (this.thinkingEl) this.thinkingEl.classList.remove("pending");
+    if (ending && !this.answerText.trim()) this.explainNoAnswer(ending);
     if (note) {
       const meta = document.createElement("div");
       meta.className = "meta";
@@ -140,8 +159,21 @@ class AssistantView {
     }
   }
 
+  explainNoAnswer(ending) {
+    const thought = this.thinkingText.trim() !== "";
+    if (thought) this.panel.open = true;
+    const why = { stopped: "Stopped", length: "The reply reached the length limit", stop: "The model ended its reply" };
+    const where = thought ? " while thinking, before an answer (its thinking is above)" : " without any text";
+    const el = document.createElement("p");
+    el.className = "no-answer";
+    el.textContent = `${why[ending] || why.stop}${where}.`;
+    this.answerEl.replaceChildren(el);
+  }
+
   error(message) {
     this.finish();
+    if (this.panel && !this.thinkingText) this.panel.remove(); // nothing was thought: no empty panel above the error
+    if (!this.answerText) this.answerEl.remove();
     const el = document.createElement("div");
     el.className = "error";
     el.textContent = message;
@@ -198,7 +230,6 @@ async function send() {
     if (!response.ok) {
       const problem = await response.json().catch(() => ({ data: response.statusText }));
       view.error(problem.data || `request failed (${response.status})`);
-      failed = true;
       return;
     }
     streaming = true;
@@ -206,6 +237,7 @@ async function send() {
     const decoder = new TextDecoder();
     let buffer = "";
     let note = "";
+    let ending = "stop";
     for (;;) {
       const { value, done } = await reader.read();
       if (done) break;
@@ -215,21 +247,26 @@ async function send() {
         else if (event.event === "error") { view.error(event.data); failed = true; }
         else if (event.event === "done") {
           const u = event.data.usage;
-          const reason = event.data.finish_reason === "length" ? " · stopped at the length limit" : "";
+          ending = event.data.finish_reason;
+          const reason = ending === "length" ? " · stopped at the length limit" : "";
           note = `${u.completion_tokens} tokens (${u.completion_tokens_details.reasoning_tokens} thinking)${reason}`;
         }
       });
     }
-    if (!failed) view.finish(note);
+    if (!failed) view.finish(note, ending);
   } catch (err) {
-    if (err.name === "AbortError") view.finish("stopped");
-    else if (streaming) { view.error(`The reply stream broke off or was malformed: ${err.message}`); failed = true; }
-    else { view.error("Could not reach the Cortex server (连接到AI服务器时出错)"); failed = true; }
+    if (err.name === "AbortError") view.finish("stopped", "stopped");
+    else if (streaming) view.error(`The reply stream broke off or was malformed: ${err.message}`);
+    else view.error("Could not reach the Cortex server (连接到AI服务器时出错)");
   } finally {
     chat.controller = null;
     setBusy(false);
-    if (!failed && session === chat.session && view.answerText.trim()) {
-      chat.history.push({ role: "user", content: text }, { role: "assistant", content: view.answerText });
+    // Every turn on the page is history, answered or not. A reply with no answer keeps its thinking, so that the
+    // model sees what it thought (past answers alone are sent without theirs, to save the context).
+    if (session === chat.session) {
+      const reply = { role: "assistant", content: view.answerText };
+      if (!view.answerText.trim() && view.thinkingText.trim()) reply.think = view.thinkingText;
+      chat.history.push({ role: "user", content: text }, reply);
     }
   }
 }

@@ -1,102 +1,93 @@
-// A small Markdown renderer for chat messages, safe by construction: the source is HTML-escaped first and only the
-// tags below are ever produced, so neither user nor model text can inject markup or script.
-// Supports fenced code blocks (also while still open during streaming), inline code, headings, **bold**, *italic* / _italic_,
-// strikethrough, http(s)/mailto links, bullet and numbered lists, block quotes, horizontal rules and paragraphs.
+// Markdown for chat messages: marked (GitHub-flavoured: tables, lists, strikethrough, ...) with KaTeX math
+// ($…$, $$…$$, \(…\), \[…\]), then DOMPurify against an allow-list. Safe twice over: raw HTML in the source is shown as
+// text (never parsed), links other than http(s)/mailto stay text, images become links (nothing is loaded), and what is
+// produced is sanitised to the tags and attributes listed here. The libraries are vendored in static/vendor/.
 "use strict";
 
 (function (global) {
   const ESCAPES = { "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" };
+  const SAFE_URL = /^(?:https?:\/\/|mailto:)/i;
 
   function escapeHtml(text) {
     return String(text).replace(/[&<>"']/g, (c) => ESCAPES[c]);
   }
 
-  // Inline markup on one already-escaped line. Code spans are cut out first so nothing inside them is formatted.
-  function inline(escaped) {
-    const codes = [];
-    let text = escaped.replace(/`([^`]+)`/g, (_, code) => {
-      codes.push(`<code>${code}</code>`);
-      return `\u0000${codes.length - 1}\u0000`;
-    });
-    text = text
-      .replace(/\[([^\]]+)\]\(([^)\s]+)\)/g, (whole, label, url) =>
-        /^(https?:\/\/|mailto:)/i.test(url)
-          ? `<a href="${url}" target="_blank" rel="noopener noreferrer">${label}</a>`
-          : whole)
-      .replace(/\*\*(?=\S)([\s\S]*?\S)\*\*/g, "<strong>$1</strong>")
-      .replace(/~~(?=\S)([\s\S]*?\S)~~/g, "<del>$1</del>")
-      .replace(/(^|[^*\w])\*(?=\S)([^*]*?\S)\*(?!\w)/g, "$1<em>$2</em>")
-      .replace(/(^|[^_\w])_(?=\S)([^_]*?\S)_(?!\w)/g, "$1<em>$2</em>");
-    return text.replace(/\u0000(\d+)\u0000/g, (_, i) => codes[Number(i)]);
+  function link(href, label) {
+    return `<a href="${escapeHtml(href)}" target="_blank" rel="noopener noreferrer">${label}</a>`;
   }
 
-  function codeBlock(lang, lines) {
-    const language = (lang || "").replace(/[^\w+#.-]/g, "").slice(0, 20);
-    const label = language ? `<span class="code-lang">${language}</span>` : "<span></span>";
-    return `<div class="code-block"><div class="code-head">${label}<button type="button" class="copy-code">Copy</button>` +
-      `</div><pre><code${language ? ` class="language-${language}"` : ""}>${escapeHtml(lines.join("\n"))}</code></pre></div>`;
+  function tex(source, displayMode) {
+    // trust: false keeps \href, \url, \includegraphics and \html* off; errors render as red source text
+    return katex.renderToString(source, { displayMode, throwOnError: false, trust: false, strict: "ignore" });
   }
+
+  // Math as marked extensions, so that code spans and blocks keep their dollars. Inline $…$ follows pandoc's rule
+  // (no space inside the dollars, no digit right after the closing one), so "$5 and $10" stays text.
+  const mathRules = [
+    { name: "mathBlock", level: "block", display: true, start: /\n[ \t]*(?:\$\$|\\\[)/,
+      re: /^[ \t]{0,3}(?:\$\$([\s\S]+?)\$\$|\\\[([\s\S]+?)\\\])[ \t]*(?:\n|$)/ },
+    { name: "mathDisplay", level: "inline", display: true, start: /\$\$|\\\[/,
+      re: /^(?:\$\$([\s\S]+?)\$\$|\\\[([\s\S]+?)\\\])/ },
+    { name: "mathInline", level: "inline", display: false, start: /\$|\\\(/,
+      re: /^(?:\$(?![\s$])((?:\\.|[^\\$\n])+?)(?<!\s)\$(?!\d)|\\\(([\s\S]+?)\\\))/ },
+  ];
+  const mathExtensions = mathRules.map(({ name, level, display, start, re }) => ({
+    name,
+    level,
+    // where a paragraph or text run must stop to let this rule try (a block only starts after a newline)
+    start(src) {
+      const match = start.exec(src);
+      return match ? match.index + (level === "block" ? 1 : 0) : undefined;
+    },
+    tokenizer(src) {
+      const match = re.exec(src);
+      if (match) return { type: name, raw: match[0], text: (match[1] ?? match[2]).trim() };
+    },
+    renderer: (token) => tex(token.text, display),
+  }));
+
+  const renderer = {
+    html: ({ text }) => escapeHtml(text), // raw HTML is shown as the text it is
+    link({ href, tokens, raw }) {
+      return SAFE_URL.test(href) ? link(href, this.parser.parseInline(tokens)) : escapeHtml(raw);
+    },
+    image: ({ href, text, raw }) => (SAFE_URL.test(href) ? link(href, escapeHtml(text || href)) : escapeHtml(raw)),
+    checkbox: ({ checked }) => (checked ? "☑ " : "☐ "),
+    code({ text, lang }) {
+      const language = (lang || "").replace(/[^\w+#.-]/g, "").slice(0, 20);
+      const label = language ? `<span class="code-lang">${language}</span>` : "<span></span>";
+      return `<div class="code-block"><div class="code-head">${label}<button type="button" class="copy-code">Copy</button>` +
+        `</div><pre><code${language ? ` class="language-${language}"` : ""}>${escapeHtml(text)}</code></pre></div>`;
+    },
+  };
+
+  const markdown = new marked.Marked({ gfm: true, breaks: true, renderer, extensions: mathExtensions });
+
+  const MATHML_TAGS = ["math", "semantics", "annotation", "mrow", "mi", "mn", "mo", "ms", "mtext", "mspace", "msup",
+    "msub", "msubsup", "mfrac", "msqrt", "mroot", "mover", "munder", "munderover", "mtable", "mtr", "mtd", "mlabeledtr",
+    "mstyle", "mpadded", "mphantom", "menclose", "merror"];
+  const PURIFY = {
+    ALLOWED_TAGS: ["p", "br", "h1", "h2", "h3", "h4", "h5", "h6", "strong", "em", "del", "code", "pre", "blockquote",
+      "ul", "ol", "li", "hr", "a", "table", "thead", "tbody", "tr", "th", "td", "div", "span", "button",
+      "svg", "path", "line", ...MATHML_TAGS],
+    ALLOWED_ATTR: ["href", "target", "rel", "class", "style", "type", "align", "start", "aria-hidden",
+      // KaTeX's SVG (stretchy arrows, roots) and MathML
+      "width", "height", "viewbox", "preserveaspectratio", "d", "x1", "x2", "y1", "y2", "stroke-width",
+      "xmlns", "display", "encoding", "mathvariant", "mathsize", "stretchy", "fence", "separator", "lspace", "rspace",
+      "minsize", "maxsize", "largeop", "accent", "accentunder", "scriptlevel", "displaystyle", "linethickness",
+      "columnalign", "columnspacing", "columnlines", "rowspacing", "rowlines", "notation", "depth", "voffset",
+      "mathcolor", "mathbackground", "linebreak"],
+    // DOMPurify tests every attribute value with this: http(s) and mailto are the only schemes let through
+    ALLOWED_URI_REGEXP: /^(?:(?:https?|mailto):|[^a-z]|[a-z+.-]+(?:[^a-z+.\-:]|$))/i,
+  };
+  // KaTeX's inline styles are sizes and colours; none may fetch anything
+  DOMPurify.addHook("uponSanitizeAttribute", (_, data) => {
+    if (data.attrName === "style" && /url\s*\(|@import|expression\s*\(/i.test(data.attrValue)) data.keepAttr = false;
+  });
 
   function renderMarkdown(source) {
-    const lines = String(source).replace(/\u0000/g, "").replace(/\r\n?/g, "\n").split("\n");
-    const out = [];
-    let paragraph = [];
-    let list = null; // {tag: "ul"|"ol", items: []}
-    let quote = [];
-
-    const flushParagraph = () => {
-      if (paragraph.length) out.push(`<p>${paragraph.map((l) => inline(escapeHtml(l))).join("<br>")}</p>`);
-      paragraph = [];
-    };
-    const flushList = () => {
-      if (list) out.push(`<${list.tag}>${list.items.map((i) => `<li>${inline(escapeHtml(i))}</li>`).join("")}</${list.tag}>`);
-      list = null;
-    };
-    const flushQuote = () => {
-      if (quote.length) out.push(`<blockquote>${renderMarkdown(quote.join("\n"))}</blockquote>`);
-      quote = [];
-    };
-    const flushAll = () => { flushParagraph(); flushList(); flushQuote(); };
-
-    for (let i = 0; i < lines.length; i++) {
-      const line = lines[i];
-      const fence = line.match(/^\s*(```|~~~)\s*([^`\s]*)\s*$/);
-      if (fence) {
-        flushAll();
-        const code = [];
-        for (i++; i < lines.length && !lines[i].trim().startsWith(fence[1]); i++) code.push(lines[i]);
-        out.push(codeBlock(fence[2], code));
-        continue;
-      }
-      const quoted = line.match(/^\s*>\s?(.*)$/);
-      if (quoted) { flushParagraph(); flushList(); quote.push(quoted[1]); continue; }
-      flushQuote();
-      if (!line.trim()) { flushParagraph(); flushList(); continue; }
-      const heading = line.match(/^\s*(#{1,6})\s+(.*)$/);
-      if (heading) {
-        flushAll();
-        const level = heading[1].length;
-        out.push(`<h${level}>${inline(escapeHtml(heading[2].replace(/\s*#+\s*$/, "")))}</h${level}>`);
-        continue;
-      }
-      if (/^\s*([-*_])(\s*\1){2,}\s*$/.test(line)) { flushAll(); out.push("<hr>"); continue; }
-      const item = line.match(/^\s*([-*+]|\d{1,9}[.)])\s+(.*)$/);
-      if (item) {
-        flushParagraph();
-        const tag = /\d/.test(item[1]) ? "ol" : "ul";
-        if (list && list.tag !== tag) flushList();
-        if (!list) list = { tag, items: [] };
-        list.items.push(item[2]);
-        continue;
-      }
-      if (list && /^\s{2,}\S/.test(line)) { list.items[list.items.length - 1] += " " + line.trim(); continue; }
-      flushList();
-      paragraph.push(line);
-    }
-    flushAll();
-    return out.join("");
+    return DOMPurify.sanitize(markdown.parse(String(source).replace(/\u0000/g, "")), PURIFY);
   }
 
-  global.escapeHtml = escapeHtml;
   global.renderMarkdown = renderMarkdown;
 })(window);

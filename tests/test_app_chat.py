@@ -4,8 +4,8 @@ reply decoding."""
 import pytest
 
 from serving.chat import (ReplyDecoder, RequestError, build_prompt, parse_web_request, reply_reserve)
-from serving.engine import ANSWER, THINKING, TokenEvent
-from serving.openai_api import parse_openai_request
+from serving.engine import ANSWER, THINKING, SamplingParams, TokenEvent
+from serving.openai_api import StopMatcher, parse_openai_request
 from trainer.tokenizer import load_tokenizer, tiny_tokenizer
 
 
@@ -170,6 +170,11 @@ def test_web_request_keeps_the_original_semantics():
     ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, "between 1 and"),
     ({"messages": [{"role": "user", "content": "x"}], "stream": "yes"}, "true or false"),
     ({"messages": [{"role": "user", "content": "x"}], "think_budget": -3}, "between 0 and"),
+    ({"messages": [{"role": "user", "content": "x"}], "seed": "7"}, "'seed' must be an integer"),
+    ({"messages": [{"role": "user", "content": "x"}], "stop": 5}, "'stop' must be a string or an array"),
+    ({"messages": [{"role": "user", "content": "x"}], "stop": ["a", 1]}, "'stop\\[1\\]' must be a string"),
+    ({"messages": [{"role": "user", "content": "x"}], "frequency_penalty": float("nan")}, "must be a finite number"),
+    ({"messages": [{"role": "assistant", "content": "x"}]}, "or an assistant message for the model to continue"),
 ])
 def test_openai_request_validation(body, message):
     with pytest.raises(RequestError, match=message):
@@ -190,3 +195,15 @@ def test_openai_request_fields():
     assert chat.thinking and chat.think_budget == 7
     chat, _, _ = parse_openai_request({"messages": [{"role": "user", "content": "Q"}], "think_budget": 0}, 256)
     assert chat.thinking and chat.think_budget == 0
+    chat, _, _ = parse_openai_request({"messages": [{"role": "user", "content": "Q"}], "temperature": 0.8, "top_p": 0,
+                                       "seed": 3, "presence_penalty": -2, "frequency_penalty": 2, "stop": "END"}, 256)
+    assert chat.sampling == SamplingParams(temperature=0.0, top_p=0.0, seed=3, presence_penalty=-2.0,
+                                           frequency_penalty=2.0, stop=("END",))  # top_p 0: greedy, as OpenAI means
+
+
+def test_stop_matcher_holds_back_what_may_start_a_stop_string():
+    matcher = StopMatcher(("END", "\n\n"))
+    assert [matcher.push(piece) for piece in ("The E", "xit. E", "N", "D of it")] == ["The ", "Exit. ", "", ""]
+    assert matcher.stopped
+    matcher = StopMatcher(("END",))
+    assert matcher.push("to the EN") == "to the " and matcher.flush() == "EN"  # the reply ended: no stop came

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from model import CortexModel, generate, process_logits, tiny_config
-from serving.engine import (ANSWER, THINKING, Engine, Finished, GenerationRequest, QueueFullError, SamplingParams,
-                            TokenEvent)
+from serving.engine import (ANSWER, THINK_BUDGET_CLOSINGS, THINKING, Engine, Finished, GenerationRequest,
+                            QueueFullError, SamplingParams, TokenEvent, closing_language)
 from serving.sampling import next_token_probs, sample_tokens
 from trainer.tokenizer import tiny_tokenizer
 
@@ -79,11 +79,12 @@ def test_generation_stops_at_the_end_of_the_context(engine):
         engine.submit(GenerationRequest(list(range(engine.max_context)), GREEDY, False))
 
 
-@pytest.mark.parametrize("budget", [0, 1, 5, 51, 52, 53, 90])
+@pytest.mark.parametrize("budget", [0, 1, 5, 41, 42, 52, 90])
 def test_no_reply_thinks_longer_than_its_budget(engine, tokenizer, budget):
     """Thinking tokens are counted exactly; when the budget is spent the closing sentence (when it fits) and </think>
-    are forced, then the answer follows (budget 0: </think> is the first token)."""
-    closing = engine.closing_ids
+    are forced, then the answer follows (budget 0: </think> is the first token). The sentence's language is the
+    thought's when the room left first reached the longest closing."""
+    assert sorted(len(ids) for ids in engine.closing_ids.values()) == [41, 51]  # the budgets above straddle both
     requests = [engine.submit(GenerationRequest([30 + i, 31, 32], SamplingParams(temperature=1.0, max_new_tokens=budget + 80),
                                                 thinking=True, think_budget=budget)) for i in range(6)]
     forced_seen = 0
@@ -98,9 +99,25 @@ def test_no_reply_thinks_longer_than_its_budget(engine, tokenizer, budget):
         assert all(e.phase == THINKING for e in events[: end + 1]) and all(e.phase == ANSWER for e in events[end + 1:])
         if len(thinking) == budget:  # the budget closed the thought
             forced_seen += 1
+            judged = thinking[: max(0, budget - engine.longest_closing)]
+            closing = engine.closing_ids[closing_language(tokenizer.decode(judged))]
             expected_tail = closing if budget > len(closing) else []
             assert ids[end - len(expected_tail): end] == expected_tail
     assert forced_seen >= 1
+
+
+def test_the_budget_closing_follows_the_language_of_the_thought(model, tokenizer):
+    assert closing_language("The user asks for a sum, so I add the numbers.") == "en"
+    assert closing_language("用户想知道两个数的和，我先把它们相加。") == "zh"
+    assert closing_language("用户问 what 是什么意思") == "zh" and closing_language("") == "en"
+    engine = Engine(model, tokenizer, slots=1)  # not started: only its closings are looked at
+    think_end = [tokenizer.think_end_id]
+    for language, text in THINK_BUDGET_CLOSINGS.items():
+        assert tokenizer.decode(engine.closing_ids[language]) == text  # the tokens say exactly the sentence
+    english, chinese = (tokenizer.encode(t) for t in ("Let me think about the question.", "让我想想这个问题。"))
+    assert engine.closing_for(90, english) == engine.closing_ids["en"] + think_end
+    assert engine.closing_for(90, chinese) == engine.closing_ids["zh"] + think_end
+    assert engine.closing_for(45, chinese) == think_end  # too small for the Chinese sentence (51 tokens)
 
 
 def test_a_cancelled_request_frees_its_slot_for_a_waiting_one(model, tokenizer):
@@ -167,7 +184,8 @@ def test_sampled_tokens_follow_their_distribution_and_greedy_rows_take_the_argma
     logits = torch.randn(3, 40) * 2
     temperature, top_p = torch.tensor([0.0, 1.0, 0.7]), torch.tensor([1.0, 0.8, 1.0])
     generator = torch.Generator().manual_seed(0)
-    draws = torch.stack([sample_tokens(logits, temperature, top_p, generator) for _ in range(4000)])
+    draws = torch.stack([sample_tokens(logits, temperature, top_p, torch.rand(3, generator=generator))
+                         for _ in range(4000)])
     assert (draws[:, 0] == logits[0].argmax()).all()
     probs = next_token_probs(logits[1:], temperature[1:], top_p[1:])
     for row in (1, 2):  # a nucleus drawn from the top candidates, and a full distribution

@@ -22,9 +22,9 @@ import pytest
 import torch
 
 import app as app_module
-from model import CortexModel, load_state_dict_file, save_weights, tiny_config
+from model import CortexModel, count_parameters, load_state_dict_file, save_weights, tiny_config
 from serving.checkpoint import CheckpointError, download_published_checkpoint, load_for_serving
-from serving.engine import THINK_BUDGET_CLOSING, Engine
+from serving.engine import THINK_BUDGET_CLOSINGS, Engine
 from trainer.tokenizer import tiny_tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -161,7 +161,7 @@ def test_api_chat_streams_standard_sse_with_the_original_event_names(server):
     assert usage["completion_tokens_details"]["reasoning_tokens"] <= 60
     if usage["completion_tokens_details"]["reasoning_tokens"] == 60:  # the budget closed the thought
         thinking = "".join(e["data"] for e in events if e["event"] == "thinking_chunk")
-        assert thinking.endswith(THINK_BUDGET_CLOSING)
+        assert any(thinking.endswith(closing) for closing in THINK_BUDGET_CLOSINGS.values())
 
     body.update(thinking=False, think_budget_enable=False)
     events = parse_sse(post(base, "/api/chat", body)[2])
@@ -277,9 +277,9 @@ def test_openai_errors_come_back_as_api_errors(client):
     import openai
 
     with pytest.raises(openai.BadRequestError, match="temperature"):
-        client.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}], temperature=3)
+        client.chat.completions.create(model="cortex-tiny", messages=[{"role": "user", "content": "x"}], temperature=3)
     with pytest.raises(openai.BadRequestError, match="last message"):
-        client.chat.completions.create(model="m", messages=[{"role": "assistant", "content": "x"}])
+        client.chat.completions.create(model="cortex-tiny", messages=[{"role": "assistant", "content": "x"}])
 
 
 # --- bad input -------------------------------------------------------------------------------------------------------
@@ -376,7 +376,7 @@ def test_a_client_that_half_closes_after_its_request_gets_the_reply(server, path
 
 def test_simultaneous_streams_get_the_reply_each_would_get_alone(client):
     prompts = [f"Tell me about the number {i}." for i in range(6)]
-    request = dict(model="m", temperature=0, max_tokens=40, extra_body={"thinking": False})
+    request = dict(model="cortex-tiny", temperature=0, max_tokens=40, extra_body={"thinking": False})
     alone = [client.chat.completions.create(messages=[{"role": "user", "content": p}], **request).choices[0].message.content
              for p in prompts]
     together = [None] * len(prompts)
@@ -421,9 +421,11 @@ def test_a_disconnected_client_frees_its_slot_and_a_full_queue_answers_503(token
 
 
 def test_health_and_stats(server):
-    base, _ = server
+    base, engine = server
     health = json.loads(post(base, "/health", method="GET")[2])
-    assert health == {"status": "ok", "model": "cortex-tiny", "max_context": 256, "slots": 4}
+    counts = count_parameters(engine.model.config)
+    assert health == {"status": "ok", "model": "cortex-tiny", "parameters": counts.total,
+                      "active_parameters": counts.active, "max_context": 256, "slots": 4}
     post(base, "/api/chat", {"history": [{"role": "user", "content": "hi"}], "thinking": False})
     stats = json.loads(post(base, "/stats", method="GET")[2])
     assert stats["tokens_total"] > 0 and stats["ttft_ms_p50"] > 0 and stats["tokens_per_s"] > 0

@@ -292,3 +292,13 @@ def test_jsonl_npy_and_pkl_give_the_same_samples(tok, tmp_path):
     _dump(tmp_path / "sft.pkl", [conversation])
     for suffix in ("jsonl", "npy", "pkl"):
         assert load_dataset("sft", tmp_path / f"sft.{suffix}", tok, 64)[0].tolist() == conversation
+
+
+def test_jsonl_is_read_again_once_the_file_changes(tok, tmp_path):
+    # load_dataset keeps a file's tokens for the stage's next reads (eval split, training): an edit must invalidate them
+    path = tmp_path / "a.jsonl"
+    path.write_text(json.dumps({"text": "one two three"}) + "\n" + json.dumps({"text": "four"}) + "\n")
+    assert load_dataset("pretrain", path, tok, 2, "train", 0.5).tokens.tolist() == tok.encode("one two three</s>")
+    path.write_text(json.dumps({"text": "five six seven eight"}) + "\n" + json.dumps({"text": "four"}) + "\n")
+    assert load_dataset("pretrain", path, tok, 2, "train", 0.5).tokens.tolist() == tok.encode("five six seven eight</s>")
+    assert load_dataset("pretrain", path, tok, 2, "eval", 0.5).tokens.tolist() == tok.encode("four</s>")

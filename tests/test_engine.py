@@ -1,7 +1,6 @@
 """The training engine end to end on CPU, tiny preset: stages, hand-off, metrics, resume, DeepSpeed (the non-finite guard:
 test_nonfinite.py)."""
 import json
-import pickle
 import shutil
 import os
 import signal
@@ -201,13 +200,11 @@ def _losses(run_dir: Path) -> list[float]:
 
 @pytest.fixture(scope="module")
 def one_process_losses(tmp_path_factory) -> list[float]:
-    """The reference curve: one process, micro-batch 8 x 2 accumulation steps."""
+    """The reference curve: one process (this one), micro-batch 8 x 2 accumulation steps; the settings of
+    TWO_PROC_COMMON."""
     root = tmp_path_factory.mktemp("single")
-    single = subprocess.run([sys.executable, "train_pretrain_stage0.py", *TWO_PROC_COMMON, "--micro-batch-size", "8",
-                             "--backend", "single"], cwd=REPO, env=script_env(root), capture_output=True, text=True,
-                            timeout=300)
-    assert single.returncode == 0, single.stderr[-3000:]
-    return _losses(root / "pretrain_stage0")
+    return _losses(train(tiny("pretrain_stage0", root, max_steps=6, eval_every_steps=3, save_every_steps=3,
+                              grad_accum_steps=2, micro_batch_size=8, backend="single")))
 
 
 TWO_PROC_COMMON = ["--max-steps", "6", "--eval-every-steps", "3", "--save-every-steps", "3", "--grad-accum-steps", "2"]
@@ -237,19 +234,15 @@ def test_two_processes_match_one_process(tmp_path, one_process_losses, backend, 
 @pytest.mark.slow
 @pytest.mark.parametrize("zero_stage,precision,offload", [(0, "fp32", False), (1, "bf16", False), (3, "bf16", True)])
 def test_deepspeed_one_process_variants_train_resume_and_consolidate(tmp_path, zero_stage, precision, offload):
-    """ZeRO 0/1/3, fp32/bf16, CPU offload of optimizer and parameters: trains, writes fp32 weights, resumes exactly."""
+    """ZeRO 0/1/3, fp32/bf16, CPU offload of optimizer and parameters: trains, writes fp32 weights, resumes exactly.
+    In this process, as `python3 train_x.py --backend deepspeed` runs: the backend sets up and takes back its
+    one-process group, so the resumed run (and later tests) start clean."""
     config = tiny("pretrain_stage0", tmp_path, max_steps=4, eval_every_steps=2, save_every_steps=2,
                   backend="deepspeed", precision=precision, keep_checkpoints_after_stage=True)  # step 2's is rolled back to
     config = replace(config, deepspeed=replace(config.deepspeed, zero_stage=zero_stage, offload_optimizer=offload,
                                                offload_param=offload))
-    code = f"import pickle; from tests.test_engine import train; train(pickle.loads({pickle.dumps(config)!r}))"
-
-    def run():
-        done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=script_env(tmp_path), capture_output=True,
-                              text=True, timeout=300)
-        assert done.returncode == 0, done.stderr[-4000:]
-
-    run()
+    assert "WORLD_SIZE" not in os.environ
+    train(config)
     out = tmp_path / "pretrain_stage0"
     first = _losses(out)
     assert len(first) == 4 and all(l == l for l in first)
@@ -262,7 +255,9 @@ def test_deepspeed_one_process_variants_train_resume_and_consolidate(tmp_path, z
         (out / name).unlink()
     shutil.rmtree(out / "checkpoints" / "step_00000004")
     (out / "checkpoints" / "latest").write_text("step_00000002")
-    run()
+    train(config)
+    assert "WORLD_SIZE" not in os.environ  # taken back: a later run in this process is not a distributed one
     assert _losses(out) == pytest.approx(first, rel=1e-6)
+    assert "resuming at step 2" in (out / "log.txt").read_text()
     resumed = load_file(out / FINAL_WEIGHTS)
     assert all(torch.allclose(weights[k], resumed[k], atol=1e-6) for k in weights)

@@ -9,6 +9,7 @@ Held-out split: JSONL lines carrying a "split" field ("train"/"eval") are split 
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass
@@ -245,15 +246,27 @@ def read_jsonl(path: str | Path) -> list[tuple[str, object]]:
     return records
 
 
-def select_split(records: list[tuple[str, object]], split: Split, eval_fraction: float) -> list[tuple[str, object]]:
-    """Records of `split`: by their "split" field when the lines carry one, else the last eval_fraction."""
+def split_labels(records: list[tuple[str, object]]) -> list[str] | None:
+    """The records' "split" fields ("train"/"eval"), or None when no line carries one."""
     has_field = [isinstance(r, dict) and "split" in r for _, r in records]
     if not any(has_field):
-        return [records[i] for i in heldout_range(len(records), split, eval_fraction)]
+        return None
     for (where, record), present in zip(records, has_field):
         if not present or record["split"] not in ("train", "eval"):
             raise DataError(f"{where}: every line needs \"split\": \"train\" or \"eval\" once any line has one")
-    return records if split == "all" else [(w, r) for w, r in records if r["split"] == split]
+    return [r["split"] for _, r in records]
+
+
+def split_indices(labels: list[str] | None, n: int, split: Split, eval_fraction: float) -> Sequence[int]:
+    """Indices of the n records of `split`: by their split labels when they have them, else the last eval_fraction."""
+    if labels is None:
+        return heldout_range(n, split, eval_fraction)
+    return [i for i, label in enumerate(labels) if split in ("all", label)]
+
+
+def select_split(records: list[tuple[str, object]], split: Split, eval_fraction: float) -> list[tuple[str, object]]:
+    """Records of `split`: by their "split" field when the lines carry one, else the last eval_fraction."""
+    return [records[i] for i in split_indices(split_labels(records), len(records), split, eval_fraction)]
 
 
 def check_messages(messages, where: str) -> list[dict]:
@@ -328,6 +341,18 @@ def encode_records(task: str, records: list[tuple[str, object]], tokenizer) -> d
 # ----------------------------------------------------------------------------------------------------------------------
 # One entry point per task and file
 
+@functools.lru_cache(maxsize=4)
+def _encoded_jsonl(task: str, path: Path, size_and_mtime: tuple[int, int] | None, tokenizer) -> tuple:
+    """(number of records, their split labels, their token ids: RaggedTokens per field, GRPO answers as strings) of a
+    JSONL file, cached by the file's size and mtime: a stage reads its first file three times (counting steps, eval
+    split, training) and tokenising is the slow part. The parsed records are not kept."""
+    records = read_jsonl(path)
+    dtype = token_dtype(tokenizer.vocab_size)
+    encoded = encode_records(task, records, tokenizer)
+    fields = {k: v if k == "answer" else RaggedTokens.from_sequences(v, dtype) for k, v in encoded.items()}
+    return len(records), split_labels(records), fields
+
+
 def load_dataset(task: str, path: str | Path, tokenizer, max_len: int, split: Split = "all",
                  eval_fraction: float = 0.01) -> Dataset:
     """The dataset of `task` ("pretrain", "sft", "dpo", "grpo") from a .npy, .pkl or .jsonl file.
@@ -341,13 +366,14 @@ def load_dataset(task: str, path: str | Path, tokenizer, max_len: int, split: Sp
     vocab_size = tokenizer.vocab_size
     dtype = token_dtype(vocab_size)
     if path.suffix == ".jsonl":
-        encoded = encode_records(task, select_split(read_jsonl(path), split, eval_fraction), tokenizer)
-        items = None  # the split is already applied to the records
+        stat = path.stat() if path.exists() else None  # a missing file: read_jsonl names it
+        version = None if stat is None else (stat.st_size, stat.st_mtime_ns)
+        n, labels, fields = _encoded_jsonl(task, path.resolve(), version, tokenizer)
+        items = split_indices(labels, n, split, eval_fraction)
         if task == "pretrain":
-            docs = encoded["text"]
-            tokens = np.concatenate([np.asarray(d, dtype=dtype) for d in docs]) if docs else np.zeros(0, dtype=dtype)
+            docs = fields["text"]
+            tokens = np.concatenate([docs[i] for i in items]) if len(items) else np.zeros(0, dtype=dtype)
             return PretrainDataset(tokens, max_len, ids.eos)
-        fields = {k: v if k == "answer" else RaggedTokens.from_sequences(v, dtype) for k, v in encoded.items()}
     elif path.suffix in (".npy", ".pkl"):
         if task == "pretrain":
             tokens = load_stream(path, vocab_size)
