@@ -5,6 +5,7 @@ set a budget, multi-turn history (every turn, answered or not), new chat, a busy
 and no HTML injection from user or model text."""
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -83,6 +84,13 @@ def wait_until_idle(page):
     page.wait_for_selector("#stop", state="hidden")
     page.wait_for_selector("#send", state="visible")
     page.wait_for_function("fetch('/stats').then(r => r.json()).then(s => s.active === 0 && s.queued === 0)")
+
+
+def wait_for(condition, timeout_s: float = 20.0):
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting for the engine"
+        time.sleep(0.05)
 
 
 def last_reply(page):
@@ -204,6 +212,7 @@ def test_new_chat_starts_an_empty_history(page):
 
 def test_a_busy_server_shows_its_message_and_no_empty_thinking_panel(page, server):
     engine = server[1]
+    wait_for(lambda: engine.stats()["active"] == 0 and engine.stats()["queued"] == 0)  # an earlier reply's slot freed
     held = []
     try:
         while True:  # every slot and every queue place taken (greedy from this prompt runs to the end of the context)
