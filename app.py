@@ -320,6 +320,9 @@ class ServerRequestHandler(WSGIRequestHandler):
     protocol_version = "HTTP/1.1"
     # Streams are many small writes: without TCP_NODELAY, Nagle's algorithm and delayed ACKs hold each back ~40 ms
     disable_nagle_algorithm = True
+    # A kept-alive connection that sends nothing for this long (or a client that reads nothing of its reply) is closed,
+    # so idle clients do not hold server threads forever; decoding between writes never waits on the socket
+    timeout = 120
 
     def setup(self):
         super().setup()

@@ -352,6 +352,17 @@ def test_keep_alive_serves_several_requests_on_one_connection(server):
     assert replies.count("HTTP/1.1 200 OK") == 2 and '"finish_reason"' in replies and '"status":"ok"' in replies
 
 
+def test_an_idle_kept_alive_connection_is_closed(server, monkeypatch):
+    base, _ = server
+    monkeypatch.setattr(app_module.ServerRequestHandler, "timeout", 0.5)  # the class's idle limit, shortened
+    conn = http.client.HTTPConnection(*base.removeprefix("http://").split(":"), timeout=60)
+    conn.request("GET", "/health")
+    assert conn.getresponse().read() and conn.sock is not None  # kept alive after the reply
+    conn.sock.settimeout(30)
+    assert conn.sock.recv(1) == b""  # the server closed it once the connection sat idle past its limit
+    conn.close()
+
+
 @pytest.mark.parametrize("path, body", [
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "thinking": False}),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "stream": True}),
