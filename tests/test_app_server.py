@@ -130,6 +130,11 @@ def tokenizer():
 
 
 @pytest.fixture(scope="module")
+def model(tokenizer):
+    return tiny_model(tokenizer.vocab_size)
+
+
+@pytest.fixture(scope="module")
 def server(tokenizer):
     with running_server(tiny_model(tokenizer.vocab_size), tokenizer, slots=4, max_queue=8) as (base, engine):
         yield base, engine

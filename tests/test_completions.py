@@ -9,21 +9,10 @@ import pytest
 import torch
 
 from model import generate
-from test_app_server import post, running_server, single_torch_thread, tiny_model  # noqa: F401  (an autouse fixture)
-from trainer.tokenizer import tiny_tokenizer
+from test_app_server import model, post, running_server, single_torch_thread, tokenizer  # noqa: F401  (fixtures: the autouse one, tokenizer, model)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LM_EVAL_TASK_DIR = REPO_ROOT / "tests" / "data" / "lm_eval_task"
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return tiny_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def model(tokenizer):
-    return tiny_model(tokenizer.vocab_size)
 
 
 @pytest.fixture(scope="module")

@@ -11,22 +11,11 @@ from serving.chat import build_prompt
 from serving.engine import GenerationRequest, SamplingParams
 from serving.openai_api import parse_openai_request
 from test_app_engine import collect
-from test_app_server import post, running_server, single_torch_thread, tiny_model  # noqa: F401  (an autouse fixture)
-from trainer.tokenizer import tiny_tokenizer
+from test_app_server import model, post, running_server, single_torch_thread, tokenizer  # noqa: F401  (fixtures: the autouse one, tokenizer, model)
 
 openai = pytest.importorskip("openai", reason="the openai package is not installed (pip install openai)")
 
 NO_THINK = {"thinking": False}
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return tiny_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def model(tokenizer):
-    return tiny_model(tokenizer.vocab_size)
 
 
 @pytest.fixture(scope="module")

@@ -11,19 +11,8 @@ from model.moe import RoutedExperts
 from model.quantize import Int8Linear, Int8RoutedExperts, quantize_int8, quantize_per_channel
 from serving.checkpoint import CheckpointError, default_format, load_for_serving, pick_format
 from serving.engine import Engine, Finished, GenerationRequest, SamplingParams
-from trainer.tokenizer import tiny_tokenizer
 
-from test_app_server import single_torch_thread, tiny_model, write_run_dir  # noqa: F401  (an autouse fixture)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return tiny_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def model(tokenizer):
-    return tiny_model(tokenizer.vocab_size)
+from test_app_server import model, single_torch_thread, tokenizer, write_run_dir  # noqa: F401  (fixtures: the autouse one, tokenizer, model)
 
 
 def test_per_channel_int8_round_trips_each_row_within_half_a_step():
