@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from model import CortexModel, ModelConfig, WeightsMismatchError, cortex_2_5_config, load_weights
-from model.quantize import quantize_int8
+from serving.quantize import quantize_int8
 from trainer.backend import pick_device as default_device
 from trainer.tokenizer import Tokenizer, get_tokenizer
 
