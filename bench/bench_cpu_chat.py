@@ -19,7 +19,6 @@ figure). Formats run in the order given, then in reverse with --rounds 2 (median
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -96,15 +95,16 @@ def measure_format(name: str, weights: Path, out: Path) -> dict:
     return {"format": name, "dtype": dtype, "quantize": quantize, "startup_s": round(startup_s, 2),
             "ttft_512_s": round(ttft_s, 3), "decode_tok_s_batch1": round(decode_tps, 2),
             f"decode_tok_s_{SLOTS}_slots": round(slots_tps, 2), "greedy_tokens": len(greedy),
-            "rss_mb": resident_mb(), "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
+            "rss_mb": resident_mb(), "peak_rss_mb": resident_mb("VmHWM")}
 
 
-def resident_mb() -> int:
-    """The process's resident memory now (VmRSS), after serving; the peak includes loading."""
+def resident_mb(field: str = "VmRSS") -> int:
+    """The process's resident memory now (VmRSS), after serving; VmHWM: its peak, loading included (this process's
+    own: getrusage's peak would count the parent's, which survives the exec)."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(field + ":"):
             return round(int(line.split()[1]) / 1024)
-    raise RuntimeError("no VmRSS in /proc/self/status")
+    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 def quality(reference: dict, other: dict) -> dict:
@@ -143,7 +143,7 @@ def measure_llama_cpp(name: str, gguf: Path) -> dict:
     return {"format": name, "gguf_type": LLAMA_CPP[name], "llama_cpp_python": llama_cpp.__version__,
             "threads": threads, "startup_s": round(startup_s, 2), "ttft_512_s": round(ttft_s, 3),
             "decode_tok_s_batch1": round((len(times) - 1) / (times[-1] - times[0]), 2), "rss_mb": resident_mb(),
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
+            "peak_rss_mb": resident_mb("VmHWM")}
 
 
 def export_gguf(weights: Path, gguf_type: str) -> Path:
