@@ -135,8 +135,9 @@ def model(tokenizer):
 
 
 @pytest.fixture(scope="module")
-def server(tokenizer):
-    with running_server(tiny_model(tokenizer.vocab_size), tokenizer, slots=4, max_queue=8) as (base, engine):
+def server(model, tokenizer):
+    """(base url, engine) of the module's server (each module that imports this fixture gets its own)."""
+    with running_server(model, tokenizer, slots=4, max_queue=8) as (base, engine):
         yield base, engine
 
 
