@@ -5,7 +5,6 @@ import dataclasses
 
 import numpy as np
 import pytest
-import torch
 
 gguf = pytest.importorskip("gguf")
 
@@ -43,7 +42,6 @@ def exported(tmp_path_factory):
 
 def test_metadata_tensors_and_tokenizer(exported):
     model, tokenizer, files = exported
-    config, moe = model.config, model.config.moe_config
     fields, tensors = read(files["f16"])
     assert fields["general.architecture"] == "qwen3moe"
     expected_fields = {"block_count": 3, "context_length": 2048, "embedding_length": 64, "attention.head_count": 4,
