@@ -1,4 +1,4 @@
-"""The full Cortex 2.5 model served on a CPU in fp32, bf16 and int8 weights (serving/checkpoint.py, serving/quantize.py),
+"""The full Cortex 2.5 model served on a CPU in fp32, bf16 and int8 weights (serving/checkpoint.py, quantize.py),
 and llama.cpp on the GGUF export of the same weights (f16 against bf16, q8_0 against int8).
 
     OMP_NUM_THREADS=2 TOKEN_DIR=DIR python bench/bench_cpu_chat.py --rounds 2     # prints one JSON object
@@ -199,7 +199,7 @@ def main():
         saved = {name: torch.load(f"{tmp}/{name}.pt") for name in formats if name in FORMATS}
     results = {}
     for name, figures in runs.items():
-        merged = {key: statistics.median(run[key] for run in figures) if isinstance(value, float) else value
+        merged = {key: round(statistics.median(run[key] for run in figures), 3) if isinstance(value, float) else value
                   for key, value in figures[0].items()}
         results[name] = merged | ({} if name == "fp32" or name in LLAMA_CPP else quality(saved["fp32"], saved[name]))
     fp32_decode = results["fp32"]["decode_tok_s_batch1"]
