@@ -131,7 +131,7 @@ def cpu_features() -> tuple[str, bool]:
 def default_format(device: torch.device, capability: str, native_bf16: bool) -> tuple[str, str]:
     """(--dtype, --quantize) when neither is given: bf16 on GPUs that support it and on CPUs with native bf16 matmuls
     (AVX512-BF16/AMX); fp32 elsewhere (on an AVX2-only CPU bf16 prefill of 512 tokens took 9.2x fp32's time).
-    int8 stays opt-in: it decodes ~1.9x fp32 on the AVX2 test machine (bench_cpu_chat), but its quality was only
+    int8 stays opt-in: it decoded only 1.2-2.2x fp32 on the AVX2 test machine (bench_cpu_chat), and its quality was only
     measured on random weights (README, "The full model on a CPU")."""
     if device.type == "cuda":
         return ("bfloat16" if torch.cuda.is_bf16_supported() else "float32"), "none"
