@@ -457,8 +457,6 @@ def main(argv: list[str] | None = None):
                         help="decode with a torch.compile'd step (faster per token; compiles at start, needs a C++ "
                              "compiler on CPU or Triton on CUDA)")
     args = parser.parse_args(argv)
-    if args.compile and args.quantize == "int8":
-        parser.error("--compile decodes unquantized weights: pass --quantize none with it, or drop --compile")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     try:

@@ -13,7 +13,9 @@ agreement = share of the 256 greedy positions where the tokens equal fp32's (and
 argmax agreement and the max |logit - fp32 logit|. With llama-cpp-python importable, the weights are exported by
 export.py to GGUF f16 and q8_0 and llama.cpp is timed the same way (its own process, OMP_NUM_THREADS threads for
 prompt and decode, the prompt in one 512-token batch, then one token per eval call; no batched API, so no 8-slot
-figure). Formats run in the order given, then in reverse with --rounds 2 (medians).
+figure). Formats run in the order given, then in reverse with --rounds 2 (medians). fp32-compiled and int8-compiled
+(not run by default) serve with the Engine's compile=True (app.py --compile): start-up includes compile_s, the warm-up
+compile of every decode graph (with inductor's cache on disk warm from an earlier run, it is shorter).
 """
 
 import argparse
@@ -36,7 +38,9 @@ from serving.checkpoint import cpu_features, load_for_serving  # noqa: E402
 from serving.engine import Engine, Finished, GenerationRequest, SamplingParams  # noqa: E402
 from serving.quantize import KERNEL_INFO as INT8_KERNELS  # noqa: E402
 
-FORMATS = {"fp32": ("float32", "none"), "bf16": ("bfloat16", "none"), "int8": ("float32", "int8")}
+FORMATS = {"fp32": ("float32", "none"), "bf16": ("bfloat16", "none"), "int8": ("float32", "int8"),  # name: dtype,
+           "fp32-compiled": ("float32", "none"), "int8-compiled": ("float32", "int8")}  # quantize (+ Engine --compile)
+DEFAULT_FORMATS = ["fp32", "bf16", "int8"]  # the compiled ones add minutes of compiling each: asked for by name
 LLAMA_CPP = {"llama.cpp-f16": "f16", "llama.cpp-q8_0": "q8_0"}  # GGUF type of each llama.cpp row
 LM_HEAD_STD = 0.15  # x std sqrt(hidden): logits of std ~4, peaked like a trained model's
 PROMPT_TOKENS, GREEDY_TOKENS, SLOTS, SLOT_TOKENS, HELDOUT_TOKENS = 512, 256, 8, 64, 512
@@ -69,8 +73,11 @@ def measure_format(name: str, weights: Path, out: Path) -> dict:
     dtype, quantize = FORMATS[name]
     start = time.perf_counter()
     served = load_for_serving(weights, "cortex", "cpu", dtype, quantize)
+    compiled = name.endswith("-compiled")
+    loaded = time.perf_counter()
+    engine = Engine(served.model, served.tokenizer, slots=SLOTS, max_queue=SLOTS, seed=0, compile=compiled).start()
+    compile_s = time.perf_counter() - loaded  # the Engine's warm-up compiles every decode graph (cold cache or not)
     startup_s = time.perf_counter() - start
-    engine = Engine(served.model, served.tokenizer, slots=SLOTS, max_queue=SLOTS, seed=0).start()
     try:
         ids = held_out_ids(served.tokenizer, HELDOUT_TOKENS)
         prompt = ids[:PROMPT_TOKENS]
@@ -92,7 +99,8 @@ def measure_format(name: str, weights: Path, out: Path) -> dict:
     with torch.no_grad():
         logits = served.model(torch.tensor([ids]))["logits"][0].float()
     torch.save({"greedy": greedy, "logits": logits}, out)
-    return {"format": name, "dtype": dtype, "quantize": quantize, "startup_s": round(startup_s, 2),
+    return {"format": name, "dtype": dtype, "quantize": quantize, "compile": compiled,
+            "startup_s": round(startup_s, 2), **({"compile_s": round(compile_s, 1)} if compiled else {}),
             "ttft_512_s": round(ttft_s, 3), "decode_tok_s_batch1": round(decode_tps, 2),
             f"decode_tok_s_{SLOTS}_slots": round(slots_tps, 2), "greedy_tokens": len(greedy),
             "rss_mb": resident_mb(), "peak_rss_mb": resident_mb("VmHWM")}
@@ -161,8 +169,9 @@ def write_random_weights(path: Path):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--formats", default=",".join([*FORMATS, *LLAMA_CPP]),
-                        help="comma-separated, fp32 first (the reference); llama.cpp rows need llama-cpp-python")
+    parser.add_argument("--formats", default=",".join([*DEFAULT_FORMATS, *LLAMA_CPP]),
+                        help=f"comma-separated from {', '.join([*FORMATS, *LLAMA_CPP])}, fp32 first (the "
+                             "reference); llama.cpp rows need llama-cpp-python; *-compiled: the server's --compile")
     parser.add_argument("--rounds", type=int, default=1, help="passes over the formats, alternating their order")
     parser.add_argument("--one", nargs=3, metavar=("FORMAT", "WEIGHTS", "OUT"), help=argparse.SUPPRESS)  # a child
     args = parser.parse_args()
@@ -205,7 +214,7 @@ def main():
     fp32_decode = results["fp32"]["decode_tok_s_batch1"]
     for name, figures in results.items():
         figures["decode_vs_fp32"] = round(figures["decode_tok_s_batch1"] / fp32_decode, 2)
-    for ours, theirs in (("bf16", "llama.cpp-f16"), ("int8", "llama.cpp-q8_0")):
+    for ours, theirs in (("bf16", "llama.cpp-f16"), ("int8", "llama.cpp-q8_0"), ("int8-compiled", "llama.cpp-q8_0")):
         if ours in results and theirs in results:
             results[ours]["decode_vs_llama_cpp"] = round(results[ours]["decode_tok_s_batch1"]
                                                          / results[theirs]["decode_tok_s_batch1"], 2)
@@ -215,6 +224,9 @@ def main():
         "cpu_capability": capability, "mkldnn_bf16_supported": native_bf16,
         "kernels": {"fp32": "F.linear fp32 (MKL/oneDNN sgemm)", "bf16": "F.linear bf16 (oneDNN, native only where "
                     "mkldnn_bf16_supported)", "int8": INT8_KERNELS,
+                    "*-compiled": "decode steps: one torch.compile'd graph (inductor C++); int8 linears and head call "
+                                  "the same ATen int8 kernel, routed experts a fused kernel reading the picked int8 "
+                                  "rows",
                     "llama.cpp": "GGUF export (shared expert folded into each routed one: 1.27x the work per token; "
                                  "dense layer 0 as 8 identical experts, 2 of them computed)"},
         "formats": results | missing,

@@ -117,7 +117,18 @@ class Int8RoutedExperts(_Int8Module):
         return dequantized_linear(hidden, *down[:2])
 
     def gathered(self, rows: torch.Tensor, expert_idx: torch.Tensor) -> torch.Tensor:
-        raise ValueError("int8 experts do not run in the compiled decode step: serve --quantize int8 without --compile")
+        """Like RoutedExperts.gathered (compiled decoding): each row's K experts' int8 weights and scales picked by
+        index and dequantized in the graph, which inductor fuses into the product (int8 read, no fp copy)."""
+        num_rows, top_k = expert_idx.shape
+        idx = expert_idx.reshape(-1)
+        inputs = rows.repeat_interleave(top_k, dim=0).unsqueeze(-1)  # (N*K, H, 1)
+
+        def product(name: str, x: torch.Tensor) -> torch.Tensor:
+            weight = getattr(self, name)[idx].to(x.dtype) * getattr(self, name + "_scales")[idx].to(x.dtype)[..., None]
+            return torch.bmm(weight, x)
+
+        hidden = F.silu(product("gate_proj", inputs)) * product("up_proj", inputs)
+        return product("down_proj", hidden).view(num_rows, top_k, -1)
 
 
 def quantize_int8(model: nn.Module) -> nn.Module:
