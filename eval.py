@@ -57,6 +57,7 @@ class Reply:
     text: str              # the whole assistant reply from its <think> (a forced prefix included), special tokens kept
     finished: Finished
     thinking_tokens: int   # counted from the engine's token events: thinking-phase tokens other than </think>
+    closing_tokens: int    # of those, the budget's closing sentence the engine forced in (0: the model closed it)
 
 
 # --- data ------------------------------------------------------------------------------------------------------------
@@ -155,19 +156,22 @@ def generate(served, requests: list[GenerationRequest], prefixes: list[list[int]
     """Every request through one batched decode engine (all queued before it starts, so the batches and the sampled
     tokens depend on the seed only); prefixes are the reply's tokens already in the prompt (a forced <think>)."""
     engine = Engine(served.model, served.tokenizer, slots=slots, max_queue=len(requests), seed=seed)
+    closings = list(engine.closing_ids.values())
     for request in requests:
         engine.submit(request)
     engine.start()
     replies = []
     try:
         for request, prefix in zip(requests, prefixes):
-            ids, thinking = list(prefix), 0
+            ids, thought = list(prefix), []
             while not isinstance(event := request.events.get(), Finished):
                 ids.append(event.token_id)
-                thinking += event.phase == THINKING and event.token_id != served.tokenizer.think_end_id
+                if event.phase == THINKING and event.token_id != served.tokenizer.think_end_id:
+                    thought.append(event.token_id)
             if event.reason == "error":
                 raise RuntimeError("the decode engine failed on a request (the traceback is in the log above)")
-            replies.append(Reply(served.tokenizer.decode(ids), event, thinking))
+            closing = next((len(c) for c in closings if thought[-len(c):] == c), 0)
+            replies.append(Reply(served.tokenizer.decode(ids), event, len(thought), closing))
             bar.update(1)
     finally:
         engine.stop()
@@ -202,7 +206,7 @@ def accuracy_section(served, prompts, max_new: int, samples: int, temperature: f
     sampling = SamplingParams(temperature, top_p, max_new_tokens=max_new)
     repeated = [item for item in prompts for _ in range(samples)]
     sampled = _exact(served, repeated, generate(served, [GenerationRequest(p, sampling, False) for p, _ in repeated],
-                                                [[]] * len(repeated), slots, seed, bar))
+                                                [[]] * len(repeated), slots, seed, bar)) if repeated else []
     return {"prompts": len(prompts), "greedy_exact_match": _share(greedy), "samples_per_prompt": samples,
             "sampled_pass_at_1": _share(sampled), "temperature": temperature, "top_p": top_p}
 
@@ -216,20 +220,24 @@ def budgets_for(max_new: int) -> list[int | None]:
     return budgets + [None]
 
 
-def budget_section(served, prompts, max_new: int, slots: int, seed: int, bar: tqdm) -> list[dict]:
+def budget_section(served, prompts, budgets: list[int | None], max_new: int, slots: int, seed: int,
+                   bar: tqdm) -> list[dict]:
     tok = served.tokenizer
     greedy = SamplingParams(0.0, max_new_tokens=max_new)
     rows = []
-    for budget in budgets_for(max_new):
+    for budget in budgets:
         # As app.py serves a thinking request: the prompt ends in <assistant><think>, the engine enforces the budget.
         replies = generate(served, [GenerationRequest(p + [tok.think_id], greedy, True, budget) for p, _ in prompts],
                            [[tok.think_id]] * len(prompts), slots, seed, bar)
         lengths = [r.finished.completion_tokens for r in replies]
         thinking = [r.thinking_tokens for r in replies]
+        own = [r.thinking_tokens - r.closing_tokens for r in replies]
         rows.append({"budget": budget, "exact_match": _share(_exact(served, prompts, replies)),
-                     "mean_reply_tokens": round(sum(lengths) / max(len(lengths), 1), 2),
-                     "mean_thinking_tokens": round(sum(thinking) / max(len(thinking), 1), 2),
+                     "mean_reply_tokens": _mean(lengths), "mean_thinking_tokens": _mean(thinking),
                      "max_thinking_tokens": max(thinking, default=0),
+                     # the model's own thought: without the closing sentence a spent budget forces in
+                     "mean_own_thinking_tokens": _mean(own), "max_own_thinking_tokens": max(own, default=0),
+                     "cut_share": _share([budget is not None and t == budget for t in thinking]),
                      "finished_share": _share([r.finished.reason == "stop" for r in replies])})
     return rows
 
@@ -238,6 +246,10 @@ def _exact(served, prompts, replies: list[Reply]) -> list[bool]:
     samples = [Sample(served.tokenizer.decode(p), r.text, answer, truncated=r.finished.reason != "stop")
                for (p, answer), r in zip(prompts, replies)]
     return [score > 0 for score in exact_match_reward(samples)]
+
+
+def _mean(values: list[int]) -> float:
+    return round(sum(values) / max(len(values), 1), 2)
 
 
 def _share(flags: list[bool]) -> float | None:
@@ -260,8 +272,11 @@ def plot_budget(rows: list[dict], path: Path) -> None:
     ax.set_ylabel("greedy exact match", color="tab:blue")
     ax.set_ylim(0, min(1.0, 1.25 * max(accuracy) + 0.02))  # small accuracies stay readable
     twin = ax.twinx()
-    twin.plot(labels, [r["mean_reply_tokens"] for r in rows], marker="s", color="tab:orange", label="reply length")
-    twin.set_ylabel("mean reply tokens", color="tab:orange")
+    twin.plot(labels, [r["mean_reply_tokens"] for r in rows], marker="s", color="tab:orange", label="reply")
+    twin.plot(labels, [r["mean_own_thinking_tokens"] for r in rows], marker="^", color="tab:green",
+              label="the model's own thought (no forced closing)")
+    twin.set_ylabel("mean tokens", color="tab:orange")
+    twin.legend(loc="upper left", fontsize=8)
     ax.set_title("accuracy against thinking budget")
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -299,7 +314,8 @@ def _pct(value: float | None) -> str:
 
 def markdown(report: dict) -> str:
     lines = [f"# Eval of `{report['checkpoint']}`", "",
-             f"Preset `{report['preset']}`, device {report['device']}, {report['seconds']} s, replies of at most "
+             f"Preset `{report['preset']}`, device {report['device']}, {report['seconds']} s ({report['cpu_seconds']} s "
+             f"of CPU), replies of at most "
              f"{report['max_new_tokens']} new tokens (greedy unless said); {report['prompts_too_long']} held-out "
              f"prompts left out as too long for that.", ""]
     if "loss" in report:
@@ -316,22 +332,26 @@ def markdown(report: dict) -> str:
         lines += [""]
     if "accuracy" in report:
         a = report["accuracy"]
+        sampled = (f"{_pct(a['sampled_pass_at_1'])} ({a['samples_per_prompt']} samples, temperature "
+                   f"{a['temperature']}, top-p {a['top_p']})" if a["samples_per_prompt"] else "- (--samples 0)")
         lines += ["## Arithmetic accuracy (held-out GRPO prompts, exact answer in a finished reply)", "",
                   "| prompts | greedy | sampled pass@1 |", "|---|---|---|",
-                  f"| {a['prompts']} | {_pct(a['greedy_exact_match'])} | {_pct(a['sampled_pass_at_1'])} "
-                  f"({a['samples_per_prompt']} samples, temperature {a['temperature']}, top-p {a['top_p']}) |", ""]
+                  f"| {a['prompts']} | {_pct(a['greedy_exact_match'])} | {sampled} |", ""]
     if "budget" in report:
         lines += ["## Thinking budget", "",
-                  "| budget | exact match | finished | mean reply tokens | mean / max thinking tokens |",
-                  "|---|---|---|---|---|"]
+                  "| budget | exact match | finished | thought cut by the budget | mean reply tokens "
+                  "| mean / max thinking tokens | the model's own: mean / max |", "|---|---|---|---|---|---|---|"]
         lines += [f"| {'unlimited' if r['budget'] is None else r['budget']} | {_pct(r['exact_match'])} | "
-                  f"{_pct(r['finished_share'])} | {r['mean_reply_tokens']} | {r['mean_thinking_tokens']} / "
-                  f"{r['max_thinking_tokens']} |" for r in report["budget"]]
+                  f"{_pct(r['finished_share'])} | {_pct(r['cut_share'])} | {r['mean_reply_tokens']} | "
+                  f"{r['mean_thinking_tokens']} / {r['max_thinking_tokens']} | {r['mean_own_thinking_tokens']} / "
+                  f"{r['max_own_thinking_tokens']} |" for r in report["budget"]]
         n = report["budget_closing_sentence_tokens"]
         counts = ", ".join(f"{count} tokens in {language}" for language, count in n.items())
         lines += ["", f"A thought the model has not closed within its budget is ended with the closing sentence in the "
-                      f"thought's language ({counts} with this tokenizer, counted as thinking) and `</think>`, or "
-                      f"with `</think>` alone when the sentence does not fit (serving/engine.py).", "",
+                      f"thought's language ({counts} with this tokenizer) and `</think>`, or with `</think>` alone "
+                      f"when the sentence does not fit (serving/engine.py). The sentence counts in the budget, so a "
+                      f"budget that holds it leaves the model that many tokens less of its own thought (last column): "
+                      f"a budget just above the sentence's length can cut thoughts shorter than a smaller one.", "",
                   "![accuracy against thinking budget](budget_curve.png)", ""]
     if "moe" in report:
         m = report["moe"]
@@ -344,6 +364,15 @@ def markdown(report: dict) -> str:
 
 
 # --- the command ------------------------------------------------------------------------------------------------------
+
+def _budget(text: str) -> int | None:
+    if text == "unlimited":
+        return None
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"a thinking budget is a whole number of tokens (0 or more) or 'unlimited', "
+                                         f"got {text!r}")
+    return int(text)
+
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -363,21 +392,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-new-tokens", type=int,
                         help="reply length limit (default: twice the preset's GSPO completion budget, at most half "
                              "the context); prompts without room for it are left out")
-    parser.add_argument("--samples", type=int, default=4, help="sampled replies per prompt for pass@1")
+    parser.add_argument("--samples", type=int, default=4, help="sampled replies per prompt for pass@1 (0: greedy only)")
+    parser.add_argument("--budgets", nargs="+", type=_budget, help="the thinking budgets of the sweep, 'unlimited' for "
+                                                                   "none (default: 0, 8, 16, 32, ... below "
+                                                                   "--max-new-tokens, unlimited)")
     parser.add_argument("--slots", type=int, default=32, help="sequences decoded together (each holds a KV cache of "
                                                               "the model's whole context)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: as app.py)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    for name in ("limit", "max_new_tokens", "samples", "slots"):
+    for name in ("limit", "max_new_tokens", "slots"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.samples < 0:
+        parser.error("--samples must be 0 or more")
     return args
 
 
 def evaluate(args: argparse.Namespace) -> dict:
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     info = checkpoint_run_info(args.checkpoint)
     run_tokenizer = info.get("train_config", {}).get("tokenizer")
     preset = args.preset or os.environ.get("CORTEX_PRESET") or ("tiny" if run_tokenizer == "tiny" else "full")
@@ -412,7 +446,8 @@ def evaluate(args: argparse.Namespace) -> dict:
     if "accuracy" in sections:
         work["accuracy"] = len(arithmetic) * (1 + args.samples)
     if "budget" in sections:
-        work["budget"] = len(arithmetic) * len(budgets_for(max_new))
+        budgets = args.budgets or budgets_for(max_new)
+        work["budget"] = len(arithmetic) * len(budgets)
 
     report = {"checkpoint": str(args.checkpoint), "model": served.name, "stage": info.get("stage"), "preset": preset,
               "device": str(model.lm_head.weight.device), "max_new_tokens": max_new,
@@ -435,10 +470,11 @@ def evaluate(args: argparse.Namespace) -> dict:
                                                   grpo.grpo.top_p or 1.0, args.slots, args.seed, bar)
         if "budget" in work:
             bar.set_postfix_str("thinking budget")
-            report["budget"] = budget_section(served, arithmetic, max_new, args.slots, args.seed, bar)
+            report["budget"] = budget_section(served, arithmetic, budgets, max_new, args.slots, args.seed, bar)
             report["budget_closing_sentence_tokens"] = {language: len(tok.encode(text))
                                                         for language, text in THINK_BUDGET_CLOSINGS.items()}
     report["seconds"] = round(time.perf_counter() - start, 1)
+    report["cpu_seconds"] = round(time.process_time() - cpu_start, 1)  # every thread of the process
 
     out.mkdir(parents=True, exist_ok=True)
     if "budget" in report:
