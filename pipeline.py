@@ -133,10 +133,14 @@ def report_card(rows: list[dict], run_dir: Path, wall_s: float, cpu_s: float) ->
         for row in budgeted:
             by_budget = {r["budget"]: r for r in row["eval"]["budget"]}
             lines.append(f"| {row['stage']} | " + " | ".join(
-                f"{eval_report._pct(by_budget[b]['exact_match'])} ({by_budget[b]['mean_reply_tokens']:.0f} tok)"
-                if b in by_budget else "-" for b in budgets) + " |")
+                f"{eval_report._pct(by_budget[b]['exact_match'])} · {by_budget[b]['mean_own_thinking_tokens']:.0f} · "
+                f"{eval_report._pct(by_budget[b]['cut_share'])}" if b in by_budget else "-" for b in budgets) + " |")
         last = budgeted[-1]
-        lines += ["", f"Cells: exact match (mean reply tokens). Curve of {last['stage']}:", "",
+        lines += ["", "Cells: exact match · mean thinking tokens of the model's own (a closing sentence forced by the "
+                      "budget not counted) · share of thoughts the budget cut. A budget counts the closing sentence "
+                      f"({', '.join(f'{n} tokens in {lang}' for lang, n in last['eval']['budget_closing_sentence_tokens'].items())}), "
+                      "so one just above its length leaves less of the model's own thought than a smaller budget, which "
+                      f"closes with `</think>` alone. Curve of {last['stage']}:", "",
                   f"![accuracy against thinking budget]({last['stage']}/eval/budget_curve.png)"]
     lines += ["", "## Loss curves", ""]
     lines += [f"![{row['stage']} loss]({row['stage']}/plots/loss.png)" for row in rows
