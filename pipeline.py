@@ -167,9 +167,9 @@ def main(argv: list[str] | None = None) -> Path:
             print(f"pipeline: {stage} is complete, not trained again", flush=True)
         else:
             print(f"pipeline: training {stage}", flush=True)
-            start = time.perf_counter()
+            stage_start = time.perf_counter()
             train_stage(stage, launcher_args, script_args)
-            print(f"pipeline: {stage} trained in {time.perf_counter() - start:.1f} s", flush=True)
+            print(f"pipeline: {stage} trained in {time.perf_counter() - stage_start:.1f} s", flush=True)
         report = None if args.no_eval else eval_stage(stage, args.run_dir, eval_args, last=stage == stages[-1])
         plot_run(args.run_dir / stage, panels=["loss"])  # the card shows the loss curves only
         rows.append(stage_row(stage, args.run_dir, report))
