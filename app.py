@@ -20,11 +20,13 @@ Other web sites: a request with an Origin header (a browser sends it from pages 
 unless it is the server's own origin or allowed with --allow-origin; POST bodies must be application/json (a browser
 sends text/plain across sites without asking first). When the server listens on a loopback address, requests must
 name a loopback host (localhost, 127.0.0.1, [::1]): a rebound DNS name of an attacker's site gets 403.
-HTTP/1.1 with keep-alive: API clients reuse their connection.
+HTTP/1.1 with keep-alive: API clients reuse their connection. A client that closes its connection ends its request
+(frees its slot or queue place) within a fraction of a second, streamed or not (ClientConnection).
 """
 
 import argparse
 import ipaddress
+import itertools
 import json
 import logging
 import select
@@ -32,7 +34,6 @@ import socket
 import sys
 import time
 import urllib.parse
-from collections.abc import Callable
 from pathlib import Path
 
 from flask import Flask, Response, jsonify, request, send_from_directory
@@ -54,6 +55,7 @@ STATIC_DIR = Path(__file__).resolve().parent / "static"
 MAX_BODY_BYTES = 1 << 20
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 INTERNAL_ERROR = "internal server error (the details are in the server log)"
+CLIENT_ENVIRON_KEY = "cortex.client"  # the request's ClientConnection (our server's handler puts it there)
 
 log = logging.getLogger("cortex.app")
 
@@ -72,7 +74,7 @@ def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str, *, allow_o
         if dropped:
             log.info("dropped the %d oldest messages to fit the context", dropped)
         return submit_generation(GenerationRequest(prompt_ids, chat.sampling, chat.thinking, chat.think_budget,
-                                                   client_gone_check()))
+                                                   client_connection().gone))
 
     def submit_generation(generation: GenerationRequest) -> GenerationRequest:
         try:
@@ -138,7 +140,7 @@ def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str, *, allow_o
     @app.post("/api/chat")
     def api_chat():
         generation = submit(parse_web_request(json_body(), engine.max_context))
-        pieces = stream_reply(generation, tokenizer)
+        pieces = stream_reply(generation, tokenizer, client_connection().check)
 
         def events():
             for item in pieces:
@@ -157,7 +159,7 @@ def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str, *, allow_o
         check_model(body, model_name)
         chat, stream, include_usage = parse_openai_request(body, engine.max_context)
         generation = submit(chat)
-        pieces = stream_reply(generation, tokenizer)
+        pieces = stream_reply(generation, tokenizer, client_connection().check)
         if chat.sampling.stop:
             pieces = stop_answer_at(pieces, generation, chat.sampling.stop)
         completion = Completion(model_name)
@@ -173,8 +175,9 @@ def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str, *, allow_o
             return jsonify(completion.message("".join(texts["thinking"]), "".join(texts["answer"]), finished))
 
         def chunks():
+            first = next(pieces)  # nothing is sent while the request waits, so that a lost client can be told apart
             yield sse(completion.chunk({"role": "assistant", "content": ""}))
-            for item in pieces:
+            for item in itertools.chain([first], pieces):
                 if isinstance(item, ReplyPiece):
                     key = "reasoning_content" if item.kind == "thinking" else "content"
                     yield sse(completion.chunk({key: item.text}))
@@ -193,11 +196,11 @@ def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str, *, allow_o
         body = json_body()
         check_model(body, model_name)
         asked = parse_completion_request(body, tokenizer, engine.max_context)
-        generations = []
+        generations, client = [], client_connection()
         try:
-            for generation in generation_requests(asked, client_gone_check()):
+            for generation in generation_requests(asked, client.gone):
                 generations.append(submit_generation(generation))
-            choices = [collect_choice(generation, echo_text, asked, tokenizer)
+            choices = [collect_choice(generation, echo_text, asked, tokenizer, client.check)
                        for generation, (_, echo_text) in zip(generations, asked.prompts)]
         finally:
             for generation in generations:  # after a failure (queue full, a lost client): free the others' slots
@@ -290,21 +293,67 @@ def sse(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-def client_gone_check() -> Callable[[], bool]:
-    """True once the connection is gone: hung up or reset. End-of-file alone is not enough, since a client may shut its
-    sending side after the request and still read the reply; a client that closed entirely resets the connection at
-    the first byte written to it (a stream's next piece), or at a TCP keep-alive probe (ServerRequestHandler) when
-    nothing is written. Werkzeug's server exposes the socket; elsewhere the stream ends when a write fails instead."""
-    sock = request.environ.get("werkzeug.socket")
-    if sock is None or not hasattr(select, "poll"):  # Windows has no poll()
-        return lambda: False
-    poller = select.poll()
-    poller.register(sock, select.POLLIN)  # hang-ups and errors are always reported
+class ClientConnection:
+    """The connection of the request being served, watched while the model works: a client that went away ends its
+    request at once (its slot or queue place freed) instead of a minute later, when TCP keep-alive would notice.
 
-    def gone() -> bool:
-        return any(events & (select.POLLHUP | select.POLLERR | select.POLLNVAL) for _, events in poller.poll(0))
+    A client that closed its connection and one that only shut its sending side (still reading the reply) look the
+    same from here: end of file. While nothing of the reply is sent, `check()` tells them apart with an interim
+    `100 Continue` reply, which HTTP/1.1 clients skip: a closed socket answers it with a reset, and `gone()` turns true.
+    Left to TCP keep-alive (ServerRequestHandler): HTTP/1.0 clients, and one that closed after pipelining a next request.
+    """
 
-    return gone
+    INTERIM_REPLY = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+    def __init__(self, sock: socket.socket, http11: bool):
+        self.sock = sock
+        self.may_probe = http11  # an HTTP/1.0 client must not get interim replies
+        self.lost = False
+
+    def gone(self) -> bool:
+        """True once the connection is gone: reset or hung up (any thread may ask; the engine does before every step)."""
+        return self.lost or bool(self._events() & (select.POLLHUP | select.POLLERR | select.POLLNVAL))
+
+    def check(self):
+        """Asked by the request's own thread while it waits for the model: at the client's end of file (pipelined
+        bytes of a next request are not), sends the interim reply once."""
+        if not self.may_probe or not self._events():
+            return
+        try:
+            at_eof = self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except BlockingIOError:
+            return
+        except OSError:  # reset
+            self.lost = True
+            return
+        if at_eof:
+            self.may_probe = False
+            try:
+                self.sock.sendall(self.INTERIM_REPLY)
+            except OSError:
+                self.lost = True
+
+    def _events(self) -> int:
+        poller = select.poll()  # one per call: the engine's thread and the request's may ask at the same time
+        poller.register(self.sock, select.POLLIN)  # hang-ups and errors are always reported
+        return sum(events for _, events in poller.poll(0))
+
+    def reply_started(self):
+        self.may_probe = False  # from now on bytes of the reply are on the wire; it fails at a write once the client left
+
+
+class NoClientWatch:
+    """Under another WSGI server (or on Windows, without poll()): a lost client is noticed when a write fails."""
+
+    def gone(self) -> bool:
+        return False
+
+    def check(self):
+        pass
+
+
+def client_connection() -> ClientConnection | NoClientWatch:
+    return request.environ.get(CLIENT_ENVIRON_KEY) or NoClientWatch()
 
 
 class RequestBody(LimitedStream):
@@ -316,23 +365,38 @@ class RequestBody(LimitedStream):
 
 
 class ServerRequestHandler(WSGIRequestHandler):
-    """werkzeug's handler with HTTP/1.1 keep-alive (werkzeug's own closes every connection) and TCP_NODELAY."""
+    """werkzeug's handler with HTTP/1.1 keep-alive (werkzeug's own closes every connection), TCP_NODELAY and a
+    ClientConnection for each request."""
     protocol_version = "HTTP/1.1"
     # Streams are many small writes: without TCP_NODELAY, Nagle's algorithm and delayed ACKs hold each back ~40 ms
     disable_nagle_algorithm = True
     # A kept-alive connection that sends nothing for this long (or a client that reads nothing of its reply) is closed,
     # so idle clients do not hold server threads forever; decoding between writes never waits on the socket
     timeout = 120
+    client: ClientConnection | None = None  # the current request's
 
     def setup(self):
         super().setup()
-        # TCP keep-alive probes notice a client that closed entirely once its host drops the connection (about a
-        # minute after the close on Linux, 61.6 s measured), also while nothing is written to it: a non-streamed
-        # reply, a queued request. A half-closed client answers the probes and is served.
+        # TCP keep-alive probes notice a client that left without a reset: its host vanished (about 25 s), or it closed
+        # the connection and ClientConnection could not probe it (about a minute, 61.6 s measured, when its host drops
+        # the closed connection)
         self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         for option, value in (("TCP_KEEPIDLE", 10), ("TCP_KEEPINTVL", 5), ("TCP_KEEPCNT", 3)):
             if hasattr(socket, option):  # Linux; other systems keep their defaults
                 self.connection.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
+
+    def make_environ(self):
+        environ = super().make_environ()
+        self.client = None
+        if hasattr(select, "poll"):  # Windows has no poll()
+            self.client = environ[CLIENT_ENVIRON_KEY] = ClientConnection(self.connection,
+                                                                         self.request_version == "HTTP/1.1")
+        return environ
+
+    def send_response(self, code: int, message: str | None = None):
+        if self.client is not None:
+            self.client.reply_started()
+        super().send_response(code, message)
 
     def run_wsgi(self):
         length = self.headers.get("Content-Length", "0")

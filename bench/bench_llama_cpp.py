@@ -12,7 +12,6 @@ line; without llama-cpp-python it says so and exits 0.
 """
 
 import argparse
-import dataclasses
 import json
 import sys
 import tempfile
@@ -23,25 +22,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import export  # noqa: E402
+from exporters.parity_model import parity_model  # noqa: E402
 from model import CortexModel, generate, save_weights, tiny_config  # noqa: E402
 from serving.chat import build_prompt  # noqa: E402
 from trainer.tokenizer import load_tokenizer, tiny_tokenizer  # noqa: E402
 
 SAMPLE_TEXT = Path(__file__).resolve().parents[1] / "sample_data" / "pretrain.jsonl"
-
-
-def tiny_model(vocab_size: int) -> CortexModel:
-    """Random weights made decisive: norms away from 1 and a sharper head, so greedy choices are not near-ties."""
-    torch.manual_seed(0)
-    config = dataclasses.replace(tiny_config(vocab_size, long_context=True), max_position_embeddings=2048,
-                                 original_max_position_embeddings=512)
-    model = CortexModel(config)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name:
-                param.uniform_(0.5, 1.5)
-        model.lm_head.weight.mul_(20)
-    return model.eval()
 
 
 def rounded_like_gguf(model: CortexModel, gguf_type: str) -> CortexModel:
@@ -100,7 +86,7 @@ def main():
         return
 
     tokenizer = tiny_tokenizer()
-    model = tiny_model(tokenizer.vocab_size)
+    model = parity_model(tokenizer.vocab_size, head_scale=20)  # decisive: greedy choices are not near-ties
     with tempfile.TemporaryDirectory() as tmp:
         path = export_gguf(model, "tiny", Path(tmp) / "tiny", args.gguf_type)
         ours_model = rounded_like_gguf(model, args.gguf_type)

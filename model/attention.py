@@ -55,10 +55,8 @@ class Attention(nn.Module):
 def build_attention_bias(attention_mask: torch.Tensor | None, doc_boundary_mask: torch.Tensor | None, batch: int,
                          new_len: int, past_len: int, dtype: torch.dtype,
                          device: torch.device) -> tuple[torch.Tensor | None, bool]:
-    """(additive bias or None, is_causal) for SDPA, in dtype (what SDPA computes in).
-
-    Without padding or a document mask: no bias, SDPA's is_causal (the flash kernel on a GPU). Otherwise the reference's
-    bias: a finfo.min term per reason a key is blocked (causal, padding, other document), summed (finite, no NaN)."""
+    """(additive bias or None, is_causal) for SDPA, in dtype. Without padding or a document mask: no bias, SDPA's
+    is_causal (the flash kernel on a GPU); else the reference's sum of a finfo.min term per reason a key is blocked."""
     total_len = past_len + new_len
     if attention_mask is not None and attention_mask.shape != (batch, total_len):
         raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected (batch, past + new tokens) "

@@ -1,8 +1,5 @@
-"""Token-by-token decoding, one torch.compile'd graph per step (generate(..., compile=True), the server's --compile).
-
-The step has no data-dependent control flow: each row's key/value is written at a position held in a tensor, attention
-reads the whole cache under a mask, and each row's experts are picked from the stacked weights by index. It runs the
-model's own modules and weights; each new shape (batch size, cache width) compiles once (a C++ compiler on CPU).
+"""Token-by-token decoding, one torch.compile'd graph per step (generate(..., compile=True), the server's --compile):
+the model's own modules and weights, no data-dependent control flow; each new shape compiles once (a C++ compiler on CPU).
 """
 
 import functools

@@ -120,13 +120,6 @@ def cortex_2_5_config(long_context: bool = False) -> ModelConfig:
     )
 
 
-def cortex_2_5_dense_config(long_context: bool = False) -> ModelConfig:
-    """Cortex 2.5 dimensions with every layer a dense 2048-wide MLP (no experts)."""
-    config = cortex_2_5_config(long_context)
-    config.moe_config = None
-    return config
-
-
 def tiny_config(vocab_size: int, long_context: bool = False) -> ModelConfig:
     """A tiny MoE config with the Cortex structure (dense layer 0, shared + routed experts) for tests and CPU runs."""
     cortex = cortex_2_5_config(long_context)

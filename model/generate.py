@@ -1,9 +1,6 @@
 """Autoregressive generation with a fixed-size KV cache: greedy or sampling, stop tokens, streaming, left-padded batches.
-
-Logits: repetition penalty -> suppressed tokens -> temperature -> top-k -> top-p, then argmax (temperature None or 0) or
-a draw from `generator`. A stop token is emitted and ends its row (finished rows continue with pad tokens). The model
-runs in eval mode while generating.
-"""
+Logits: repetition penalty -> suppressed tokens -> temperature -> top-k -> top-p, then argmax or a draw. A stop token is
+emitted and ends its row (finished rows continue with pad tokens). The model runs in eval mode while generating."""
 
 from collections.abc import Iterator, Sequence
 
@@ -115,7 +112,6 @@ def _decode(model: nn.Module, prompts: Sequence[Sequence[int]], *, max_new_token
 
 def generate_stream(model: nn.Module, prompt_ids: Sequence[int], *, max_new_tokens: int, **sampling) -> Iterator[int]:
     """Yield new token ids one at a time for a single prompt; a stop token is yielded last.
-
     sampling: stop_token_ids=(), temperature=None (None or 0: greedy), top_k=None, top_p=None, repetition_penalty=1.0,
     suppress_token_ids=(), generator=None, compile=False (True: one torch.compile'd step per token, compiled_decode.py)."""
     for tokens in _decode(model, [prompt_ids], max_new_tokens=max_new_tokens, pad_token_id=0, **sampling):

@@ -1,9 +1,5 @@
-"""The output head: logits, or each position's log-probability of a target token without materialising the logits.
-
-Training needs only the targets' log-probs, and the (batch, seq, 46957) logits are a step's largest tensors (8 x 2048
-positions: 3 GB in fp32, as much again for their gradient): `target_log_probs` projects a chunk of positions at a time
-(the fused linear + cross-entropy idea). Figures in bench/bench_head.py and the README.
-"""
+"""The output head: logits, or each position's log-probability of a target token computed a chunk of positions at a
+time, so the (batch, seq, vocabulary) logits are never materialised (the fused linear + cross-entropy idea)."""
 
 import torch
 from torch import nn
@@ -107,18 +103,13 @@ def target_log_probs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.
     with torch.autocast(hidden.device.type, enabled=False):  # cast here, as nn.Linear would under autocast
         log_probs, entropy = _TargetLogProbs.apply(hidden.reshape(-1, hidden.shape[-1]).to(dtype), weight.to(dtype),
                                                    targets.reshape(-1), with_entropy, precompute)
-    entropy = entropy.view(targets.shape) if with_entropy else None
-    if precompute:  # already the sum
-        return log_probs, entropy
-    log_probs = log_probs.view(targets.shape)
-    return log_probs.sum() if summed else log_probs, entropy
+    if not precompute:  # else already the sum
+        log_probs = log_probs.sum() if summed else log_probs.view(targets.shape)
+    return log_probs, entropy.view(targets.shape) if with_entropy else None
 
 
 class LMHead(nn.Linear):
     """`lm_head`: head(x) gives logits, head(x, targets) target log-probs, both in the forward ZeRO-3 gathers around."""
-
-    def __init__(self, hidden_size: int, vocab_size: int):
-        super().__init__(hidden_size, vocab_size, bias=False)
 
     def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None, with_entropy: bool = False,
                 summed: bool = False):

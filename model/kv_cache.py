@@ -52,14 +52,3 @@ class KVCache:
             self.values[layer_idx][:, :, start:end] = value
         self.lengths[layer_idx] = end
         return self.keys[layer_idx][:, :, :end], self.values[layer_idx][:, :, :end]
-
-    def crop(self, length: int) -> None:
-        """Forget every position from `length` on (e.g. to re-prefill after editing the end of a prompt)."""
-        if length < 0:
-            raise ValueError(f"KVCache.crop length must be >= 0, got {length}")
-        for layer_idx, current in enumerate(self.lengths):
-            if length < current:
-                if self.max_length is None:
-                    self.keys[layer_idx] = self.keys[layer_idx][:, :, :length]
-                    self.values[layer_idx] = self.values[layer_idx][:, :, :length]
-                self.lengths[layer_idx] = length

@@ -26,9 +26,8 @@ class Router(nn.Module):
 
 
 class RoutedExperts(nn.Module):
-    """The E routed SwiGLU experts as stacked weights gate_proj, up_proj (E, I, H) and down_proj (E, H, I): one module
-    for DeepSpeed ZeRO-3 to gather around one call per rank, one grouped product; the state dict keeps the published
-    per-expert keys (`{e}.gate_proj.weight`, ...)."""
+    """The E routed SwiGLU experts as stacked weights gate_proj, up_proj (E, I, H), down_proj (E, H, I): one module for
+    ZeRO-3 to gather, one grouped product; the state dict keeps the published keys (`{e}.gate_proj.weight`, ...)."""
 
     WEIGHTS = ("gate_proj", "up_proj", "down_proj")
 

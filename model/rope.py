@@ -78,11 +78,7 @@ class RotaryEmbedding(nn.Module):
         return (angles.cos() * self.attention_scaling).to(dtype), (angles.sin() * self.attention_scaling).to(dtype)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Half-split (GPT-NeoX / HF) RoPE of x (B, heads, T, D)."""
-    return x * cos + rotate_half(x) * sin
+    """Half-split (GPT-NeoX / HF) RoPE of x (B, heads, T, D): x * cos + rotate_half(x) * sin."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin

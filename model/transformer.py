@@ -41,7 +41,7 @@ class CortexModel(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, idx) for idx in range(config.num_hidden_layers))
         self.head_norm = RMSNorm(config.hidden_size)
-        self.lm_head = LMHead(config.hidden_size, config.vocab_size)
+        self.lm_head = LMHead(config.hidden_size, config.vocab_size, bias=False)
         self.apply(self._init_weights)
 
     @staticmethod
@@ -57,8 +57,7 @@ class CortexModel(nn.Module):
                 past_key_values: KVCache | None = None, use_cache: bool = False, logits_to_keep: int = 0,
                 targets: torch.Tensor | None = None, sum_target_log_probs: bool = False,
                 return_entropy: bool = False) -> dict:
-        """
-        input_ids (B, T) new tokens; attention_mask (B, P+T) True = real token, covering the cached positions too.
+        """input_ids (B, T) new tokens; attention_mask (B, P+T) True = real token, covering the cached positions too.
         position_ids (B or 1, T), default arange(P, P+T); doc_boundary_mask (B, 1, T, P+T) for packed documents, bool
             (True = may attend) or the reference's additive float form; causality is always added on top.
         past_key_values: a KVCache, used and updated whenever given; use_cache=True creates one.
@@ -66,7 +65,6 @@ class CortexModel(nn.Module):
         targets (B, T or k): score these token ids (-100 = not scored) instead of returning logits, a chunk of positions
             at a time (model/head.py); for next-token prediction pass the inputs shifted left.
         sum_target_log_probs: return their sum (0-d, the cross-entropy case); return_entropy: each position's entropy.
-
         Returns {'logits': (B, T or k, V) or None with targets, 'aux_loss': the MoE layers' summed aux loss (0-d fp32)
         when training, else None, 'past_key_values'}, with targets also 'target_log_probs' ((B, T or k) fp32, 0 where
         not scored, or their sum) and 'entropy' ((B, T or k) fp32, or None).

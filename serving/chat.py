@@ -24,7 +24,7 @@ import json
 import math
 import queue
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from serving.engine import THINKING, Finished, GenerationRequest, SamplingParams, TokenEvent
@@ -32,7 +32,7 @@ from trainer.tokenizer import Tokenizer, add_think_switch, split_think_switch
 
 DEFAULT_SYSTEM_PROMPT = " "
 MAX_MESSAGES = 512
-EVENT_POLL_S = 1.0  # a waiting reader wakes this often (the engine itself notices disconnected clients)
+EVENT_POLL_S = 0.2  # a waiting reader wakes this often, to check that its client is still there
 FLUSH_INTERVAL_S = 0.05  # after the first piece, a stream sends what it has at most 20 times a second
 
 
@@ -296,15 +296,18 @@ class ReplyDecoder:
         return [ReplyPiece(self.kind, text)] if text else []
 
 
-def stream_reply(request: GenerationRequest, tokenizer: Tokenizer) -> Iterator[ReplyPiece | Finished]:
+def stream_reply(request: GenerationRequest, tokenizer: Tokenizer,
+                 check_client: Callable[[], None] = lambda: None) -> Iterator[ReplyPiece | Finished]:
     """Text pieces of a submitted request as they come, then its Finished. The first piece goes out at once; after that
     whatever arrived within FLUSH_INTERVAL_S goes out together, one piece per kind (fewer wakeups and writes when the
-    server is busy, no visible difference to a reader). The request is cancelled when the caller stops iterating."""
+    server is busy, no visible difference to a reader). The request is cancelled when the caller stops iterating.
+    check_client: called before each wait (at least every EVENT_POLL_S; the server checks its connection there)."""
     decoder = ReplyDecoder(tokenizer)
     next_flush = 0.0
     try:
         while True:
             time.sleep(max(0.0, next_flush - time.monotonic()))
+            check_client()
             try:
                 events = [request.events.get(timeout=EVENT_POLL_S)]
             except queue.Empty:  # still queued, or the engine is busy prefilling

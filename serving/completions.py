@@ -13,6 +13,7 @@ lm-eval asks for a loglikelihood as: prompt = context + continuation ids, echo, 
 import queue
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from serving.chat import EVENT_POLL_S, RequestError, check_bool, check_int, check_text, json_type
@@ -130,15 +131,15 @@ class Choice:
     completion_tokens: int
 
 
-def collect_choice(generation: GenerationRequest, echo_text: str, request: CompletionRequest,
-                   tokenizer: Tokenizer) -> Choice:
+def collect_choice(generation: GenerationRequest, echo_text: str, request: CompletionRequest, tokenizer: Tokenizer,
+                   check_client: Callable[[], None] = lambda: None) -> Choice:
     """Reads a submitted generation to its end: the text (after the echoed prompt), cut before a stop string, and its
-    logprobs. A stop string ends the generation at once."""
+    logprobs. A stop string ends the generation at once. check_client: as for stream_reply."""
     logprobs = _Logprobs(tokenizer) if request.logprobs is not None else None
     text = echo_text if request.echo else ""
     if logprobs is not None and request.echo:
         offset_decoder = tokenizer.stream_decoder()
-        prompt_scores = _next_event(generation)
+        prompt_scores = _next_event(generation, check_client)
         if not isinstance(prompt_scores, PromptLogprobs):  # the generation failed before its prefill
             return Choice(text, None, prompt_scores.reason, len(generation.prompt_ids), 0)
         offset = 0
@@ -149,7 +150,7 @@ def collect_choice(generation: GenerationRequest, echo_text: str, request: Compl
     generated = 0
     try:
         while True:
-            event = _next_event(generation)
+            event = _next_event(generation, check_client)
             if isinstance(event, Finished):
                 text += stops.push(decoder.flush())
                 text += "" if stops.stopped else stops.flush()  # held back, but no stop string came
@@ -168,8 +169,10 @@ def collect_choice(generation: GenerationRequest, echo_text: str, request: Compl
     return Choice(text, None if logprobs is None else logprobs.body(), reason, len(generation.prompt_ids), generated)
 
 
-def _next_event(generation: GenerationRequest) -> TokenEvent | PromptLogprobs | Finished:
+def _next_event(generation: GenerationRequest,
+                check_client: Callable[[], None]) -> TokenEvent | PromptLogprobs | Finished:
     while True:
+        check_client()
         try:
             return generation.events.get(timeout=EVENT_POLL_S)
         except queue.Empty:  # still queued, or the engine busy with other requests

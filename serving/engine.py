@@ -337,14 +337,15 @@ class Engine:
                 self._waiting.popleft().events.put(Finished("cancelled", 0, 0, 0))
 
     def _admit(self) -> list[int]:
-        """Moves waiting requests into free slots (lowest first, so the batch stays compact). Holds _cond."""
+        """Moves waiting requests into free slots (lowest first, so the batch stays compact), after dropping the
+        cancelled ones (a client that left frees its queue place at the next step). Holds _cond."""
+        for request in [r for r in self._waiting if r.cancelled]:
+            self._waiting.remove(request)
+            self._counts["cancelled"] += 1
+            request.events.put(Finished("cancelled", len(request.prompt_ids), 0, 0))
         admitted = []
         while self._waiting and None in self.slots:
             request = self._waiting.popleft()
-            if request.cancelled:
-                self._counts["cancelled"] += 1
-                request.events.put(Finished("cancelled", len(request.prompt_ids), 0, 0))
-                continue
             room = self.max_context - len(request.prompt_ids)
             sampling = request.sampling
             max_new = room if sampling.max_new_tokens is None else min(room, sampling.max_new_tokens)

@@ -135,8 +135,9 @@ def model(tokenizer):
 
 
 @pytest.fixture(scope="module")
-def server(tokenizer):
-    with running_server(tiny_model(tokenizer.vocab_size), tokenizer, slots=4, max_queue=8) as (base, engine):
+def server(model, tokenizer):
+    """(base url, engine) of the module's server (each module that imports this fixture gets its own)."""
+    with running_server(model, tokenizer, slots=4, max_queue=8) as (base, engine):
         yield base, engine
 
 
@@ -371,6 +372,7 @@ def test_an_idle_kept_alive_connection_is_closed(server, monkeypatch):
 @pytest.mark.parametrize("path, body", [
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "thinking": False}),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "stream": True}),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 4}),
 ])
 def test_a_client_that_half_closes_after_its_request_gets_the_reply(server, path, body):
     base, _ = server
@@ -434,6 +436,37 @@ def test_a_disconnected_client_frees_its_slot_and_a_full_queue_answers_503(token
         hang_up(queued_conn, queued)
         wait_for(lambda: engine.stats()["active"] == 0)
         assert engine.stats()["cancelled_total"] == 3
+
+
+def send_raw(base: str, path: str, body: dict) -> socket.socket:
+    """A client on a plain socket that has sent its request and reads nothing yet."""
+    data = json.dumps(body).encode()
+    sock = socket.create_connection(("127.0.0.1", int(base.rpartition(":")[2])), timeout=60)
+    sock.sendall(b"POST %s HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                 % (path.encode(), len(data), data))
+    return sock
+
+
+def test_a_client_that_closes_its_connection_while_its_request_runs_or_waits_frees_its_place_at_once(tokenizer):
+    """Nothing is written to a non-streamed or a queued request's client while the model works, and a closed client
+    looks like a half-closed one (which is served): still its slot and queue place are freed within a second or so,
+    not when TCP keep-alive notices (a minute)."""
+    model = tiny_model(tokenizer.vocab_size, max_context=4096)  # long replies keep the slot busy
+    chat = {"messages": [{"role": "user", "content": "go"}], "thinking": False, "temperature": 0, "max_tokens": 4000}
+    with running_server(model, tokenizer, slots=1, max_queue=3) as (base, engine):
+        running = send_raw(base, "/v1/chat/completions", chat)
+        wait_for(lambda: engine.stats()["active"] == 1)
+        queued = [send_raw(base, "/v1/chat/completions", chat),
+                  send_raw(base, "/v1/chat/completions", {**chat, "stream": True}),
+                  send_raw(base, "/v1/completions", {"prompt": "go", "max_tokens": 4000})]
+        wait_for(lambda: engine.stats()["queued"] == 3)
+        for left, sock in enumerate(reversed(queued)):
+            sock.close()
+            wait_for(lambda: engine.stats()["queued"] == 2 - left, timeout=3)
+        assert engine.stats()["active"] == 1 and engine.stats()["cancelled_total"] == 3
+        running.close()
+        wait_for(lambda: engine.stats()["active"] == 0, timeout=3)
+        assert engine.stats()["cancelled_total"] == 4
 
 
 def test_health_and_stats(server):

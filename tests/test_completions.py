@@ -9,16 +9,10 @@ import pytest
 import torch
 
 from model import generate
-from test_app_server import model, post, running_server, single_torch_thread, tokenizer  # noqa: F401  (fixtures: the autouse one, tokenizer, model)
+from test_app_server import model, post, server, single_torch_thread, tokenizer  # noqa: F401  (fixtures: the autouse one, tokenizer, model, server)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LM_EVAL_TASK_DIR = REPO_ROOT / "tests" / "data" / "lm_eval_task"
-
-
-@pytest.fixture(scope="module")
-def server(model, tokenizer):
-    with running_server(model, tokenizer, slots=4, max_queue=8) as (base, engine):
-        yield base
 
 
 def complete(base: str, body: dict) -> dict:
@@ -34,8 +28,9 @@ def own_logprobs(model, ids: list[int]) -> torch.Tensor:
 
 
 def test_echo_logprobs_are_the_models_own_and_generation_follows_greedy(server, model, tokenizer):
+    base, _ = server
     ids = tokenizer.encode("Tom has 3 apples and buys 2 more.")
-    reply = complete(server, {"prompt": ids, "echo": True, "logprobs": 3, "max_tokens": 0})
+    reply = complete(base, {"prompt": ids, "echo": True, "logprobs": 3, "max_tokens": 0})
     choice = reply["choices"][0]
     logprobs, expected = choice["logprobs"], own_logprobs(model, ids)
     assert choice["text"] == tokenizer.decode(ids) and choice["finish_reason"] == "length"
@@ -53,7 +48,7 @@ def test_echo_logprobs_are_the_models_own_and_generation_follows_greedy(server, 
 
     # text prompts, a list of them, greedy generation: what model.generate makes
     prompts = ["Once upon a time", "The cat"]
-    reply = complete(server, {"prompt": prompts, "max_tokens": 6, "temperature": 0, "logprobs": 0})
+    reply = complete(base, {"prompt": prompts, "max_tokens": 6, "temperature": 0, "logprobs": 0})
     for index, (prompt, choice) in enumerate(zip(prompts, reply["choices"])):
         greedy = generate(model, tokenizer.encode(prompt), max_new_tokens=6, stop_token_ids=[tokenizer.eos_id])
         assert choice["index"] == index and choice["text"] == tokenizer.decode(greedy, skip_special_tokens=True)
@@ -63,23 +58,25 @@ def test_echo_logprobs_are_the_models_own_and_generation_follows_greedy(server, 
 
 
 def test_stop_strings_and_seeds(server, tokenizer):
+    base, _ = server
     body = {"prompt": "Once upon a time", "max_tokens": 12, "temperature": 0}
-    whole = complete(server, body)["choices"][0]["text"]
+    whole = complete(base, body)["choices"][0]["text"]
     stop = whole[4:7]
-    cut = complete(server, {**body, "stop": [stop, "never appears"]})["choices"][0]
+    cut = complete(base, {**body, "stop": [stop, "never appears"]})["choices"][0]
     assert cut["text"] == whole[:whole.index(stop)] and cut["finish_reason"] == "stop"
     sampled = {"prompt": "Once upon a time", "max_tokens": 12, "temperature": 1.0}
-    first, second = (complete(server, {**sampled, "seed": 7})["choices"][0]["text"] for _ in range(2))
-    assert first == second != complete(server, {**sampled, "seed": 8})["choices"][0]["text"]
+    first, second = (complete(base, {**sampled, "seed": 7})["choices"][0]["text"] for _ in range(2))
+    assert first == second != complete(base, {**sampled, "seed": 8})["choices"][0]["text"]
 
 
 def test_tokenizer_endpoints_and_bad_requests(server, tokenizer):
-    status, _, text = post(server, "/tokenize", {"prompt": "Hello world", "add_special_tokens": False})
+    base, _ = server
+    status, _, text = post(base, "/tokenize", {"prompt": "Hello world", "add_special_tokens": False})
     tokens = json.loads(text)["tokens"]
     assert status == 200 and tokens == tokenizer.encode("Hello world")
-    status, _, text = post(server, "/detokenize", {"tokens": tokens})
+    status, _, text = post(base, "/detokenize", {"tokens": tokens})
     assert status == 200 and json.loads(text) == {"prompt": "Hello world"}
-    status, _, text = post(server, "/tokenizer_info", method="GET")
+    status, _, text = post(base, "/tokenizer_info", method="GET")
     assert status == 200 and json.loads(text)["eos_token"] == "</s>"
     for body, status, message in [
         ({}, 400, "'prompt' is missing"),
@@ -91,9 +88,9 @@ def test_tokenizer_endpoints_and_bad_requests(server, tokenizer):
         ({"prompt": "word " * 300}, 400, "the context holds 256"),
         ({"prompt": "x", "model": "gpt-4"}, 404, "does not exist"),
     ]:
-        got, _, text = post(server, "/v1/completions", body)
+        got, _, text = post(base, "/v1/completions", body)
         assert got == status and message in json.loads(text)["error"]["message"], (body, text)
-    got, _, text = post(server, "/detokenize", {"tokens": [-1]})
+    got, _, text = post(base, "/detokenize", {"tokens": [-1]})
     assert got == 400 and "token ids" in json.loads(text)["data"]
 
 
@@ -101,13 +98,14 @@ def test_lm_eval_local_completions_scores_the_server_with_the_models_own_logprob
                                                                                  monkeypatch):
     """A loglikelihood task (each choice scored: the model's own log-probabilities) and a generation task (greedy
     text up to the end of the line)."""
+    base, _ = server
     lm_eval = pytest.importorskip("lm_eval", reason="lm-evaluation-harness is not installed (pip install lm-eval[api])")
     from lm_eval.tasks import TaskManager
 
     monkeypatch.chdir(REPO_ROOT)  # the task's data_files path is relative to the repository root
     results = lm_eval.simple_evaluate(
         model="local-completions",
-        model_args=f"base_url={server}/v1/completions,model=cortex-tiny,tokenizer_backend=remote,max_length=256",
+        model_args=f"base_url={base}/v1/completions,model=cortex-tiny,tokenizer_backend=remote,max_length=256",
         tasks=["cortex_mini_mc", "cortex_mini_gen"], log_samples=True,
         task_manager=TaskManager(include_path=str(LM_EVAL_TASK_DIR), include_defaults=False))
     samples = results["samples"]["cortex_mini_mc"]

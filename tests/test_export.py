@@ -12,26 +12,13 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import export
+from exporters.parity_model import parity_model
 from model import CortexModel, generate, save_weights, tiny_config
 from serving.chat import build_prompt
 from serving.checkpoint import CheckpointError
 from trainer.tokenizer import load_tokenizer, tiny_tokenizer
 
 SAMPLE_TEXT = Path(__file__).resolve().parents[1] / "sample_data" / "pretrain.jsonl"
-
-
-def long_context_model(vocab_size: int, seed: int = 0) -> CortexModel:
-    """Tiny Cortex layout with Cortex's YaRN (2048 positions from 512), norms away from 1 so that a swapped or missing
-    norm shows."""
-    torch.manual_seed(seed)
-    config = dataclasses.replace(tiny_config(vocab_size, long_context=True), max_position_embeddings=2048,
-                                 original_max_position_embeddings=512)
-    model = CortexModel(config)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name:
-                param.uniform_(0.5, 1.5)
-    return model.eval()
 
 
 def train_briefly(model: CortexModel, tokenizer, steps: int = 12) -> CortexModel:
@@ -72,7 +59,7 @@ def tokenizer():
 def random_export(tokenizer, tmp_path_factory):
     """(our model, HF model, HF tokenizer, export dir) of a random tiny long-context run dir."""
     root = tmp_path_factory.mktemp("random")
-    model = long_context_model(tokenizer.vocab_size)
+    model = parity_model(tokenizer.vocab_size)
     out = export.export(write_run_dir(root / "run", model, "tiny"), "hf", root / "hf")
     return (model, *load_hf(out), out)
 
@@ -80,7 +67,7 @@ def random_export(tokenizer, tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained_export(tokenizer, tmp_path_factory):
     root = tmp_path_factory.mktemp("trained")
-    model = train_briefly(long_context_model(tokenizer.vocab_size, seed=1), tokenizer)
+    model = train_briefly(parity_model(tokenizer.vocab_size, seed=1), tokenizer)
     out = export.export(write_run_dir(root / "run", model, "tiny"), "hf", root / "hf")
     return (model, *load_hf(out), out)
 
@@ -161,7 +148,7 @@ def test_cortex_tokenizer_export(cortex_tokens_dir, tmp_path):
 
 
 def test_published_format_bin_and_bfloat16(tokenizer, tmp_path):
-    model = long_context_model(tokenizer.vocab_size, seed=2)
+    model = parity_model(tokenizer.vocab_size, seed=2)
     published = save_weights(model, tmp_path / "release" / "dpo.bin")  # the published layout: a plain torch state dict
     (published.parent / "model_config.json").write_text(json.dumps(model.config.to_dict()))
     out = export.export(published, "hf", tmp_path / "hf", tokenizer="tiny", dtype="bfloat16")
@@ -178,7 +165,7 @@ def test_published_format_bin_and_bfloat16(tokenizer, tmp_path):
 
 
 def test_bad_input_is_a_clear_error_and_leaves_nothing(tokenizer, tmp_path):
-    model = long_context_model(tokenizer.vocab_size)
+    model = parity_model(tokenizer.vocab_size)
     run = write_run_dir(tmp_path / "run", model, "tiny")
 
     lone = save_weights(model, tmp_path / "lone" / "dpo.bin")  # no model_config.json: read as the 0.6B model

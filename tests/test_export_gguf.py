@@ -5,7 +5,6 @@ import dataclasses
 
 import numpy as np
 import pytest
-import torch
 
 gguf = pytest.importorskip("gguf")
 
@@ -13,9 +12,10 @@ import export
 from model import CortexModel
 from exporters.chat_template import CHAT_TEMPLATE
 from exporters.gguf_file import sentencepiece_vocab
+from exporters.parity_model import parity_model
 from exporters.qwen3moe import hf_state_dict
 from trainer.tokenizer import load_tokenizer, tiny_tokenizer
-from test_export import long_context_model, write_run_dir
+from test_export import write_run_dir
 
 
 def read(path) -> tuple[dict, dict]:
@@ -34,7 +34,7 @@ def as_matrix(tensor) -> np.ndarray:
 def exported(tmp_path_factory):
     root = tmp_path_factory.mktemp("gguf")
     tokenizer = tiny_tokenizer()
-    model = long_context_model(tokenizer.vocab_size)
+    model = parity_model(tokenizer.vocab_size)
     run = write_run_dir(root / "run", model, "tiny")
     files = {kind: export.export(run, "gguf", root / f"cortex-{kind}.gguf", gguf_type=kind) for kind in ("f16", "q8_0")}
     return model, tokenizer, files
@@ -42,7 +42,6 @@ def exported(tmp_path_factory):
 
 def test_metadata_tensors_and_tokenizer(exported):
     model, tokenizer, files = exported
-    config, moe = model.config, model.config.moe_config
     fields, tensors = read(files["f16"])
     assert fields["general.architecture"] == "qwen3moe"
     expected_fields = {"block_count": 3, "context_length": 2048, "embedding_length": 64, "attention.head_count": 4,
@@ -101,7 +100,7 @@ def test_cortex_sentencepiece_vocabulary(cortex_tokens_dir):
 
 def test_gguf_needs_renormalised_top_k(tmp_path):
     tokenizer = tiny_tokenizer()
-    model = long_context_model(tokenizer.vocab_size)
+    model = parity_model(tokenizer.vocab_size)
     config = dataclasses.replace(model.config, moe_config=dataclasses.replace(model.config.moe_config,
                                                                              n_shared_experts=0, norm_topk_prob=False))
     run = write_run_dir(tmp_path / "run", CortexModel(config), "tiny")

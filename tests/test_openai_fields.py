@@ -11,22 +11,11 @@ from serving.chat import build_prompt
 from serving.engine import GenerationRequest, SamplingParams
 from serving.openai_api import parse_openai_request
 from test_app_engine import collect
-from test_app_server import model, post, running_server, single_torch_thread, tokenizer  # noqa: F401  (fixtures: the autouse one, tokenizer, model)
+from test_app_server import client, model, post, server, single_torch_thread, tokenizer  # noqa: F401  (fixtures: the autouse one, tokenizer, model, server, client)
 
 openai = pytest.importorskip("openai", reason="the openai package is not installed (pip install openai)")
 
 NO_THINK = {"thinking": False}
-
-
-@pytest.fixture(scope="module")
-def server(model, tokenizer):
-    with running_server(model, tokenizer, slots=4, max_queue=8) as (base, engine):
-        yield base, engine
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=f"{server[0]}/v1", api_key="not-needed", max_retries=0)
 
 
 def reply(client, content: str = "Tell me a story.", **kwargs) -> str:
