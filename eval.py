@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 import utils
 from model import WeightsMismatchError
-from serving.checkpoint import RUN_SUMMARY, CheckpointError, load_for_serving
+from serving.checkpoint import QUANTIZE, RUN_SUMMARY, CheckpointError, load_for_serving
 from serving.engine import THINK_BUDGET_CLOSINGS, THINKING, Engine, Finished, GenerationRequest, SamplingParams
 from trainer.config import STAGE_ORDER, TrainConfig
 from trainer.data import IGNORE_INDEX
@@ -114,7 +114,7 @@ def heldout_pass(model, tokenizer, dataset, micro_batch_size: int, max_items: in
     """(loss, bits per byte and token counts; RouterStats' summary) over the first max_items held-out items."""
     router = RouterStats(model, training_only=False)
     special = torch.tensor(tokenizer.hf.convert_tokens_to_ids(SPECIAL_TOKENS))
-    device = model.lm_head.weight.device
+    device = model.embed_tokens.weight.device  # never quantized (serving/quantize.py)
     nats = text_nats = 0.0
     tokens = text_bytes = 0
     try:
@@ -402,6 +402,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                                               "the model's whole context)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: as app.py)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--quantize", choices=QUANTIZE, default="none",
+                        help="int8: evaluate the int8 weights the server can serve (serving/quantize.py)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     for name in ("limit", "max_new_tokens", "slots"):
@@ -417,7 +419,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     info = checkpoint_run_info(args.checkpoint)
     run_tokenizer = info.get("train_config", {}).get("tokenizer")
     preset = args.preset or os.environ.get("CORTEX_PRESET") or ("tiny" if run_tokenizer == "tiny" else "full")
-    served = load_for_serving(args.checkpoint, args.tokenizer, args.device, args.dtype)
+    served = load_for_serving(args.checkpoint, args.tokenizer, args.device, args.dtype, args.quantize)
     model, tok = served.model, served.tokenizer
     out = args.out or (Path(args.checkpoint) / "eval" if Path(args.checkpoint).is_dir()
                        else Path(f"eval_{Path(args.checkpoint).stem}"))
@@ -452,7 +454,7 @@ def evaluate(args: argparse.Namespace) -> dict:
         work["budget"] = len(arithmetic) * len(budgets)
 
     report = {"checkpoint": str(args.checkpoint), "model": served.name, "stage": info.get("stage"), "preset": preset,
-              "device": str(model.lm_head.weight.device), "max_new_tokens": max_new,
+              "device": str(model.embed_tokens.weight.device), "quantize": args.quantize, "max_new_tokens": max_new,
               "prompts_too_long": too_long}
     with tqdm(total=sum(work.values()), desc="eval", unit="item", dynamic_ncols=True) as bar:
         if "loss" in work:

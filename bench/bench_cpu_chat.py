@@ -1,7 +1,7 @@
-"""The full Cortex 2.5 model served on a CPU in fp32, bf16 and int8 weights (serving/checkpoint.py, model/quantize.py).
+"""The full Cortex 2.5 model served on a CPU in fp32, bf16 and int8 weights (serving/checkpoint.py, quantize.py),
+and llama.cpp on the GGUF export of the same weights (f16 against bf16, q8_0 against int8).
 
-    OMP_NUM_THREADS=2 python bench/bench_cpu_chat.py            # prints one JSON object
-    python bench/bench_cpu_chat.py --gguf-f16 cortex-f16.gguf --gguf-q8 cortex-q8_0.gguf   # with llama.cpp
+    OMP_NUM_THREADS=2 TOKEN_DIR=DIR python bench/bench_cpu_chat.py --rounds 2     # prints one JSON object
 
 Random weights, seeded (no hub access needed), with the head scaled up so next-token distributions are about as peaked
 as a trained model's (see bench_app.py); written once as a .safetensors file. Each format runs in its own process (so
@@ -10,14 +10,15 @@ server's Engine: time to first token of a 512-token prompt, greedy decode of 256
 tokens after the first / their time), 8 concurrent requests of 64 tokens (aggregate tokens/s), and the logits of a
 held-out sample_data text (teacher forced, 512 tokens). Peak RSS is read at the end. Quality against fp32: greedy
 agreement = share of the 256 greedy positions where the tokens equal fp32's (and the first differing one), held-out
-argmax agreement and the max |logit - fp32 logit|. Formats run fp32, bf16, int8, then in reverse with --rounds 2
-(medians). llama.cpp runs through llama-cpp-python when it is importable and a GGUF is given.
+argmax agreement and the max |logit - fp32 logit|. With llama-cpp-python importable, the weights are exported by
+export.py to GGUF f16 and q8_0 and llama.cpp is timed the same way (its own process, OMP_NUM_THREADS threads for
+prompt and decode, the prompt in one 512-token batch, then one token per eval call; no batched API, so no 8-slot
+figure). Formats run in the order given, then in reverse with --rounds 2 (medians).
 """
 
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -33,8 +34,10 @@ sys.path.insert(0, str(REPO_ROOT))
 from model import CortexModel, cortex_2_5_config, save_weights  # noqa: E402
 from serving.checkpoint import cpu_features, load_for_serving  # noqa: E402
 from serving.engine import Engine, Finished, GenerationRequest, SamplingParams  # noqa: E402
+from serving.quantize import KERNEL_INFO as INT8_KERNELS  # noqa: E402
 
 FORMATS = {"fp32": ("float32", "none"), "bf16": ("bfloat16", "none"), "int8": ("float32", "int8")}
+LLAMA_CPP = {"llama.cpp-f16": "f16", "llama.cpp-q8_0": "q8_0"}  # GGUF type of each llama.cpp row
 LM_HEAD_STD = 0.15  # x std sqrt(hidden): logits of std ~4, peaked like a trained model's
 PROMPT_TOKENS, GREEDY_TOKENS, SLOTS, SLOT_TOKENS, HELDOUT_TOKENS = 512, 256, 8, 64, 512
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=GREEDY_TOKENS)
@@ -92,15 +95,16 @@ def measure_format(name: str, weights: Path, out: Path) -> dict:
     return {"format": name, "dtype": dtype, "quantize": quantize, "startup_s": round(startup_s, 2),
             "ttft_512_s": round(ttft_s, 3), "decode_tok_s_batch1": round(decode_tps, 2),
             f"decode_tok_s_{SLOTS}_slots": round(slots_tps, 2), "greedy_tokens": len(greedy),
-            "rss_mb": resident_mb(), "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
+            "rss_mb": resident_mb(), "peak_rss_mb": resident_mb("VmHWM")}
 
 
-def resident_mb() -> int:
-    """The process's resident memory now (VmRSS), after serving; the peak includes loading."""
+def resident_mb(field: str = "VmRSS") -> int:
+    """The process's resident memory now (VmRSS), after serving; VmHWM: its peak, loading included (this process's
+    own: getrusage's peak would count the parent's, which survives the exec)."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(field + ":"):
             return round(int(line.split()[1]) / 1024)
-    raise RuntimeError("no VmRSS in /proc/self/status")
+    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 def quality(reference: dict, other: dict) -> dict:
@@ -114,27 +118,38 @@ def quality(reference: dict, other: dict) -> dict:
             "logit_range": round(reference["logits"].abs().max().item(), 2)}
 
 
-def llama_cpp(path: str | None, precision: str, prompt: list[int]) -> dict:
-    if path is None:
-        return {"missing": f"no --gguf-{precision} given: export the weights to GGUF at {precision} and pass it"}
-    try:
-        import llama_cpp
-    except ImportError as err:
-        return {"missing": f"llama-cpp-python is not importable ({err}); pip install llama-cpp-python"}
-    threads = int(os.environ.get("OMP_NUM_THREADS", os.cpu_count()))
+def measure_llama_cpp(name: str, gguf: Path) -> dict:
+    """In a fresh process: llama.cpp's figures on one GGUF export, timed as measure_format times ours."""
+    import llama_cpp
+
+    threads = torch.get_num_threads()  # OMP_NUM_THREADS, as ours
     start = time.perf_counter()
-    llm = llama_cpp.Llama(model_path=path, n_ctx=1024, n_threads=threads, n_batch=512, verbose=False)
+    llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=1024, n_batch=PROMPT_TOKENS, n_threads=threads,
+                          n_threads_batch=threads, verbose=False)  # logits of the last position only
     startup_s = time.perf_counter() - start
+    from trainer.tokenizer import get_tokenizer
+    prompt = held_out_ids(get_tokenizer("cortex"), PROMPT_TOKENS)
     sent = time.perf_counter()
-    llm.eval(prompt[:PROMPT_TOKENS])
+    llm.eval(prompt)
+    int(llm.scores[llm.n_tokens - 1].argmax())
     ttft_s = time.perf_counter() - sent
     llm.reset()
     llm.eval(prompt[:16])
-    start = time.perf_counter()
-    for _ in range(GREEDY_TOKENS - 1):
-        llm.eval([int(llm.scores[llm.n_tokens - 1].argmax())])
-    return {"gguf": path, "startup_s": round(startup_s, 2), "ttft_512_s": round(ttft_s, 3),
-            "decode_tok_s_batch1": round((GREEDY_TOKENS - 1) / (time.perf_counter() - start), 2)}
+    greedy, times = [int(llm.scores[llm.n_tokens - 1].argmax())], [time.perf_counter()]
+    while len(greedy) < GREEDY_TOKENS:
+        llm.eval(greedy[-1:])
+        greedy.append(int(llm.scores[llm.n_tokens - 1].argmax()))
+        times.append(time.perf_counter())
+    return {"format": name, "gguf_type": LLAMA_CPP[name], "llama_cpp_python": llama_cpp.__version__,
+            "threads": threads, "startup_s": round(startup_s, 2), "ttft_512_s": round(ttft_s, 3),
+            "decode_tok_s_batch1": round((len(times) - 1) / (times[-1] - times[0]), 2), "rss_mb": resident_mb(),
+            "peak_rss_mb": resident_mb("VmHWM")}
+
+
+def export_gguf(weights: Path, gguf_type: str) -> Path:
+    import export
+
+    return export.export(weights, "gguf", weights.with_name(f"cortex-{gguf_type}.gguf"), "cortex", gguf_type=gguf_type)
 
 
 def write_random_weights(path: Path):
@@ -146,46 +161,63 @@ def write_random_weights(path: Path):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--formats", default=",".join(FORMATS), help="comma-separated, fp32 first (the reference)")
+    parser.add_argument("--formats", default=",".join([*FORMATS, *LLAMA_CPP]),
+                        help="comma-separated, fp32 first (the reference); llama.cpp rows need llama-cpp-python")
     parser.add_argument("--rounds", type=int, default=1, help="passes over the formats, alternating their order")
-    parser.add_argument("--gguf-f16", help="GGUF export at f16, compared with bf16")
-    parser.add_argument("--gguf-q8", help="GGUF export at q8_0, compared with int8")
     parser.add_argument("--one", nargs=3, metavar=("FORMAT", "WEIGHTS", "OUT"), help=argparse.SUPPRESS)  # a child
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(measure_format(args.one[0], Path(args.one[1]), Path(args.one[2]))))
+        name, path, out = args.one
+        figures = (measure_llama_cpp(name, Path(path)) if name in LLAMA_CPP
+                   else measure_format(name, Path(path), Path(out)))
+        print(json.dumps(figures))
         return
     formats = args.formats.split(",")
-    if formats[0] != "fp32" or not set(formats) <= set(FORMATS):
-        parser.error(f"--formats must start with fp32 and name only {', '.join(FORMATS)}")
+    if formats[0] != "fp32" or not set(formats) <= {*FORMATS, *LLAMA_CPP}:
+        parser.error(f"--formats must start with fp32 and name only {', '.join([*FORMATS, *LLAMA_CPP])}")
+    missing = {}
+    if any(name in LLAMA_CPP for name in formats):
+        try:
+            import llama_cpp  # noqa: F401
+        except ImportError as err:
+            missing = {name: {"missing": f"llama-cpp-python is not importable ({err}); pip install llama-cpp-python"}
+                       for name in formats if name in LLAMA_CPP}
+            formats = [name for name in formats if name not in LLAMA_CPP]
     capability, native_bf16 = cpu_features()
     with tempfile.TemporaryDirectory() as tmp:
         weights = Path(tmp) / "cortex.safetensors"
         write_random_weights(weights)
+        inputs = {name: export_gguf(weights, LLAMA_CPP[name]) if name in LLAMA_CPP else weights for name in formats}
         runs = {name: [] for name in formats}
         for round_idx in range(args.rounds):
             for name in (formats if round_idx % 2 == 0 else formats[::-1]):
-                child = subprocess.run([sys.executable, __file__, "--one", name, str(weights), f"{tmp}/{name}.pt"],
-                                       check=True, capture_output=True, text=True, env=os.environ | {
-                                           "PYTHONPATH": str(REPO_ROOT)})
+                child = subprocess.run([sys.executable, __file__, "--one", name, str(inputs[name]), f"{tmp}/{name}.pt"],
+                                       capture_output=True, text=True, env=os.environ | {"PYTHONPATH": str(REPO_ROOT)})
+                if child.returncode != 0:
+                    raise SystemExit(f"measuring {name} failed:\n{child.stderr[-3000:]}")
                 runs[name].append(json.loads(child.stdout.strip().splitlines()[-1]))
-        saved = {name: torch.load(f"{tmp}/{name}.pt") for name in formats}
-        from trainer.tokenizer import get_tokenizer
-        prompt = held_out_ids(get_tokenizer("cortex"), PROMPT_TOKENS)
+        saved = {name: torch.load(f"{tmp}/{name}.pt") for name in formats if name in FORMATS}
     results = {}
     for name, figures in runs.items():
-        merged = {key: statistics.median(run[key] for run in figures) if isinstance(value, float) else value
+        merged = {key: round(statistics.median(run[key] for run in figures), 3) if isinstance(value, float) else value
                   for key, value in figures[0].items()}
-        results[name] = merged | ({} if name == "fp32" else quality(saved["fp32"], saved[name]))
+        results[name] = merged | ({} if name == "fp32" or name in LLAMA_CPP else quality(saved["fp32"], saved[name]))
+    fp32_decode = results["fp32"]["decode_tok_s_batch1"]
+    for name, figures in results.items():
+        figures["decode_vs_fp32"] = round(figures["decode_tok_s_batch1"] / fp32_decode, 2)
+    for ours, theirs in (("bf16", "llama.cpp-f16"), ("int8", "llama.cpp-q8_0")):
+        if ours in results and theirs in results:
+            results[ours]["decode_vs_llama_cpp"] = round(results[ours]["decode_tok_s_batch1"]
+                                                         / results[theirs]["decode_tok_s_batch1"], 2)
     print(json.dumps({
         "model": "Cortex 2.5 full config (cortex_2_5_config(long_context=True)), random weights, seed 0",
         "threads": torch.get_num_threads(), "rounds": args.rounds, "load_average": os.getloadavg(),
         "cpu_capability": capability, "mkldnn_bf16_supported": native_bf16,
         "kernels": {"fp32": "F.linear fp32 (MKL/oneDNN sgemm)", "bf16": "F.linear bf16 (oneDNN, native only where "
-                    "mkldnn_bf16_supported)", "int8": "torch._weight_int8pack_mm with bf16 activations, fp32 elsewhere"},
-        "formats": results,
-        "llama_cpp": {"f16_vs_bf16": llama_cpp(args.gguf_f16, "f16", prompt),
-                      "q8_0_vs_int8": llama_cpp(args.gguf_q8, "q8", prompt)},
+                    "mkldnn_bf16_supported)", "int8": INT8_KERNELS,
+                    "llama.cpp": "GGUF export (shared expert folded into each routed one: 1.27x the work per token; "
+                                 "dense layer 0 as 8 identical experts, 2 of them computed)"},
+        "formats": results | missing,
     }, indent=1))
 
 

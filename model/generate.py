@@ -66,7 +66,7 @@ def _decode(model: nn.Module, prompts: Sequence[Sequence[int]], *, max_new_token
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if repetition_penalty <= 0:
         raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
-    device = model.lm_head.weight.device
+    device = model.embed_tokens.weight.device  # never quantized (serving/quantize.py)
     input_ids, prompt_mask = left_pad(prompts, pad_token_id, device)
     batch, prompt_len = input_ids.shape
     # Real tokens are numbered from 0 in every row (padding is masked out)

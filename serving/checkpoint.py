@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from model import CortexModel, ModelConfig, WeightsMismatchError, cortex_2_5_config, load_weights
-from model.quantize import quantize_int8
+from serving.quantize import quantize_int8
 from trainer.backend import pick_device as default_device
 from trainer.tokenizer import Tokenizer, get_tokenizer
 
@@ -131,7 +131,8 @@ def cpu_features() -> tuple[str, bool]:
 def default_format(device: torch.device, capability: str, native_bf16: bool) -> tuple[str, str]:
     """(--dtype, --quantize) when neither is given: bf16 on GPUs that support it and on CPUs with native bf16 matmuls
     (AVX512-BF16/AMX); fp32 elsewhere (on an AVX2-only CPU bf16 prefill of 512 tokens took 9.2x fp32's time).
-    int8 stays opt-in: on the loaded 2-core AVX2 test machine it did not decode reliably faster (bench_cpu_chat)."""
+    int8 stays opt-in: it decoded only 1.2-2.2x fp32 on the AVX2 test machine (bench_cpu_chat), and its quality was only
+    measured on random weights (README, "The full model on a CPU")."""
     if device.type == "cuda":
         return ("bfloat16" if torch.cuda.is_bf16_supported() else "float32"), "none"
     if device.type == "cpu" and native_bf16 and capability.startswith("AVX512"):

@@ -74,6 +74,15 @@ def test_heldout_loss_is_the_trainers_loss_on_the_same_items(report):
     assert result["loss"]["loss"] == pytest.approx(nats / tokens, rel=1e-4)
 
 
+def test_an_int8_model_is_evaluated_too(report, tmp_path):
+    run, result = report
+    int8 = eval_report.main(["--checkpoint", str(run), "--quantize", "int8", "--sections", "loss", "--limit", "6",
+                             "--out", str(tmp_path)])
+    assert int8["quantize"] == "int8" and result["quantize"] == "none"
+    assert int8["loss"]["tokens"] == result["loss"]["tokens"]  # the same held-out items
+    assert abs(int8["loss"]["loss"] - result["loss"]["loss"]) < 0.01 * result["loss"]["loss"]
+
+
 def test_the_budget_sweep_never_thinks_longer_than_its_budget(report):
     _, result = report
     for row in result["budget"]:

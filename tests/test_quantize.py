@@ -1,4 +1,4 @@
-"""model/quantize.py and the serving formats: int8 weight-only layers, --dtype/--quantize, the per-machine default."""
+"""serving/quantize.py and the serving formats: int8 weight-only layers, --dtype/--quantize, the per-machine default."""
 
 import copy
 
@@ -7,8 +7,9 @@ import torch
 from torch import nn
 
 import app as app_module
+from model import generate
 from model.moe import RoutedExperts
-from model.quantize import Int8Linear, Int8RoutedExperts, quantize_int8, quantize_per_channel
+from serving.quantize import Int8Linear, Int8RoutedExperts, quantize_int8, quantize_per_channel
 from serving.checkpoint import CheckpointError, default_format, load_for_serving, pick_format
 from serving.engine import Engine, Finished, GenerationRequest, SamplingParams
 
@@ -29,6 +30,9 @@ def test_int8_model_logits_stay_close_to_fp32(model, dtype):
     quantized = quantize_int8(copy.deepcopy(model)).to(dtype)
     kinds = {type(m) for m in quantized.modules()}
     assert {Int8Linear, Int8RoutedExperts} <= kinds and not kinds & {nn.Linear, RoutedExperts, type(model.lm_head)}
+    kernel_scales = [b for n, b in quantized.named_buffers() if n.endswith("kernel_scales")]
+    assert kernel_scales and all(b.dtype == torch.bfloat16 for b in kernel_scales)  # the kernel's dtype, cast once
+    assert not any(key.endswith("kernel_scales") for key in quantized.state_dict())
     ids = torch.randint(0, model.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected, got = model(ids)["logits"], quantized(ids)["logits"].float()
@@ -36,8 +40,16 @@ def test_int8_model_logits_stay_close_to_fp32(model, dtype):
     # int8 weights (and the kernel's bf16 activations): errors of a few percent of the logits' range at most
     assert (got - expected).abs().max() < 0.04 * expected.abs().max()
     assert (got.argmax(-1) == expected.argmax(-1)).float().mean() > 0.9
-    with pytest.raises(ValueError, match="only returns logits"):
-        quantized(ids, targets=ids)
+    with torch.no_grad():  # the head's target log-probs (eval.py's held-out loss) come from the int8 weights too
+        expected, got = model(ids, targets=ids)["target_log_probs"], quantized(ids, targets=ids)["target_log_probs"]
+    assert got.shape == expected.shape and (got - expected).abs().max() < 0.05 * expected.abs().max()
+
+
+def test_generate_runs_an_int8_model(model, tokenizer):
+    quantized = quantize_int8(copy.deepcopy(model))
+    prompt = [5, 9, 30, 41]
+    got = generate(quantized, prompt, max_new_tokens=10, stop_token_ids=[tokenizer.eos_id])
+    assert got == greedy_without_cache(quantized, prompt, 10, tokenizer.eos_id)
 
 
 def greedy_without_cache(model, prompt: list[int], max_new_tokens: int, eos_id: int) -> list[int]:
