@@ -85,10 +85,6 @@ def _full_settings(stage: str) -> TrainConfig:
                                            importance_sampling_level="seq", clip_eps_low=3e-4, clip_eps_high=4e-4,
                                            beta=0.0, loss_type="grpo", reward="cortex"),
                            eval_prompts=GRPO_PROMPTS, eval_max_new_tokens=256, **rl_common)
-    if stage == "mix":
-        # Five epochs at twice the SFT lr: at three epochs at 1e-3 the tiny model closed 11% of its held-out thoughts
-        # with </answer> (its thought drifts into a memorised answer), most of them in second turns (README).
-        return replace(config, epochs=5, optim=replace(config.optim, initial_lr=1e-3, max_lr=2e-3, min_lr=1e-4))
     if stage == "dpo":
         return TrainConfig(task="dpo", epochs=2, micro_batch_size=2,
                            data=_data(stage, max_seq_len=2048),
