@@ -31,6 +31,9 @@ from trainer.metrics import read_metrics
 from trainer.plot import plot_run
 
 PRETRAIN_EVAL = ["--sections", "loss", "moe"]  # a base model: no chat format, no arithmetic answers to score
+# Between chat stages a shorter eval: greedy only (no sampled pass@1) and three thinking budgets; the last stage run
+# gets every section in full. Same prompts throughout, so the rows compare.
+BETWEEN_EVAL = ["--samples", "0", "--budgets", "0", "16", "unlimited"]
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str], list[str]]:
@@ -61,11 +64,11 @@ def train_stage(stage: str, launcher_args: list[str], script_args: list[str]) ->
     run(utils.stage_config(stage), utils.data_files, script_args)
 
 
-def eval_stage(stage: str, run_dir: Path, eval_args: list[str]) -> dict:
+def eval_stage(stage: str, run_dir: Path, eval_args: list[str], last: bool) -> dict:
     out = run_dir / stage / "eval"
     if (out / "report.json").is_file():
         return json.loads((out / "report.json").read_text(encoding="utf-8"))
-    sections = PRETRAIN_EVAL if stage.startswith("pretrain") else []
+    sections = PRETRAIN_EVAL if stage.startswith("pretrain") else [] if last else BETWEEN_EVAL
     return eval_report.main(["--checkpoint", str(run_dir / stage), "--out", str(out), *sections, *eval_args])
 
 
@@ -97,15 +100,17 @@ def _num(value, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def report_card(rows: list[dict], run_dir: Path) -> str:
+def report_card(rows: list[dict], run_dir: Path, wall_s: float, cpu_s: float) -> str:
     lines = ["# Report card", "",
-             f"Preset `{os.environ.get('CORTEX_PRESET', 'full')}`, run dir `{run_dir}`. Wall time: first to last "
-             "record of the stage's metrics.jsonl. Eval columns: `eval.py` on the stage's final weights (held-out "
-             "loss on the data the stage's eval report names; chat figures from cot on).", "",
+             f"Preset `{os.environ.get('CORTEX_PRESET', 'full')}`, run dir `{run_dir}`. This pipeline.py run: "
+             f"{wall_s:.0f} s wall, {cpu_s:.0f} s CPU (the process and its children; the steadier figure on a shared "
+             "machine). Wall time: first to last record of the stage's metrics.jsonl. Eval columns: `eval.py` on the "
+             "stage's final weights (held-out loss on the data the stage's eval report names; chat figures from cot "
+             "on); between stages greedy only (pass@1 `-`) and budgets 0, 16 and unlimited, the last stage in full.", "",
              "| stage | steps | wall time | tokens | final train loss | stage's held-out | eval held-out loss "
              "| bits/byte | well-formed think / no-think | obeys /think / /no think | exact greedy | pass@1 "
-             "| dead experts |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| dead experts | eval wall / CPU |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         e = row.get("eval", {})
         loss, fmt, acc, moe = e.get("loss", {}), e.get("format"), e.get("accuracy", {}), e.get("moe")
@@ -117,7 +122,8 @@ def report_card(rows: list[dict], run_dir: Path) -> str:
             + (f"{pct(fmt['think']['well_formed'])} / {pct(fmt['no_think']['well_formed'])} | "
                f"{pct(fmt['think']['obedience'])} / {pct(fmt['no_think']['obedience'])} | " if fmt else "- | - | ")
             + f"{pct(acc.get('greedy_exact_match'))} | {pct(acc.get('sampled_pass_at_1'))} | "
-            + (f"{moe['dead_experts']} of {sum(len(layer['load']) for layer in moe['layers'])} |" if moe else "- |"))
+            + (f"{moe['dead_experts']} of {sum(len(layer['load']) for layer in moe['layers'])} | " if moe else "- | ")
+            + (f"{e['seconds']} / {e['cpu_seconds']} s |" if e else "- |"))
     budgeted = [row for row in rows if row.get("eval", {}).get("budget")]
     if budgeted:
         budgets = [r["budget"] for r in budgeted[-1]["eval"]["budget"]]
@@ -127,10 +133,14 @@ def report_card(rows: list[dict], run_dir: Path) -> str:
         for row in budgeted:
             by_budget = {r["budget"]: r for r in row["eval"]["budget"]}
             lines.append(f"| {row['stage']} | " + " | ".join(
-                f"{eval_report._pct(by_budget[b]['exact_match'])} ({by_budget[b]['mean_reply_tokens']:.0f} tok)"
-                if b in by_budget else "-" for b in budgets) + " |")
+                f"{eval_report._pct(by_budget[b]['exact_match'])} · {by_budget[b]['mean_own_thinking_tokens']:.0f} · "
+                f"{eval_report._pct(by_budget[b]['cut_share'])}" if b in by_budget else "-" for b in budgets) + " |")
         last = budgeted[-1]
-        lines += ["", f"Cells: exact match (mean reply tokens). Curve of {last['stage']}:", "",
+        lines += ["", "Cells: exact match · mean thinking tokens of the model's own (a closing sentence forced by the "
+                      "budget not counted) · share of thoughts the budget cut. A budget counts the closing sentence "
+                      f"({', '.join(f'{n} tokens in {lang}' for lang, n in last['eval']['budget_closing_sentence_tokens'].items())}), "
+                      "so one just above its length leaves less of the model's own thought than a smaller budget, which "
+                      f"closes with `</think>` alone. Curve of {last['stage']}:", "",
                   f"![accuracy against thinking budget]({last['stage']}/eval/budget_curve.png)"]
     lines += ["", "## Loss curves", ""]
     lines += [f"![{row['stage']} loss]({row['stage']}/plots/loss.png)" for row in rows
@@ -140,25 +150,33 @@ def report_card(rows: list[dict], run_dir: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _cpu_seconds() -> float:
+    """CPU time of this process and its finished children (smart_train's ranks)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
 def main(argv: list[str] | None = None) -> Path:
     args, launcher_args, script_args = parse_args(sys.argv[1:] if argv is None else argv)
     stages = [s for s in STAGE_ORDER if s in args.stages]
     eval_args = shlex.split(args.eval_args)
+    start, cpu_start = time.perf_counter(), _cpu_seconds()
     rows = []
     for stage in stages:
         if RunDir(args.run_dir, stage).is_complete():
             print(f"pipeline: {stage} is complete, not trained again", flush=True)
         else:
             print(f"pipeline: training {stage}", flush=True)
-            start = time.perf_counter()
+            stage_start = time.perf_counter()
             train_stage(stage, launcher_args, script_args)
-            print(f"pipeline: {stage} trained in {time.perf_counter() - start:.1f} s", flush=True)
-        report = None if args.no_eval else eval_stage(stage, args.run_dir, eval_args)
+            print(f"pipeline: {stage} trained in {time.perf_counter() - stage_start:.1f} s", flush=True)
+        report = None if args.no_eval else eval_stage(stage, args.run_dir, eval_args, last=stage == stages[-1])
         plot_run(args.run_dir / stage, panels=["loss"])  # the card shows the loss curves only
         rows.append(stage_row(stage, args.run_dir, report))
     path = args.run_dir / "report.md"
-    path.write_text(report_card(rows, args.run_dir), encoding="utf-8")
-    print(f"pipeline: report card in {path}", flush=True)
+    wall_s, cpu_s = time.perf_counter() - start, _cpu_seconds() - cpu_start
+    path.write_text(report_card(rows, args.run_dir, wall_s, cpu_s), encoding="utf-8")
+    print(f"pipeline: report card in {path} ({wall_s:.0f} s wall, {cpu_s:.0f} s CPU with children)", flush=True)
     return path
 
 

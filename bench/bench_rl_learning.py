@@ -11,7 +11,9 @@ trained. After cot, grpo, mix and dpo it measures, with greedy decoding:
   exact-match accuracy counted on finished replies only (finishing earlier cannot raise it);
 - format: each distinct held-out question (the GRPO prompts and the first user turns of mix.jsonl's eval chats) asked
   in think mode (" /think", the prompt ends at <assistant><think>) and in no-think mode (" /no think", it ends at
-  <assistant><think> </think>), as the server asks: the share of well-formed replies (trainer.rewards.well_formed).
+  <assistant><think> </think>), as the server asks: the share of well-formed replies (trainer.rewards.well_formed);
+  and eval.py's format figure (well_formed_*_eval_py): mix's held-out conversations as they are, second turns
+  included, with their own switch (harder: most of the tiny model's malformed replies are second turns).
 From the stages' own logs: GSPO's held-out reward at its training budget and DPO's held-out preference accuracy.
 Each stage's wall and CPU seconds are reported (on a machine shared with other jobs both exceed the idle wall time).
 Targets: after dpo >= 95% of think and >= 99% of no-think replies well-formed; GSPO raises the exact-match accuracy on
@@ -32,6 +34,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import eval as eval_report  # noqa: E402
 import utils  # noqa: E402
 from model import CortexModel, batch_generate, load_weights  # noqa: E402
 from trainer.checkpoint import FINAL_WEIGHTS, STAGE_DONE  # noqa: E402
@@ -77,7 +80,8 @@ def greedy(model, tok, prompts: list[list[int]]) -> list[tuple[str, bool]]:
 
 
 @torch.no_grad()
-def measure(weights: Path, config, grpo, questions) -> dict:
+def measure(run: Path, config, grpo, questions) -> dict:
+    weights = run / FINAL_WEIGHTS
     tok = get_tokenizer("tiny")
     model = CortexModel(config.model)
     load_weights(model, weights)
@@ -94,6 +98,11 @@ def measure(weights: Path, config, grpo, questions) -> dict:
                    for q in questions]
         ok = sum(well_formed(opener + text, thinking) for text, _ in greedy(model, tok, prompts))
         result[f"well_formed_{name}"] = round(ok / len(questions), 3)
+    served = eval_report.load_for_serving(run, "tiny", "cpu")
+    chats = eval_report.chat_prompts(utils.stage_config("mix", "tiny"), served.tokenizer)
+    formats = eval_report.format_section(served, chats, EVAL_NEW_TOKENS, BATCH, 0, eval_report.tqdm(disable=True))
+    for name in ("think", "no_think"):
+        result[f"well_formed_{name}_eval_py"] = formats[name]["well_formed"]
     return result
 
 
@@ -125,7 +134,7 @@ def main() -> None:
                                    "cpu_s": round(cpu, 1)}
         if stage in ("cot", "grpo", "mix", "dpo"):
             config = utils.stage_config(stage, "tiny")
-            result["after"][stage] = measure(out / FINAL_WEIGHTS, config, grpo, questions)
+            result["after"][stage] = measure(out, config, grpo, questions)
         if stage in ("grpo", "dpo"):
             evals = read_metrics(out / "metrics.jsonl", "eval")
             key = "eval_reward" if stage == "grpo" else "eval_reward_accuracy"
@@ -136,6 +145,8 @@ def main() -> None:
     result["targets"] = {
         "well_formed_think_after_dpo>=0.95": after["dpo"]["well_formed_think"] >= 0.95,
         "well_formed_no_think_after_dpo>=0.99": after["dpo"]["well_formed_no_think"] >= 0.99,
+        "eval_py_well_formed_think_after_dpo>=0.95": after["dpo"]["well_formed_think_eval_py"] >= 0.95,
+        "eval_py_well_formed_no_think_after_dpo>=0.99": after["dpo"]["well_formed_no_think_eval_py"] >= 0.99,
         "gspo_raises_exact_of_finished": after["grpo"]["exact_of_finished"] > after["cot"]["exact_of_finished"],
         "dpo_heldout_accuracy>=0.85": result["stages"]["dpo"]["heldout_reward_accuracy_after"] >= 0.85}
     trained = [s for s in result["stages"].values() if not s["reused"]]

@@ -92,6 +92,18 @@ def test_the_budget_sweep_never_thinks_longer_than_its_budget(report):
     assert result["budget"][0]["budget"] == 0 and result["budget"][0]["mean_thinking_tokens"] == 0
     # a random model never closes its thought by itself: each budget is used up to the token
     assert [r["max_thinking_tokens"] for r in result["budget"]] == [0, 8, 16, MAX_NEW]
+    assert [r["cut_share"] for r in result["budget"]] == [1.0, 1.0, 1.0, 0.0]
+    # budgets shorter than the closing sentence end with </think> alone: the whole thought is the model's own
+    assert all(r["max_own_thinking_tokens"] == r["max_thinking_tokens"] for r in result["budget"])
+
+
+def test_a_budget_that_holds_the_closing_sentence_leaves_the_model_the_rest(report):
+    served = eval_report.load_for_serving(report[0], "tiny", "cpu")
+    prompts = eval_report.arithmetic_prompts(utils.stage_config("grpo", "tiny"), served.tokenizer)[:2]
+    english = len(served.tokenizer.encode(eval_report.THINK_BUDGET_CLOSINGS["en"]))  # 41: judged on an empty thought
+    [row] = eval_report.budget_section(served, prompts, [english + 4], english + 8, 2, 0, eval_report.tqdm(disable=True))
+    assert row["max_thinking_tokens"] == row["mean_thinking_tokens"] == english + 4 and row["cut_share"] == 1.0
+    assert row["max_own_thinking_tokens"] == row["mean_own_thinking_tokens"] == 4
 
 
 def test_bad_input_is_one_clear_error(tmp_path, report):

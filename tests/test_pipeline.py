@@ -7,7 +7,7 @@ import pytest
 
 import pipeline
 
-EVAL_ARGS = "--limit 2 --max-new-tokens 8 --samples 1"
+EVAL_ARGS = "--limit 2 --max-new-tokens 8"
 SHORT = ["--max-steps", "1", "--no-samples", "--max-eval-batches", "1"]
 
 
@@ -38,6 +38,12 @@ def test_every_stage_is_trained_and_evaluated_and_the_card_shows_the_runs(runs):
         assert ("format" in report) == (not stage.startswith("pretrain"))  # a base model gets loss and routing only
     dpo = json.loads((root / "dpo" / "eval" / "report.json").read_text())
     assert [r["budget"] for r in dpo["budget"]] == [0, None] and dpo["loss"]["stage"] == "mix"
+    assert dpo["accuracy"]["samples_per_prompt"] == 4  # the last stage: every section in full
+    for stage in ("cot", "grpo", "mix"):  # between stages: greedy only, three budgets
+        report = json.loads((root / stage / "eval" / "report.json").read_text())
+        assert report["accuracy"]["sampled_pass_at_1"] is None
+        assert [r["budget"] for r in report["budget"]] == [0, 16, None]
+    assert re.search(r"This pipeline.py run: \d+ s wall, \d+ s CPU", card)
     assert "(dpo/eval/budget_curve.png)" in card and (root / "dpo" / "eval" / "budget_curve.png").is_file()
 
 
