@@ -51,7 +51,7 @@ def _compiled() -> Callable:
 
 def compiled_decode_step(model: nn.Module) -> Callable:
     """decode_step compiled, bound to this model (called like decode_step without the model)."""
-    if hasattr(model.embed_tokens.weight, "ds_id"):  # (never quantized, unlike the head)
+    if any(hasattr(param, "ds_id") for param in model.parameters()):  # (an int8 head has no .weight)
         raise ValueError("compiled decoding needs the model's full weights, not DeepSpeed ZeRO-3 shards: generate "
                          "with a plain copy of the model (as the trainer does) or without compile")
     return functools.partial(_compiled(), model)
