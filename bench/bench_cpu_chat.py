@@ -16,9 +16,14 @@ prompt and decode, the prompt in one 512-token batch, then one token per eval ca
 figure). Formats run in the order given, then in reverse with --rounds 2 (medians). fp32-compiled and int8-compiled
 (not run by default) serve with the Engine's compile=True (app.py --compile): start-up includes compile_s, the warm-up
 compile of every decode graph (with inductor's cache on disk warm from an earlier run, it is shorter).
+
+    OMP_NUM_THREADS=1 python bench/bench_cpu_chat.py --decode-steps --rounds 3
+
+only times bare batch-1 decode steps in one process (fp32 eager, int8 eager, int8 compiled, alternating).
 """
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -33,10 +38,11 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from model import CortexModel, cortex_2_5_config, save_weights  # noqa: E402
+from model import CortexModel, KVCache, cortex_2_5_config, save_weights  # noqa: E402
+from model.compiled_decode import CompiledDecoder  # noqa: E402
 from serving.checkpoint import cpu_features, load_for_serving  # noqa: E402
 from serving.engine import Engine, Finished, GenerationRequest, SamplingParams  # noqa: E402
-from serving.quantize import KERNEL_INFO as INT8_KERNELS  # noqa: E402
+from serving.quantize import KERNEL_INFO as INT8_KERNELS, quantize_int8  # noqa: E402
 
 FORMATS = {"fp32": ("float32", "none"), "bf16": ("bfloat16", "none"), "int8": ("float32", "int8"),  # name: dtype,
            "fp32-compiled": ("float32", "none"), "int8-compiled": ("float32", "int8")}  # quantize (+ Engine --compile)
@@ -154,6 +160,42 @@ def measure_llama_cpp(name: str, gguf: Path) -> dict:
             "peak_rss_mb": resident_mb("VmHWM")}
 
 
+def measure_decode_steps(rounds: int, steps: int = 20, prompt_tokens: int = 16) -> dict:
+    """Bare decode steps at batch 1 (no Engine), in this process: fp32 eager, int8 eager, int8 compiled (the step of
+    app.py --quantize int8 --compile), alternating, rounds times; ms of wall and of process CPU time per step."""
+    torch.manual_seed(0)
+    fp32 = CortexModel(cortex_2_5_config(long_context=True)).eval()
+    int8 = quantize_int8(copy.deepcopy(fp32))
+    prompt = torch.randint(0, fp32.config.vocab_size, (1, prompt_tokens))
+
+    def run(model: CortexModel, compiled: bool, count: int) -> list[float]:
+        cache = KVCache(max_length=prompt_tokens + steps + 1)  # one size: the compiled graph is made once
+        model(prompt, past_key_values=cache)
+        decoder = CompiledDecoder(model, cache, None) if compiled else None
+        token, wall, cpu = torch.tensor([3]), time.perf_counter(), time.process_time()
+        for position in range(prompt_tokens, prompt_tokens + count):
+            positions = torch.tensor([[position]])
+            logits = (decoder.step(token, positions) if compiled else
+                      model(token[:, None], position_ids=positions, past_key_values=cache)["logits"][:, -1])
+            token = logits.argmax(-1)
+        return [round((time.perf_counter() - wall) / count * 1e3, 1),
+                round((time.process_time() - cpu) / count * 1e3, 1)]
+
+    variants = {"fp32 eager": (fp32, False), "int8 eager": (int8, False), "int8 compiled": (int8, True)}
+    with torch.inference_mode():
+        wall, cpu = time.perf_counter(), time.process_time()
+        run(int8, True, 1)
+        compile_s = {"wall": round(time.perf_counter() - wall, 1),
+                     "this_process_cpu": round(time.process_time() - cpu, 1)}  # the C++ compiler's is not counted
+        ms = {name: [] for name in variants}
+        for _ in range(rounds):  # alternating
+            for name, (model, compiled) in variants.items():
+                ms[name].append(run(model, compiled, steps))
+    return {"model": "Cortex 2.5 full config, random weights, seed 0", "threads": torch.get_num_threads(),
+            "load_average": os.getloadavg(), "int8_compile_s": compile_s,
+            "decode_ms_per_step_batch1 [wall, cpu] per round": ms}
+
+
 def export_gguf(weights: Path, gguf_type: str) -> Path:
     import export
 
@@ -173,6 +215,8 @@ def main():
                         help=f"comma-separated from {', '.join([*FORMATS, *LLAMA_CPP])}, fp32 first (the "
                              "reference); llama.cpp rows need llama-cpp-python; *-compiled: the server's --compile")
     parser.add_argument("--rounds", type=int, default=1, help="passes over the formats, alternating their order")
+    parser.add_argument("--decode-steps", action="store_true",
+                        help="only bare batch-1 decode steps in one process: fp32 eager, int8 eager, int8 compiled")
     parser.add_argument("--one", nargs=3, metavar=("FORMAT", "WEIGHTS", "OUT"), help=argparse.SUPPRESS)  # a child
     args = parser.parse_args()
     if args.one:
@@ -180,6 +224,9 @@ def main():
         figures = (measure_llama_cpp(name, Path(path)) if name in LLAMA_CPP
                    else measure_format(name, Path(path), Path(out)))
         print(json.dumps(figures))
+        return
+    if args.decode_steps:
+        print(json.dumps(measure_decode_steps(args.rounds), indent=1))
         return
     formats = args.formats.split(",")
     if formats[0] != "fp32" or not set(formats) <= {*FORMATS, *LLAMA_CPP}:
