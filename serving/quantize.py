@@ -100,7 +100,7 @@ class Int8RoutedExperts(_Int8Module):
 
     def gathered(self, rows: torch.Tensor, expert_idx: torch.Tensor) -> torch.Tensor:
         """The compiled decode step's form (RoutedExperts.gathered): forward as one opaque op in the graph."""
-        return torch.ops.cortex.int8_routed_experts(rows, expert_idx, self.weights())
+        return routed_experts_op(rows, expert_idx, self.weights())
 
     def weights(self) -> list[torch.Tensor]:
         """gate, up, down: each as int8 weight, scales, kernel scales."""
@@ -108,9 +108,6 @@ class Int8RoutedExperts(_Int8Module):
                 for suffix in ("", "_scales", "_kernel_scales")]
 
 
-# In a compiled graph inductor's own kernel for int8 expert rows picked by index (dequantized in the loop) took ~10x
-# the eager time here (6 ms against 0.6 ms per layer of the full model, AVX2): so the eager code runs as one op.
-@torch.library.custom_op("cortex::int8_routed_experts", mutates_args=())
 def routed_experts(x: torch.Tensor, expert_idx: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
     """x (N, H), expert_idx (N, K), Int8RoutedExperts.weights() -> (N, K, H): each row through each of its K experts."""
     num_rows, top_k = expert_idx.shape
@@ -124,7 +121,12 @@ def routed_experts(x: torch.Tensor, expert_idx: torch.Tensor, weights: list[torc
     return out.new_empty(out.shape).index_copy(0, order, out).view(num_rows, top_k, -1)
 
 
-@routed_experts.register_fake
+# In a compiled graph inductor's own kernel for int8 expert rows picked by index (dequantized in the loop) took ~10x
+# the eager time here (6 ms against 0.6 ms per layer of the full model, AVX2): so the eager code runs as one op.
+routed_experts_op = torch.library.custom_op("cortex::int8_routed_experts", routed_experts, mutates_args=())
+
+
+@routed_experts_op.register_fake
 def _(x: torch.Tensor, expert_idx: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
     return x.new_empty(x.shape[0], expert_idx.shape[1], x.shape[1])
 
