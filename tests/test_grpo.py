@@ -211,7 +211,7 @@ class CountingReward:
 
 
 def test_grpo_stage_runs_with_one_reward_call_per_rollout_and_inner_updates_in_the_schedule(tmp_path, init_weights):
-    config = tiny_grpo(tmp_path, init_weights, max_steps=4)
+    config = tiny_grpo(tmp_path, init_weights, max_steps=4, grpo={"grpo_steps": 2})  # the tiny preset does 1
     reward = CountingReward()
 
     def make_task(c):

@@ -19,7 +19,7 @@ from trainer.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 
-# train_grpo.py with one change: a reward that even an untrained model's completions differ in, so the advantages,
+# train_grpo.py with two changes: two updates per rollout, and a reward that even an untrained model's completions differ in, so the advantages,
 # and with them the policy loss, the importance ratios and their clipping, are not all zero.
 STAGE_SCRIPT = """\
 import sys
@@ -29,7 +29,8 @@ import utils
 from trainer.cli import run
 
 config = utils.stage_config("grpo")
-config = replace(config, grpo=replace(config.grpo, reward="tests.test_grpo_zero3:distinct_character_share"))
+config = replace(config, grpo=replace(config.grpo, reward="tests.test_grpo_zero3:distinct_character_share",
+                                      grpo_steps=2))  # two updates per rollout (the tiny preset does one)
 run(config, utils.data_files(config))
 """
 
