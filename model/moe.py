@@ -47,12 +47,8 @@ class RoutedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, expert_idx: torch.Tensor) -> torch.Tensor:
         """x (N, H), expert_idx (N, K) -> (N, K, H); the (row, expert) pairs sorted by expert, one slice each."""
-        num_rows, top_k = expert_idx.shape
-        order = expert_idx.reshape(-1).argsort(stable=True)
-        rows = x.index_select(0, order // top_k)
-        counts = torch.bincount(expert_idx.reshape(-1), minlength=self.num_experts)
-        out = self._grouped(rows, counts) if self._grouped_mm_fits(rows) else self._looped(rows, counts)
-        return out.new_empty(out.shape).index_copy(0, order, out).view(num_rows, top_k, -1)
+        experts = self._grouped if self._grouped_mm_fits(x) else self._looped
+        return sorted_by_expert(x, expert_idx, self.num_experts, experts)
 
     def _grouped_mm_fits(self, rows: torch.Tensor) -> bool:
         # rows must be 16-byte aligned; on CUDA (bf16, sm90/100) one kernel with no host sync
@@ -101,6 +97,16 @@ class RoutedExperts(nn.Module):
                 if all(key in state_dict for key in keys) and len({state_dict[key].shape for key in keys}) == 1:
                     state_dict[prefix + name] = torch.stack([state_dict.pop(key) for key in keys])
         super()._load_from_state_dict(state_dict, prefix, *args)
+
+
+def sorted_by_expert(x: torch.Tensor, expert_idx: torch.Tensor, num_experts: int, experts) -> torch.Tensor:
+    """x (N, H), expert_idx (N, K) -> (N, K, H): the (row, expert) pairs sorted by expert, experts(rows, counts) applied
+    to them (expert e takes the e-th slice of counts[e] rows), the results put back in pair order."""
+    num_rows, top_k = expert_idx.shape
+    order = expert_idx.reshape(-1).argsort(stable=True)
+    rows = x.index_select(0, order // top_k)
+    out = experts(rows, torch.bincount(expert_idx.reshape(-1), minlength=num_experts))
+    return out.new_empty(out.shape).index_copy(0, order, out).view(num_rows, top_k, -1)
 
 
 def unstack_expert_weights(named_tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

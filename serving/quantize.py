@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.head import target_log_probs
-from model.moe import RoutedExperts
+from model.moe import RoutedExperts, sorted_by_expert
 
 KERNEL_DTYPE = torch.bfloat16  # the activations' and scales' dtype in the CPU int8 kernel (its vectorised path)
 # Above this many rows (a prompt's prefill) the weights are dequantized for x's own matmul: the int8 kernel is made for
@@ -110,15 +110,10 @@ class Int8RoutedExperts(_Int8Module):
 
 def routed_experts(x: torch.Tensor, expert_idx: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
     """x (N, H), expert_idx (N, K), Int8RoutedExperts.weights() -> (N, K, H): each row through each of its K experts."""
-    num_rows, top_k = expert_idx.shape
-    if num_rows == 1:  # one token (batch-1 decoding): its K experts in turn, no sorting
+    if len(expert_idx) == 1:  # one token (batch-1 decoding): its K experts in turn, no sorting
         return torch.stack([_expert(weights, expert, x) for expert in expert_idx[0].tolist()], dim=1)
-    order = expert_idx.reshape(-1).argsort(stable=True)
-    rows = x.index_select(0, order // top_k)
-    counts = torch.bincount(expert_idx.reshape(-1), minlength=weights[0].shape[0]).tolist()
-    outs = [_expert(weights, expert, chunk) for expert, chunk in enumerate(rows.split(counts)) if len(chunk)]
-    out = torch.cat(outs)
-    return out.new_empty(out.shape).index_copy(0, order, out).view(num_rows, top_k, -1)
+    return sorted_by_expert(x, expert_idx, weights[0].shape[0], lambda rows, counts: torch.cat(
+        [_expert(weights, expert, chunk) for expert, chunk in enumerate(rows.split(counts.tolist())) if len(chunk)]))
 
 
 # In a compiled graph inductor's own kernel for int8 expert rows picked by index (dequantized in the loop) took ~10x
