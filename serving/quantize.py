@@ -110,8 +110,6 @@ class Int8RoutedExperts(_Int8Module):
 
 def routed_experts(x: torch.Tensor, expert_idx: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
     """x (N, H), expert_idx (N, K), Int8RoutedExperts.weights() -> (N, K, H): each row through each of its K experts."""
-    if len(expert_idx) == 1:  # one token (batch-1 decoding): its K experts in turn, no sorting
-        return torch.stack([_expert(weights, expert, x) for expert in expert_idx[0].tolist()], dim=1)
     return sorted_by_expert(x, expert_idx, weights[0].shape[0], lambda rows, counts: torch.cat(
         [_expert(weights, expert, chunk) for expert, chunk in enumerate(rows.split(counts.tolist())) if len(chunk)]))
 
