@@ -4,7 +4,8 @@ For each data batch (micro_batch_size prompts) the task's micro_batches():
   1. rolls out once, with the full model in eval mode (no dropout; ZeRO-3 gathers it) under no_grad: group_size
      completions per prompt in one left-padded batch with the KV cache, each stopping at its </s>. The prompt already
      ends with <assistant>, so the completion starts with the model's answer. The same weights then score the sampled
-     tokens (old_logps) and, when beta > 0, so does the frozen reference. The rewards are computed once here.
+     tokens (old_logps) and, when beta > 0, so does the frozen reference, all at the sampling temperature (log-probs
+     of softmax(logits / temperature), as TRL and verl score them). The rewards are computed once here.
   2. turns rewards into group advantages A_i = (r_i - mean_group) / (std_group + eps).
   3. yields grpo_steps updates on this one rollout (each update is grad_accum_steps micro-batches, the rollout split by
      group), so updates_per_batch = grpo_steps * grad_accum_steps and the lr schedule counts every inner update.
@@ -122,17 +123,26 @@ def rollout_sequences(prompts: list[list[int]], completions: torch.Tensor, eos_i
             "completion_mask": completion_mask.float(), "truncated": ~is_eos.any(dim=-1)}
 
 
-def completion_forward(forward, batch: dict, with_entropy: bool = False) -> tuple[dict, torch.Tensor]:
-    """One forward over [prompt | completion] -> (model output, log-probs (N, L) fp32 of the completion tokens).
+def completion_forward(forward, batch: dict, temperature: float = 1.0,
+                       with_entropy: bool = False) -> tuple[dict, torch.Tensor]:
+    """One forward over [prompt | completion] -> (model output, log-probs (N, L) fp32 of the completion tokens) under
+    softmax(logits / temperature), the distribution the rollout sampled from (top-k/top-p truncation aside, as in TRL
+    and verl): scored at another temperature, the loss would push a different policy than the one that was sampled.
     The output's 'entropy' (N, L), when asked for, is that of each completion position's distribution."""
     completion_ids = batch["completion_ids"]
-    targets = F.pad(completion_ids, (0, 1), value=IGNORE_INDEX)  # the last position predicts past the completion
-    out = forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                  position_ids=batch["position_ids"], logits_to_keep=completion_ids.shape[1] + 1, targets=targets,
-                  return_entropy=with_entropy)
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}
+    keep = completion_ids.shape[1] + 1  # the last position predicts past the completion
+    if temperature == 1.0:  # the model's chunked head scores the targets without the (N, L, V) logits
+        targets = F.pad(completion_ids, (0, 1), value=IGNORE_INDEX)
+        out = forward(**inputs, logits_to_keep=keep, targets=targets, return_entropy=with_entropy)
+        if with_entropy:
+            out["entropy"] = out["entropy"][:, :-1]
+        return out, out["target_log_probs"][:, :-1]
+    out = forward(**inputs, logits_to_keep=keep)
+    log_probs = (out["logits"][:, :-1].float() / temperature).log_softmax(dim=-1)
     if with_entropy:
-        out["entropy"] = out["entropy"][:, :-1]
-    return out, out["target_log_probs"][:, :-1]
+        out["entropy"] = -(log_probs.exp() * log_probs).sum(dim=-1).detach()
+    return out, log_probs.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -209,7 +219,7 @@ class GRPOTask(Task):
                                          top_p=g.top_p)
             seconds = time.perf_counter() - start
             seqs = rollout_sequences(prompts, completions, tok.eos_id, tok.pad_id)
-            old_logps = completion_forward(model, seqs)[1] if score else None
+            old_logps = completion_forward(model, seqs, g.temperature)[1] if score else None
         return seqs, old_logps, seconds
 
     @torch.no_grad()
@@ -223,7 +233,7 @@ class GRPOTask(Task):
             if self._reference is None:
                 self._reference = frozen_reference_model(self.config, backend)
             with policy_autocast(backend):
-                seqs["ref_logps"] = completion_forward(self._reference, seqs)[1]
+                seqs["ref_logps"] = completion_forward(self._reference, seqs, g.temperature)[1]
         rewards = self._rewards(self._samples(rows, seqs, [a for a in answers for _ in range(g.group_size)]),
                                 backend.device)
         seqs["advantages"], zero_std = group_advantages(rewards, g.group_size, g.advantage_eps)
@@ -252,7 +262,7 @@ class GRPOTask(Task):
     # --- loss ---
     def loss(self, forward, batch: dict) -> LossOutput:
         g = self.grpo
-        out, logps = completion_forward(forward, batch, with_entropy=True)
+        out, logps = completion_forward(forward, batch, g.temperature, with_entropy=True)
         mask, advantages = batch["completion_mask"], batch["advantages"]
         ratio = importance_ratio(logps, batch["old_logps"], mask, g.importance_sampling_level)
         token_loss = clipped_policy_loss(ratio, advantages, g.clip_eps_low, g.clip_eps_high)
