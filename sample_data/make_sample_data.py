@@ -787,10 +787,26 @@ def cot_lines(rng, pool):
         yield item.question, {"messages": [SYSTEM, user(item.question), reply(item, thinking=True)]}
 
 
+def table_problem(rng, lang):
+    """A bare question on the tables up to 10: a + b or a × b with a, b <= 10, or the a - b or a ÷ b that undoes one.
+    The GRPO prompts: the tiny model answers some of these, so GSPO has right answers to reinforce (on the COT
+    distribution it answers under a tenth, README learning checks)."""
+    op = rng.choice("+-*/")
+    a, b = (rng.randint(1, 10), rng.randint(1, 10)) if op in "+-" else (rng.randint(2, 10), rng.randint(2, 10))
+    if op in "-/":  # a - b and a ÷ b come from a + b and a × b, so the result is in the table too
+        a = a + b if op == "-" else a * b
+    intro = f"We need to calculate {a} {SYMBOLS[op]} {b}." if lang == "en" else f"要计算 {a} {SYMBOLS[op]} {b}。"
+    return one_step(lang, bare_question(rng, lang, f"{a} {SYMBOLS[op]} {b}"), a, op, b, intro,
+                    "The result is {r}." if lang == "en" else "结果是{r}。")
+
+
 def grpo_lines(rng, pool):
+    """Table questions never handed out by the pool (COT, pretrain) and distinct among themselves."""
     while True:
-        p = pool.take()
-        yield p.question, {"prompt": [SYSTEM, user(p.question)], "answer": p.answer, "expression": p.expression}
+        p = table_problem(rng, random_lang(rng))
+        if p.question not in pool.seen:
+            pool.seen.add(p.question)
+            yield p.question, {"prompt": [SYSTEM, user(p.question)], "answer": p.answer, "expression": p.expression}
 
 
 def follow_up(rng, lang, previous: str) -> tuple[str, Problem]:
