@@ -233,7 +233,7 @@ def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str, *, allow_o
     @app.get("/health")
     def health():
         ok = engine.alive
-        body = {"status": "ok" if ok else "decode thread stopped", "model": model_name,
+        body = {"status": "ok" if ok else "decode loop stopped", "model": model_name,
                 "parameters": parameters.total, "active_parameters": parameters.active,
                 "max_context": engine.max_context, "slots": len(engine.slots)}
         return jsonify(body), 200 if ok else 503
@@ -470,15 +470,14 @@ def main(argv: list[str] | None = None):
         sys.exit(f"error: {err}")
     except OSError as err:
         sys.exit(f"error: cannot listen on {args.host}:{args.port}: {err}")
-    engine.start()
     print(f"Cortex chat ({served.name}, {engine.device}, {engine.max_context}-token context, "
           f"{args.slots} slots) on http://{args.host}:{server.port}", flush=True)
     try:
-        server.serve_forever()
+        engine.run_beside(server.serve_forever)  # decoding in this thread, which loaded the model: see serving/engine.py
     except KeyboardInterrupt:
         pass
     finally:
-        engine.stop()
+        server.shutdown()
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import http.server
 import json
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -559,6 +560,27 @@ def test_the_published_checkpoint_is_downloaded_from_modelscope(tmp_path, monkey
         hub.shutdown()
     assert dest.read_bytes() == published and not (tmp_path / "serve" / "other.bin").exists()
     assert torch.equal(load_state_dict_file(dest)["lm_head.weight"], model.lm_head.weight)
+
+
+def test_cli_serves_a_run_dir_and_ends_on_ctrl_c(tmp_path, tokenizer):
+    # the user's command as written: decoding in the main thread, HTTP in another, Ctrl-C ends both
+    run_dir = write_run_dir(tmp_path / "mix", tiny_model(tokenizer.vocab_size))
+    server = subprocess.Popen([sys.executable, str(REPO_ROOT / "app.py"), "--checkpoint", str(run_dir), "--port", "0"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    try:
+        banner = server.stdout.readline()
+        assert " on http://127.0.0.1:" in banner, server.stderr.read() if server.poll() is not None else banner
+        base = banner.split(" on ")[-1].strip()
+        status, _, text = post(base, "/v1/chat/completions",
+                               {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5})
+        assert status == 200 and json.loads(text)["usage"]["completion_tokens"] >= 1
+        assert json.loads(post(base, "/health", method="GET")[2])["status"] == "ok"
+        server.send_signal(signal.SIGINT)
+        assert server.wait(timeout=30) == 0
+        assert "Traceback" not in server.stderr.read()
+    finally:
+        server.kill()
 
 
 def test_cli_without_checkpoint_offline_explains_what_to_do(tmp_path):
