@@ -170,8 +170,8 @@ def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str, *, allow_o
                     texts[item.kind].append(item.text)
                 else:
                     finished = item
-            if finished is None or finished.reason in ("error", "cancelled"):  # cancelled: the client is gone anyway
-                return error_response(500, "generation failed: " + INTERNAL_ERROR)
+            if finished is None or finished.reason in ("error", "cancelled"):
+                return unfinished_response(finished.reason if finished else "error")
             return jsonify(completion.message("".join(texts["thinking"]), "".join(texts["answer"]), finished))
 
         def chunks():
@@ -206,7 +206,7 @@ def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str, *, allow_o
             for generation in generations:  # after a failure (queue full, a lost client): free the others' slots
                 generation.cancel()
         if any(choice.finish_reason in ("error", "cancelled") for choice in choices):
-            return error_response(500, "generation failed: " + INTERNAL_ERROR)
+            return unfinished_response("error" if any(c.finish_reason == "error" for c in choices) else "cancelled")
         return jsonify(completion_body(choices, model_name))
 
     @app.get("/v1/models")
@@ -252,6 +252,16 @@ def error_response(status: int, message: str, param: str | None = None, code: st
     if status == 503:
         response.headers["Retry-After"] = "1"
     return response
+
+
+def unfinished_response(reason: str):
+    """A non-streamed generation that ended without its reply ("cancelled" or "error"): its client left (499, nginx's
+    "client closed request", seen only in the log), the server is stopping (503), or the engine failed (500)."""
+    if reason == "cancelled":
+        if client_connection().gone():
+            return error_response(499, "the client closed the connection before the reply")
+        return error_response(503, "the server is stopping")
+    return error_response(500, "generation failed: " + INTERNAL_ERROR)
 
 
 def json_body():
