@@ -127,7 +127,7 @@ def _tiny(stage: str) -> TrainConfig:
         # of the 161 held-out prompts. The prompts are questions on the tables up to 10, which the COT model answers
         # about one in seven times: enough right answers for GSPO to reinforce (README, learning checks). The budget
         # of 64 new tokens holds every COT reply, so the reward pays for the answer, not for finishing early. At
-        # temperature 0.7 GSPO gained more (three seeds: +2 to +10 of 161, against -3 to +8 at 1.0), but the pipeline
+        # temperature 0.7 GSPO gained more (five seeds: +2 to +10 of 161, against -3 to +8 at 1.0), but the pipeline
         # run with it missed the no-think format target after DPO (62 of 64); README, learning checks.
         return replace(config, micro_batch_size=16, grad_accum_steps=1, epochs=1,
                        data=replace(config.data, max_eval_batches=10),
