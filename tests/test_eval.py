@@ -100,7 +100,7 @@ def test_the_budget_sweep_never_thinks_longer_than_its_budget(report):
 def test_a_budget_that_holds_the_closing_sentence_leaves_the_model_the_rest(report):
     served = eval_report.load_for_serving(report[0], "tiny", "cpu")
     prompts = eval_report.arithmetic_prompts(utils.stage_config("grpo", "tiny"), served.tokenizer)[:2]
-    english = len(served.tokenizer.encode(eval_report.THINK_BUDGET_CLOSINGS["en"]))  # 41: judged on an empty thought
+    english = len(served.tokenizer.encode(eval_report.THINK_BUDGET_CLOSINGS["en"]))  # 42: judged on an empty thought
     [row] = eval_report.budget_section(served, prompts, [english + 4], english + 8, 2, 0, eval_report.tqdm(disable=True))
     assert row["max_thinking_tokens"] == row["mean_thinking_tokens"] == english + 4 and row["cut_share"] == 1.0
     assert row["max_own_thinking_tokens"] == row["mean_own_thinking_tokens"] == 4

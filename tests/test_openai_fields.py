@@ -47,7 +47,7 @@ def test_top_p_zero_is_greedy(client):
 
 def test_penalties_follow_openais_formula_on_the_replys_token_counts(server, model, tokenizer, client):
     _, engine = server
-    prompt = tokenizer.encode("one one one one one")
+    prompt = tokenizer.encode("the the the the the")  # greedy repeats tokens here, so the penalties change the reply
     presence, frequency = 0.5, 1.5
     events, _ = collect(engine.submit(GenerationRequest(
         prompt, SamplingParams(temperature=0.0, presence_penalty=presence, frequency_penalty=frequency,
