@@ -59,8 +59,7 @@ def compiled_decode_step(model: nn.Module) -> Callable:
     if any(hasattr(param, "ds_id") for param in model.parameters()):  # (an int8 head has no .weight)
         raise ValueError("compiled decoding needs the model's full weights, not DeepSpeed ZeRO-3 shards: generate "
                          "with a plain copy of the model (as the trainer does) or without compile")
-    # On CPU the head as an (H, V) copy: MKL's one-row product reads it 1.5-2.5x faster than the (V, H) weight
-    head = model.lm_head
+    head = model.lm_head  # on CPU an (H, V) copy of it: MKL's one-row product reads that 1.5-2.5x faster than (V, H)
     head_t = head.weight.t().contiguous() if isinstance(head, LMHead) and head.weight.device.type == "cpu" else None
     return functools.partial(_compiled(), model, head_t)
 
