@@ -170,8 +170,8 @@ def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str, *, allow_o
                     texts[item.kind].append(item.text)
                 else:
                     finished = item
-            if finished is None or finished.reason in ("error", "cancelled"):  # cancelled: the client is gone anyway
-                return error_response(500, "generation failed: " + INTERNAL_ERROR)
+            if finished is None or finished.reason in ("error", "cancelled"):
+                return unfinished_response(finished.reason if finished else "error")
             return jsonify(completion.message("".join(texts["thinking"]), "".join(texts["answer"]), finished))
 
         def chunks():
@@ -206,7 +206,7 @@ def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str, *, allow_o
             for generation in generations:  # after a failure (queue full, a lost client): free the others' slots
                 generation.cancel()
         if any(choice.finish_reason in ("error", "cancelled") for choice in choices):
-            return error_response(500, "generation failed: " + INTERNAL_ERROR)
+            return unfinished_response("error" if any(c.finish_reason == "error" for c in choices) else "cancelled")
         return jsonify(completion_body(choices, model_name))
 
     @app.get("/v1/models")
@@ -233,7 +233,7 @@ def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str, *, allow_o
     @app.get("/health")
     def health():
         ok = engine.alive
-        body = {"status": "ok" if ok else "decode thread stopped", "model": model_name,
+        body = {"status": "ok" if ok else "decode loop stopped", "model": model_name,
                 "parameters": parameters.total, "active_parameters": parameters.active,
                 "max_context": engine.max_context, "slots": len(engine.slots)}
         return jsonify(body), 200 if ok else 503
@@ -252,6 +252,16 @@ def error_response(status: int, message: str, param: str | None = None, code: st
     if status == 503:
         response.headers["Retry-After"] = "1"
     return response
+
+
+def unfinished_response(reason: str):
+    """A non-streamed generation that ended without its reply ("cancelled" or "error"): its client left (499, nginx's
+    "client closed request", seen only in the log), the server is stopping (503), or the engine failed (500)."""
+    if reason == "cancelled":
+        if client_connection().gone():
+            return error_response(499, "the client closed the connection before the reply")
+        return error_response(503, "the server is stopping")
+    return error_response(500, "generation failed: " + INTERNAL_ERROR)
 
 
 def json_body():
@@ -470,15 +480,14 @@ def main(argv: list[str] | None = None):
         sys.exit(f"error: {err}")
     except OSError as err:
         sys.exit(f"error: cannot listen on {args.host}:{args.port}: {err}")
-    engine.start()
     print(f"Cortex chat ({served.name}, {engine.device}, {engine.max_context}-token context, "
           f"{args.slots} slots) on http://{args.host}:{server.port}", flush=True)
     try:
-        server.serve_forever()
+        engine.run_beside(server.serve_forever)  # decoding in this thread, which loaded the model: see serving/engine.py
     except KeyboardInterrupt:
         pass
     finally:
-        engine.stop()
+        server.shutdown()
 
 
 if __name__ == "__main__":

@@ -161,9 +161,9 @@ def generate(served, requests: list[GenerationRequest], prefixes: list[list[int]
     closings = list(engine.closing_ids.values())
     for request in requests:
         engine.submit(request)
-    engine.start()
-    replies = []
-    try:
+
+    def collect() -> list[Reply]:
+        replies = []
         for request, prefix in zip(requests, prefixes):
             ids, thought = list(prefix), []
             while not isinstance(event := request.events.get(), Finished):
@@ -175,9 +175,9 @@ def generate(served, requests: list[GenerationRequest], prefixes: list[list[int]
             closing = next((len(c) for c in closings if thought[-len(c):] == c), 0)
             replies.append(Reply(served.tokenizer.decode(ids), event, len(thought), closing))
             bar.update(1)
-    finally:
-        engine.stop()
-    return replies
+        return replies
+
+    return engine.run_beside(collect)  # decoding in this thread, which loaded the model: see serving/engine.py
 
 
 def format_section(served, prompts, max_new: int, slots: int, seed: int, bar: tqdm) -> dict:

@@ -81,12 +81,13 @@ def measure_format(name: str, weights: Path, out: Path) -> dict:
     served = load_for_serving(weights, "cortex", "cpu", dtype, quantize)
     compiled = name.endswith("-compiled")
     loaded = time.perf_counter()
-    engine = Engine(served.model, served.tokenizer, slots=SLOTS, max_queue=SLOTS, seed=0, compile=compiled).start()
+    engine = Engine(served.model, served.tokenizer, slots=SLOTS, max_queue=SLOTS, seed=0, compile=compiled)
     compile_s = time.perf_counter() - loaded  # the Engine's warm-up compiles every decode graph (cold cache or not)
     startup_s = time.perf_counter() - start
-    try:
-        ids = held_out_ids(served.tokenizer, HELDOUT_TOKENS)
-        prompt = ids[:PROMPT_TOKENS]
+    ids = held_out_ids(served.tokenizer, HELDOUT_TOKENS)
+    prompt = ids[:PROMPT_TOKENS]
+
+    def client():  # in its own thread while this one decodes, as app.py serves
         sent = time.perf_counter()
         _, times = run_request(engine, prompt, SamplingParams(temperature=0.0, max_new_tokens=1))
         ttft_s = times[0] - sent
@@ -100,8 +101,9 @@ def measure_format(name: str, weights: Path, out: Path) -> dict:
             while not isinstance(event := request.events.get(), Finished):
                 generated += 1
         slots_tps = generated / (time.perf_counter() - sent)
-    finally:
-        engine.stop()
+        return ttft_s, greedy, decode_tps, slots_tps
+
+    ttft_s, greedy, decode_tps, slots_tps = engine.run_beside(client)
     with torch.no_grad():
         logits = served.model(torch.tensor([ids]))["logits"][0].float()
     torch.save({"greedy": greedy, "logits": logits}, out)

@@ -1,4 +1,4 @@
-"""Continuous batching: one decode thread owns the model and serves every request in one batch.
+"""Continuous batching: one decode loop owns the model and serves every request in one batch.
 
 The KV cache is allocated once: `slots` sequences of up to `max_context` positions. A request waits in a bounded queue
 until a slot is free, is prefilled into that slot between two decode steps, then advances one token per step together
@@ -17,6 +17,12 @@ like sampled tokens), so the answer follows from a closed thought and the count 
 Cortex one when the thinking so far is Chinese, else its English translation; the language is judged once, when the
 room left first reaches the longest closing, so whichever is chosen still fits the budget exactly. A budget of 0 forces
 `</think>` as the first token: no thinking at all.
+
+Threads: run the decode loop in the thread that loaded the model (`run`, or `run_beside` with the clients in another
+thread), as app.py and eval.py do. Torch's CPU worker threads (OpenMP) belong to the thread that first used them; a
+second thread doing torch work starts a second set, more workers than cores, and libgomp then stops its workers from
+spin-waiting between operations: on 2 cores a decode step of the full int8 model took 80-88 ms in a second thread
+against 47-52 ms in the loading thread. `start` (a background decode thread) suits tests and GPUs.
 """
 
 import logging
@@ -217,7 +223,8 @@ class _Slot:
 
 
 class Engine:
-    """The decode thread. `submit` from any thread; `stats` for monitoring; `stop` to end the thread."""
+    """The decode loop. `run` (or `run_beside`, or `start`) runs it; `submit` from any thread; `stats` for monitoring;
+    `stop` ends it."""
 
     def __init__(self, model: CortexModel, tokenizer: Tokenizer, *, slots: int = 8, max_queue: int = 32,
                  max_context: int | None = None, seed: int | None = None, compile: bool = False):
@@ -245,7 +252,8 @@ class Engine:
         self._waiting: deque[GenerationRequest] = deque()
         self._cond = threading.Condition()
         self._stopping = False
-        self._thread = threading.Thread(target=self._run, name="cortex-decode", daemon=True)
+        self._running = False  # the decode loop is on (or about to be: start() sets it before its thread runs)
+        self._thread: threading.Thread | None = None  # start()'s
         # monitoring (under _cond)
         self._started_at = time.monotonic()
         self._counts = {"requests": 0, "rejected": 0, "completed": 0, "cancelled": 0, "failed": 0, "tokens": 0}
@@ -256,15 +264,50 @@ class Engine:
 
     # --- public, any thread ----------------------------------------------------------------------------------------
 
+    def run(self):
+        """The decode loop, in the calling thread, until `stop` (from another thread) or an exception such as
+        KeyboardInterrupt. Call it from the thread that loaded the model (see the module's docstring)."""
+        self._running = True
+        try:
+            self._run()
+        finally:
+            self._running = False
+
+    def run_beside(self, client: Callable[[], object]):
+        """Runs client() in a new thread while this thread decodes; when it returns, stops the loop and returns what it
+        returned (or raises what it raised)."""
+        outcome = {}
+
+        def call_client():
+            try:
+                outcome["result"] = client()
+            except BaseException as err:  # re-raised in the decoding thread
+                outcome["error"] = err
+            finally:
+                self.stop(timeout=0)
+
+        thread = threading.Thread(target=call_client, name="cortex-client", daemon=True)
+        thread.start()
+        self.run()
+        thread.join()
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["result"]
+
     def start(self) -> "Engine":
+        """The decode loop in a background thread (tests, GPUs; on a CPU prefer `run`, see the module's docstring)."""
+        self._running = True
+        self._thread = threading.Thread(target=self.run, name="cortex-decode", daemon=True)
         self._thread.start()
         return self
 
     def stop(self, timeout: float | None = 10.0):
+        """Ends the loop (its requests in flight and waiting end "cancelled"); waits for start()'s thread."""
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
-        self._thread.join(timeout)
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
 
     def submit(self, request: GenerationRequest) -> GenerationRequest:
         if len(request.prompt_ids) >= self.max_context:
@@ -304,9 +347,9 @@ class Engine:
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive()
+        return self._running
 
-    # --- the decode thread -----------------------------------------------------------------------------------------
+    # --- the decode loop -----------------------------------------------------------------------------------------
 
     def _run(self):
         with torch.inference_mode():

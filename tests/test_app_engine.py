@@ -150,6 +150,26 @@ def test_a_failing_step_ends_the_requests_in_flight_and_the_engine_keeps_serving
         engine.stop()
 
 
+def test_run_beside_decodes_in_the_calling_thread_and_returns_the_clients_result(model, tokenizer):
+    engine = Engine(model, tokenizer, slots=2, seed=0)
+    decoding_threads = set()
+    hook = model.register_forward_hook(lambda *_: decoding_threads.add(threading.get_ident()))
+    try:
+        request = engine.submit(GenerationRequest([5, 6], SamplingParams(temperature=0.0, max_new_tokens=4), False))
+        events, finished = engine.run_beside(lambda: collect(request))
+        assert len(events) == finished.completion_tokens >= 1 and decoding_threads == {threading.get_ident()}
+        assert not engine.alive
+        with pytest.raises(RuntimeError, match="the engine is stopped"):  # run_beside stopped it
+            engine.submit(GenerationRequest([5], GREEDY, False))
+
+        failing = Engine(model, tokenizer, slots=1, seed=0)
+        with pytest.raises(ZeroDivisionError):  # the client's error, raised in the decoding thread
+            failing.run_beside(lambda: 1 / 0)
+        assert not failing.alive
+    finally:
+        hook.remove()
+
+
 def test_requests_from_many_threads(engine):
     results = []
 

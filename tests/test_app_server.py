@@ -11,6 +11,7 @@ import http.server
 import json
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -449,10 +450,11 @@ def send_raw(base: str, path: str, body: dict) -> socket.socket:
     return sock
 
 
-def test_a_client_that_closes_its_connection_while_its_request_runs_or_waits_frees_its_place_at_once(tokenizer):
+def test_a_client_that_closes_its_connection_while_its_request_runs_or_waits_frees_its_place_at_once(tokenizer, caplog):
     """Nothing is written to a non-streamed or a queued request's client while the model works, and a closed client
     looks like a half-closed one (which is served): still its slot and queue place are freed within a second or so,
-    not when TCP keep-alive notices (a minute)."""
+    not when TCP keep-alive notices (a minute). The log says 499 (client closed request) for them, not 500."""
+    caplog.set_level(logging.INFO, logger="werkzeug")
     model = tiny_model(tokenizer.vocab_size, max_context=4096)  # long replies keep the slot busy
     chat = {"messages": [{"role": "user", "content": "go"}], "thinking": False, "temperature": 0, "max_tokens": 4000}
     with running_server(model, tokenizer, slots=1, max_queue=3) as (base, engine):
@@ -469,6 +471,9 @@ def test_a_client_that_closes_its_connection_while_its_request_runs_or_waits_fre
         running.close()
         wait_for(lambda: engine.stats()["active"] == 0, timeout=3)
         assert engine.stats()["cancelled_total"] == 4
+        statuses = lambda: [r.getMessage().split('" ')[-1].split()[0] for r in caplog.records if "HTTP/1.1" in r.getMessage()]
+        wait_for(lambda: statuses().count("499") == 3, timeout=3)  # both non-streamed chats and the completion
+        assert "500" not in statuses()
 
 
 def test_health_and_stats(server):
@@ -559,6 +564,27 @@ def test_the_published_checkpoint_is_downloaded_from_modelscope(tmp_path, monkey
         hub.shutdown()
     assert dest.read_bytes() == published and not (tmp_path / "serve" / "other.bin").exists()
     assert torch.equal(load_state_dict_file(dest)["lm_head.weight"], model.lm_head.weight)
+
+
+def test_cli_serves_a_run_dir_and_ends_on_ctrl_c(tmp_path, tokenizer):
+    # the user's command as written: decoding in the main thread, HTTP in another, Ctrl-C ends both
+    run_dir = write_run_dir(tmp_path / "mix", tiny_model(tokenizer.vocab_size))
+    server = subprocess.Popen([sys.executable, str(REPO_ROOT / "app.py"), "--checkpoint", str(run_dir), "--port", "0"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    try:
+        banner = server.stdout.readline()
+        assert " on http://127.0.0.1:" in banner, server.stderr.read() if server.poll() is not None else banner
+        base = banner.split(" on ")[-1].strip()
+        status, _, text = post(base, "/v1/chat/completions",
+                               {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5})
+        assert status == 200 and json.loads(text)["usage"]["completion_tokens"] >= 1
+        assert json.loads(post(base, "/health", method="GET")[2])["status"] == "ok"
+        server.send_signal(signal.SIGINT)
+        assert server.wait(timeout=30) == 0
+        assert "Traceback" not in server.stderr.read()
+    finally:
+        server.kill()
 
 
 def test_cli_without_checkpoint_offline_explains_what_to_do(tmp_path):
