@@ -21,7 +21,7 @@ def _chunks(num_rows: int, vocab_size: int) -> list[slice]:
 
 def _score_chunk(hidden, weight, targets, with_entropy):
     """-> log p[target] (n,), entropy (n,) or None, exp(logits - max) (V, n) fp32 and its column sums (n,).
-    Laid out (V, n), vocabulary along rows: MKL's product writes that 1.5x faster than (n, V) at hidden 256."""
+    (V, n), not (n, V): MKL's product writes that layout faster (1.5x at hidden 256)."""
     logits = (weight @ hidden.t()).float()
     logits -= logits.amax(dim=0)  # in place: one (V, n) buffer per chunk
     target_logits = logits.gather(0, targets[None, :]).squeeze(0)
