@@ -30,7 +30,7 @@ def decode_step(model: nn.Module, head_t: torch.Tensor | None, tokens: torch.Ten
                 write_positions: torch.Tensor, attn_bias: torch.Tensor, keys: list[torch.Tensor],
                 values: list[torch.Tensor]) -> torch.Tensor:
     """tokens (B,) at RoPE positions (B, 1), written at cache positions write_positions (B,) -> logits (B, V). head_t:
-    the head's (H, V) copy or None; attn_bias (B, 1, 1, S): 0 where a row may attend; keys / values: each layer's cache."""
+    the head's (H, V) copy or None; attn_bias (B, 1, 1, S): 0 where a row may attend; keys / values: layer caches."""
     x = model.embed_tokens(tokens[:, None])
     cos, sin = model.rotary_emb(position_ids, x.dtype)
     cache = _WriteAtPositions(keys, values, write_positions)
