@@ -20,29 +20,30 @@ def _chunks(num_rows: int, vocab_size: int) -> list[slice]:
 
 
 def _score_chunk(hidden, weight, targets, with_entropy):
-    """-> log p[target] (n,), entropy (n,) or None, exp(logits - max) (n, V) fp32 and its row sums (n,)."""
-    logits = (hidden @ weight.t()).float()
-    logits -= logits.amax(dim=-1, keepdim=True)  # in place: one (n, V) buffer per chunk
-    target_logits = logits.gather(1, targets[:, None]).squeeze(1)
+    """-> log p[target] (n,), entropy (n,) or None, exp(logits - max) (V, n) fp32 and its column sums (n,).
+    (V, n), not (n, V): MKL's product writes that layout faster (1.5x at hidden 256)."""
+    logits = (weight @ hidden.t()).float()
+    logits -= logits.amax(dim=0)  # in place: one (V, n) buffer per chunk
+    target_logits = logits.gather(0, targets[None, :]).squeeze(0)
     exp = logits.exp() if with_entropy else logits.exp_()
-    sums = exp.sum(dim=-1)
-    entropy = sums.log() - logits.mul_(exp).sum(dim=-1) / sums if with_entropy else None  # -sum p log p
+    sums = exp.sum(dim=0)
+    entropy = sums.log() - logits.mul_(exp).sum(dim=0) / sums if with_entropy else None  # -sum p log p
     return target_logits - sums.log(), entropy, exp, sums
 
 
 def _add_chunk_grads(exp, sums, targets, grad_rows, hidden, weight, grad_hidden, grad_weight) -> None:
     """Gradients of sum_r grad_rows[r] * log p_r[targets[r]], whose logits' gradient is grad_r * (onehot - exp / sum):
-    the row factors scale the (n, H) hidden states rather than the (n, V) chunk. grad_hidden's rows are written,
+    the row factors scale the (n, H) hidden states rather than the (V, n) chunk. grad_hidden's rows are written,
     grad_weight (fp32) is added to."""
     scale = (grad_rows / sums)[:, None]
     exp = exp.to(hidden.dtype)
-    grad_hidden.copy_(weight[targets] * grad_rows[:, None] - (exp @ weight) * scale)
+    grad_hidden.copy_(weight[targets] * grad_rows[:, None] - (exp.t() @ weight) * scale)
     grad_weight.index_add_(0, targets, hidden.float() * grad_rows[:, None])
     scaled_hidden = (hidden * scale).to(hidden.dtype)
     if hidden.dtype == torch.float32:
-        grad_weight.addmm_(exp.t(), scaled_hidden, alpha=-1)
+        grad_weight.addmm_(exp, scaled_hidden, alpha=-1)
     else:  # bf16/fp16 products, summed over the chunks in fp32
-        grad_weight -= exp.t() @ scaled_hidden
+        grad_weight -= exp @ scaled_hidden
 
 
 class _TargetLogProbs(torch.autograd.Function):
