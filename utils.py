@@ -112,12 +112,14 @@ def _tiny(stage: str) -> TrainConfig:
     seq_len = {"pretrain_stage0": 128, "pretrain_stage1": 256}.get(stage, 256)
     lr = {"pretrain_stage0": (1e-3, 3e-3), "pretrain_stage1": (1e-3, 2e-3)}.get(stage, (5e-4, 1e-3))
     # COT trains six epochs: at three the tiny model answered about half as many table questions right, too few for
-    # GSPO to reinforce (README, learning checks).
+    # GSPO to reinforce. Mix too: at five, a second no-think turn still opened a new </think><answer> inside its answer
+    # (63 of 64 well-formed after DPO; README, learning checks).
+    epochs = {"pretrain_stage0": 4, "pretrain_stage1": 1, "cot": 6, "mix": 6}.get(stage, 3)
     config = replace(
         full, model=tiny_config(TINY_VOCAB_SIZE, long_context=long_context), tokenizer="tiny",
         data=DataConfig(jsonl_files=[str(SAMPLE_DATA / files[stage])], max_seq_len=seq_len, max_eval_batches=8),
         optim=OptimConfig(initial_lr=lr[0], max_lr=lr[1], min_lr=lr[0] / 10, weight_decay=0.01),
-        micro_batch_size=8, grad_accum_steps=2, epochs={"pretrain_stage0": 4, "pretrain_stage1": 1, "cot": 6}.get(stage, 3), deepspeed=DeepSpeedConfig(zero_stage=2),
+        micro_batch_size=8, grad_accum_steps=2, epochs=epochs, deepspeed=DeepSpeedConfig(zero_stage=2),
         recipe_global_batch=None,  # tuned as it runs: no adjustment for the world size
         precision="fp32", save_every_steps=50, eval_every_steps=50, eval_max_new_tokens=24,
         eval_prompts=TINY_PRETRAIN_PROMPTS if full.task == "pretrain" else TINY_CHAT_PROMPTS)
@@ -134,10 +136,9 @@ def _tiny(stage: str) -> TrainConfig:
                        optim=OptimConfig(initial_lr=1e-5, max_lr=1e-4, min_lr=1e-5, weight_decay=0.0),
                        grpo=replace(full.grpo, group_size=4, max_new_tokens=64, grpo_steps=1), eval_every_steps=100)
     if stage == "mix":
-        # Six epochs at twice the SFT lr: at three epochs at 1e-3 the tiny model closed 11% of its held-out thoughts
-        # with </answer> (its thought drifts into a memorised answer), most of them in second turns; at five, a second
-        # no-think turn still opened a new </think><answer> inside its answer (63 of 64 well-formed after DPO; README).
-        return replace(config, epochs=6, optim=replace(config.optim, initial_lr=1e-3, max_lr=2e-3, min_lr=1e-4))
+        # Twice the SFT lr: at three epochs at 1e-3 the tiny model closed 11% of its held-out thoughts with </answer>
+        # (its thought drifts into a memorised answer), most of them in second turns (README).
+        return replace(config, optim=replace(config.optim, initial_lr=1e-3, max_lr=2e-3, min_lr=1e-4))
     if stage == "dpo":
         # One epoch of 8 pairs per step; the eval covers 128 of the 131 held-out pairs. The pairs are all no-think: a
         # gentle lr and a strong NLL term on the chosen replies keep the think format (at lr 1e-3 and NLL 0.2, 2 epochs

@@ -110,8 +110,11 @@ class Int8RoutedExperts(_Int8Module):
 
 def routed_experts(x: torch.Tensor, expert_idx: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
     """x (N, H), expert_idx (N, K), Int8RoutedExperts.weights() -> (N, K, H): each row through each of its K experts."""
-    return sorted_by_expert(x, expert_idx, weights[0].shape[0], lambda rows, counts: torch.cat(
-        [_expert(weights, expert, chunk) for expert, chunk in enumerate(rows.split(counts.tolist())) if len(chunk)]))
+    def experts(rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        chunks = rows.split(counts.tolist())
+        return torch.cat([_expert(weights, expert, chunk) for expert, chunk in enumerate(chunks) if len(chunk)])
+
+    return sorted_by_expert(x, expert_idx, weights[0].shape[0], experts)
 
 
 # In a compiled graph inductor's own kernel for int8 expert rows picked by index (dequantized in the loop) took ~10x
