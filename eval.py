@@ -403,7 +403,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: as app.py)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--quantize", choices=QUANTIZE, default="none",
-                        help="int8: evaluate the int8 weights the server can serve (serving/quantize.py)")
+                        help="bf16 or int8: evaluate the weights as the server can store them (serving/quantize.py)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     for name in ("limit", "max_new_tokens", "slots"):

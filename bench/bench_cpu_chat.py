@@ -1,5 +1,6 @@
-"""The full Cortex 2.5 model served on a CPU in fp32, bf16 and int8 weights (serving/checkpoint.py, quantize.py),
-and llama.cpp on the GGUF export of the same weights (f16 against bf16, q8_0 against int8).
+"""The full Cortex 2.5 model served on a CPU in fp32, bf16 weights (fp32 compute), bf16 and int8 weights
+(serving/checkpoint.py, quantize.py), and llama.cpp on the GGUF export of the same weights (f16 against bf16, q8_0
+against int8).
 
     OMP_NUM_THREADS=2 TOKEN_DIR=DIR python bench/bench_cpu_chat.py --rounds 2     # prints one JSON object
 
@@ -13,17 +14,20 @@ agreement = share of the 256 greedy positions where the tokens equal fp32's (and
 argmax agreement and the max |logit - fp32 logit|. With llama-cpp-python importable, the weights are exported by
 export.py to GGUF f16 and q8_0 and llama.cpp is timed the same way (its own process, OMP_NUM_THREADS threads for
 prompt and decode, the prompt in one 512-token batch, then one token per eval call; no batched API, so no 8-slot
-figure). Formats run in the order given, then in reverse with --rounds 2 (medians). fp32-compiled and int8-compiled
+figure; its held-out logits come from a second load that keeps every position's). Formats run in the order given, then in reverse with --rounds 2 (medians). fp32-compiled and int8-compiled
 (not run by default) serve with the Engine's compile=True (app.py --compile): start-up includes compile_s, the warm-up
 compile of every decode graph (with inductor's cache on disk warm from an earlier run, it is shorter).
 
     OMP_NUM_THREADS=1 python bench/bench_cpu_chat.py --decode-steps --rounds 3
 
-only times bare batch-1 decode steps in one process (fp32 eager, int8 eager, int8 compiled, alternating).
+only times bare batch-1 decode steps in one process (fp32, bf16 weights and int8 eager, int8 compiled, alternating),
+and each eager format's matrix products of one step alone (every linear layer, the shared and two routed experts of
+each MoE layer, the head; the model's own weights, so read from memory as in a step): the floor its kernels set.
 """
 
 import argparse
 import copy
+import functools
 import json
 import os
 import statistics
@@ -34,19 +38,24 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from model import CortexModel, KVCache, cortex_2_5_config, save_weights  # noqa: E402
 from model.compiled_decode import CompiledDecoder  # noqa: E402
+from model.moe import RoutedExperts  # noqa: E402
 from serving.checkpoint import cpu_features, load_for_serving  # noqa: E402
 from serving.engine import Engine, Finished, GenerationRequest, SamplingParams  # noqa: E402
-from serving.quantize import KERNEL_INFO as INT8_KERNELS, quantize_int8  # noqa: E402
+from serving.quantize import (KERNEL_DTYPE, KERNELS, StoredLinear, StoredRoutedExperts, kernel_linear,  # noqa: E402
+                              store_weights, stored_expert)
 
-FORMATS = {"fp32": ("float32", "none"), "bf16": ("bfloat16", "none"), "int8": ("float32", "int8"),  # name: dtype,
-           "fp32-compiled": ("float32", "none"), "int8-compiled": ("float32", "int8")}  # quantize (+ Engine --compile)
-DEFAULT_FORMATS = ["fp32", "bf16", "int8"]  # the compiled ones add minutes of compiling each: asked for by name
+FORMATS = {"fp32": ("float32", "none"), "bf16-weights": ("float32", "bf16"), "bf16": ("bfloat16", "none"),
+           "int8": ("float32", "int8"), "fp32-compiled": ("float32", "none"),  # name: dtype, quantize
+           "bf16-weights-compiled": ("float32", "bf16"), "int8-compiled": ("float32", "int8")}  # (+ Engine --compile)
+DEFAULT_FORMATS = ["fp32", "bf16-weights", "bf16", "int8"]  # compiled ones add minutes of compiling: asked by name
 LLAMA_CPP = {"llama.cpp-f16": "f16", "llama.cpp-q8_0": "q8_0"}  # GGUF type of each llama.cpp row
 LM_HEAD_STD = 0.15  # x std sqrt(hidden): logits of std ~4, peaked like a trained model's
 PROMPT_TOKENS, GREEDY_TOKENS, SLOTS, SLOT_TOKENS, HELDOUT_TOKENS = 512, 256, 8, 64, 512
@@ -134,7 +143,7 @@ def quality(reference: dict, other: dict) -> dict:
             "logit_range": round(reference["logits"].abs().max().item(), 2)}
 
 
-def measure_llama_cpp(name: str, gguf: Path) -> dict:
+def measure_llama_cpp(name: str, gguf: Path, out: Path) -> dict:
     """In a fresh process: llama.cpp's figures on one GGUF export, timed as measure_format times ours."""
     import llama_cpp
 
@@ -156,18 +165,27 @@ def measure_llama_cpp(name: str, gguf: Path) -> dict:
         llm.eval(greedy[-1:])
         greedy.append(int(llm.scores[llm.n_tokens - 1].argmax()))
         times.append(time.perf_counter())
-    return {"format": name, "gguf_type": LLAMA_CPP[name], "llama_cpp_python": llama_cpp.__version__,
-            "threads": threads, "startup_s": round(startup_s, 2), "ttft_512_s": round(ttft_s, 3),
-            "decode_tok_s_batch1": round((len(times) - 1) / (times[-1] - times[0]), 2), "rss_mb": resident_mb(),
-            "peak_rss_mb": resident_mb("VmHWM")}
+    figures = {"format": name, "gguf_type": LLAMA_CPP[name], "llama_cpp_python": llama_cpp.__version__,
+               "threads": threads, "startup_s": round(startup_s, 2), "ttft_512_s": round(ttft_s, 3),
+               "decode_tok_s_batch1": round((len(times) - 1) / (times[-1] - times[0]), 2), "rss_mb": resident_mb(),
+               "peak_rss_mb": resident_mb("VmHWM")}
+    del llm  # the held-out logits of every position need logits_all (a load of its own, not timed)
+    llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=1024, n_batch=PROMPT_TOKENS, n_threads=threads,
+                          n_threads_batch=threads, logits_all=True, verbose=False)
+    ids = held_out_ids(get_tokenizer("cortex"), HELDOUT_TOKENS)
+    llm.eval(ids)
+    torch.save({"greedy": greedy, "logits": torch.from_numpy(llm.scores[:len(ids)].copy()).float()}, out)
+    return figures
 
 
 def measure_decode_steps(rounds: int, steps: int = 20, prompt_tokens: int = 16) -> dict:
-    """Bare decode steps at batch 1 (no Engine), in this process: fp32 eager, int8 eager, int8 compiled (the step of
-    app.py --quantize int8 --compile), alternating, rounds times; ms of wall and of process CPU time per step."""
+    """Bare decode steps at batch 1 (no Engine), in this process: fp32, bf16 weights and int8 eager, int8 compiled (the
+    step of app.py --quantize int8 --compile), alternating, rounds times; ms of wall and of process CPU time per step.
+    And the eager formats' products alone (decode_products), alternating the same way."""
     torch.manual_seed(0)
     fp32 = CortexModel(cortex_2_5_config(long_context=True)).eval()
-    int8 = quantize_int8(copy.deepcopy(fp32))
+    bf16_weights = store_weights(copy.deepcopy(fp32), "bf16")
+    int8 = store_weights(copy.deepcopy(fp32), "int8")
     prompt = torch.randint(0, fp32.config.vocab_size, (1, prompt_tokens))
 
     def run(model: CortexModel, compiled: bool, count: int) -> list[float]:
@@ -183,19 +201,64 @@ def measure_decode_steps(rounds: int, steps: int = 20, prompt_tokens: int = 16) 
         return [round((time.perf_counter() - wall) / count * 1e3, 1),
                 round((time.process_time() - cpu) / count * 1e3, 1)]
 
-    variants = {"fp32 eager": (fp32, False), "int8 eager": (int8, False), "int8 compiled": (int8, True)}
+    def run_products(products: list, count: int) -> list[float]:
+        wall, cpu = time.perf_counter(), time.process_time()
+        for _ in range(count):
+            for product in products:
+                product()
+        return [round((time.perf_counter() - wall) / count * 1e3, 1),
+                round((time.process_time() - cpu) / count * 1e3, 1)]
+
+    variants = {"fp32 eager": (fp32, False), "bf16 weights eager": (bf16_weights, False),
+                "int8 eager": (int8, False), "int8 compiled": (int8, True)}
+    products = {"fp32": decode_products(fp32), "bf16 weights": decode_products(bf16_weights),
+                "int8": decode_products(int8)}
     with torch.inference_mode():
         wall, cpu = time.perf_counter(), time.process_time()
         run(int8, True, 1)
         compile_s = {"wall": round(time.perf_counter() - wall, 1),
                      "this_process_cpu": round(time.process_time() - cpu, 1)}  # the C++ compiler's is not counted
+        for calls in products.values():
+            run_products(calls, 1)
         ms = {name: [] for name in variants}
+        products_ms = {name: [] for name in products}
         for _ in range(rounds):  # alternating
             for name, (model, compiled) in variants.items():
                 ms[name].append(run(model, compiled, steps))
+            for name, calls in products.items():
+                products_ms[name].append(run_products(calls, steps))
     return {"model": "Cortex 2.5 full config, random weights, seed 0", "threads": torch.get_num_threads(),
             "load_average": os.getloadavg(), "int8_compile_s": compile_s,
-            "decode_ms_per_step_batch1 [wall, cpu] per round": ms}
+            "decode_ms_per_step_batch1 [wall, cpu] per round": ms,
+            "products_alone_ms_per_step [wall, cpu] per round": products_ms,
+            "products_per_step": {name: len(calls) for name, calls in products.items()}}
+
+
+def decode_products(model: CortexModel) -> list:
+    """One batch-1 decode step's matrix products, in order, as closures over the model's own weights and a random row
+    each: every linear layer and the head, and in each MoE layer two routed experts (the shared one is an MLP of
+    linears). Their time alone is the floor the format's kernels set for a step: the rest is norms, attention,
+    routing and the Python that drives them."""
+    calls, hidden, dtype = [], model.config.hidden_size, model.embed_tokens.weight.dtype
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):  # the head (LMHead) too
+            calls.append(functools.partial(nn.Linear.forward, module, torch.randn(1, 1, module.in_features, dtype=dtype)))
+        elif isinstance(module, StoredLinear):
+            x = torch.randn(1, 1, module.stored_weight()[0].shape[-1], dtype=KERNEL_DTYPE)
+            calls.append(functools.partial(kernel_linear, x, module.stored_weight()))
+        elif isinstance(module, (RoutedExperts, StoredRoutedExperts)):
+            layer = int(name.split(".")[1])  # layers.{i}.mlp.experts
+            expert = stored_expert if isinstance(module, StoredRoutedExperts) else looped_expert
+            weights = module.weights() if isinstance(module, StoredRoutedExperts) else module
+            calls += [functools.partial(expert, weights, picked, torch.randn(1, hidden, dtype=dtype))
+                      for picked in (layer % module.num_experts, (layer + 1) % module.num_experts)]  # two of them
+    return calls
+
+
+def looped_expert(experts: RoutedExperts, expert: int, x: torch.Tensor) -> torch.Tensor:
+    """One routed expert on x as RoutedExperts._looped runs it."""
+    gate, up, down = (getattr(experts, name)[expert] for name in RoutedExperts.WEIGHTS)
+    return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
 
 
 def export_gguf(weights: Path, gguf_type: str) -> Path:
@@ -223,7 +286,7 @@ def main():
     args = parser.parse_args()
     if args.one:
         name, path, out = args.one
-        figures = (measure_llama_cpp(name, Path(path)) if name in LLAMA_CPP
+        figures = (measure_llama_cpp(name, Path(path), Path(out)) if name in LLAMA_CPP
                    else measure_format(name, Path(path), Path(out)))
         print(json.dumps(figures))
         return
@@ -254,16 +317,17 @@ def main():
                 if child.returncode != 0:
                     raise SystemExit(f"measuring {name} failed:\n{child.stderr[-3000:]}")
                 runs[name].append(json.loads(child.stdout.strip().splitlines()[-1]))
-        saved = {name: torch.load(f"{tmp}/{name}.pt") for name in formats if name in FORMATS}
+        saved = {name: torch.load(f"{tmp}/{name}.pt") for name in formats}
     results = {}
     for name, figures in runs.items():
         merged = {key: round(statistics.median(run[key] for run in figures), 3) if isinstance(value, float) else value
                   for key, value in figures[0].items()}
-        results[name] = merged | ({} if name == "fp32" or name in LLAMA_CPP else quality(saved["fp32"], saved[name]))
+        results[name] = merged | ({} if name == "fp32" else quality(saved["fp32"], saved[name]))
     fp32_decode = results["fp32"]["decode_tok_s_batch1"]
     for name, figures in results.items():
         figures["decode_vs_fp32"] = round(figures["decode_tok_s_batch1"] / fp32_decode, 2)
-    for ours, theirs in (("bf16", "llama.cpp-f16"), ("int8", "llama.cpp-q8_0"), ("int8-compiled", "llama.cpp-q8_0")):
+    for ours, theirs in (("bf16-weights", "llama.cpp-f16"), ("bf16", "llama.cpp-f16"), ("int8", "llama.cpp-q8_0"),
+                         ("bf16-weights-compiled", "llama.cpp-f16"), ("int8-compiled", "llama.cpp-q8_0")):
         if ours in results and theirs in results:
             results[ours]["decode_vs_llama_cpp"] = round(results[ours]["decode_tok_s_batch1"]
                                                          / results[theirs]["decode_tok_s_batch1"], 2)
@@ -271,11 +335,12 @@ def main():
         "model": "Cortex 2.5 full config (cortex_2_5_config(long_context=True)), random weights, seed 0",
         "threads": torch.get_num_threads(), "rounds": args.rounds, "load_average": os.getloadavg(),
         "cpu_capability": capability, "mkldnn_bf16_supported": native_bf16,
-        "kernels": {"fp32": "F.linear fp32 (MKL/oneDNN sgemm)", "bf16": "F.linear bf16 (oneDNN, native only where "
-                    "mkldnn_bf16_supported)", "int8": INT8_KERNELS,
-                    "*-compiled": "decode steps: one torch.compile'd graph (inductor C++); int8 linears and head call "
-                                  "the same ATen int8 kernel, routed experts a fused kernel reading the picked int8 "
-                                  "rows",
+        "kernels": {"fp32": "F.linear fp32 (MKL/oneDNN sgemm)", "bf16": "F.linear bf16 (torch's bf16 GEMV for one "
+                    "row; oneDNN GEMM for more, native only where mkldnn_bf16_supported)",
+                    "bf16-weights": KERNELS["bf16"], "int8": KERNELS["int8"],
+                    "*-compiled": "decode steps: one torch.compile'd graph (inductor C++); the linears and head call "
+                                  "the same ATen kernels as eager, the routed experts run as one opaque op "
+                                  "(cortex::stored_routed_experts, the eager code)",
                     "llama.cpp": "GGUF export (shared expert folded into each routed one: 1.27x the work per token; "
                                  "dense layer 0 as 8 identical experts, 2 of them computed)"},
         "formats": results | missing,

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from model import CortexModel, ModelConfig, WeightsMismatchError, cortex_2_5_config, load_weights
-from serving.quantize import quantize_int8
+from serving.quantize import WEIGHT_FORMATS, store_weights
 from trainer.backend import pick_device as default_device
 from trainer.tokenizer import Tokenizer, get_tokenizer
 
@@ -27,7 +27,7 @@ MODELSCOPE_REPO = "qibin0506/Cortex-2.5.1"
 PUBLISHED_FILE = "dpo.bin"
 RUN_WEIGHTS, RUN_CONFIG, RUN_SUMMARY = "model.safetensors", "model_config.json", "stage.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-QUANTIZE = ("none", "int8")
+QUANTIZE = ("none", *WEIGHT_FORMATS)  # --quantize: the weights' storage format (serving/quantize.py)
 
 HOW_TO_GET_ONE = (
     "To serve a model, either\n"
@@ -129,26 +129,30 @@ def cpu_features() -> tuple[str, bool]:
 
 
 def default_format(device: torch.device, capability: str, native_bf16: bool) -> tuple[str, str]:
-    """(--dtype, --quantize) when neither is given: bf16 on GPUs that support it and on CPUs with native bf16 matmuls
-    (AVX512-BF16/AMX); fp32 elsewhere (on an AVX2-only CPU bf16 prefill of 512 tokens took 9.2x fp32's time).
-    int8 stays opt-in: it decoded only 1.2-2.2x fp32 on the AVX2 test machine (bench_cpu_chat), and its quality was only
-    measured on random weights (README, "The full model on a CPU")."""
+    """(--dtype, --quantize) when neither is given. GPUs that support bf16 and CPUs with native bf16 matmuls
+    (AVX512-BF16/AMX): bf16. Other x86 CPUs (AVX2, AVX512 without bf16): fp32 compute with the weights stored in bf16,
+    which decodes ~1.4x fp32 at half the memory with fp32's prefill time (bf16 compute would take 5-9x fp32's time for
+    a 512-token prompt there; README, "The full model on a CPU"). Other CPUs (unmeasured) and MPS: fp32.
+    int8 stays opt-in: its quality was only measured on random weights."""
     if device.type == "cuda":
         return ("bfloat16" if torch.cuda.is_bf16_supported() else "float32"), "none"
     if device.type == "cpu" and native_bf16 and capability.startswith("AVX512"):
         return "bfloat16", "none"
+    if device.type == "cpu" and capability.startswith(("AVX2", "AVX512")):
+        return "float32", "bf16"
     return "float32", "none"
 
 
 def pick_format(dtype: str | None, quantize: str | None, device: torch.device) -> tuple[torch.dtype, str]:
-    """The compute dtype and weight quantization for --dtype / --quantize; what is not given follows default_format."""
+    """The compute dtype and weight format for --dtype / --quantize; what is not given follows default_format, except
+    that a --dtype given alone keeps the weights in that dtype."""
     if dtype is not None and dtype not in DTYPES:
         raise CheckpointError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     if quantize is not None and quantize not in QUANTIZE:
-        raise CheckpointError(f"--quantize {quantize!r} is not one of {', '.join(QUANTIZE)} (int8: int8 weights with "
-                              f"per-channel scales for the linear layers, experts and head)")
+        raise CheckpointError(f"--quantize {quantize!r} is not one of {', '.join(QUANTIZE)} (the storage of the linear "
+                              f"layers, experts and head: bf16, or int8 with per-channel scales)")
     default_dtype, default_quantize = default_format(device, *cpu_features())
-    return DTYPES[dtype or default_dtype], quantize or default_quantize
+    return DTYPES[dtype or default_dtype], quantize or (default_quantize if dtype is None else "none")
 
 
 def load_for_serving(checkpoint: str | Path, tokenizer: str | None = None, device: str | None = None,
@@ -173,10 +177,10 @@ def load_for_serving(checkpoint: str | Path, tokenizer: str | None = None, devic
         raise CheckpointError(f"cannot load {weights}: {err}{config_note}") from err
     resolved_device = pick_device(device)
     compute_dtype, quantization = pick_format(dtype, quantize, resolved_device)
-    if quantization == "int8":  # from the fp32 weights, before the cast
-        quantize_int8(model)
+    if quantization != "none":  # from the fp32 weights, before the cast
+        store_weights(model, quantization)
     model = model.to(device=resolved_device, dtype=compute_dtype).eval()
     log.info("serving %s in %s with %s weights (CPU: %s, native bf16 %s)", weights, compute_dtype,
-             quantization if quantization != "none" else "unquantized", *cpu_features())
+             quantization if quantization != "none" else "unconverted", *cpu_features())
     name = weights.parent.name if weights.name == RUN_WEIGHTS else weights.stem
     return Served(model, tok, f"cortex-{name}")

@@ -1,12 +1,18 @@
-"""Int8 weight-only quantization for serving: the linear layers, the routed experts and the head read a quarter of
-their fp32 bytes per token, which is what bounds CPU decoding. Swapped in at load time (serving/checkpoint.py);
-training never sees it.
+"""Weight formats for serving: the linear layers, the routed experts and the head stored in fewer bytes than the
+model's dtype, since reading the weights for every token is what bounds CPU decoding. Swapped in at load time
+(serving/checkpoint.py); training never sees it.
 
-Each output channel gets one scale (its largest |weight| / 127). On CPU the products of a few rows (decoding) run in
-torch's own int8 kernel (torch._weight_int8pack_mm) with bf16 activations (with fp32 ones that kernel is 30x slower on
-an AVX2 CPU) and bf16 scales, kept in bf16 whatever the model's dtype so that no call casts them; for a prefill's many
-rows, and on other devices, the weights are dequantized per call. (torch's dynamic int8 linear, which also quantizes
-the activations, decoded ~15% faster here but cost held-out agreement and memory: README, "The full model on a CPU".)
+- bf16: the weights rounded to bf16 (what training's bf16 autocast multiplied by), half of fp32's bytes. On CPUs
+  without native bf16 matmuls (AVX2) a product of a few rows (decoding) in bf16 takes torch's vectorised bf16 GEMV
+  (fp32 accumulation), ~2x fp32's speed, while a prompt's many rows in bf16 would take oneDNN's emulated bf16 GEMM
+  (9x fp32's time): so a prefill multiplies in the model's dtype (fp32) with the weights cast per call.
+- int8: one scale per output channel (its largest |weight| / 127). On CPU a product of a few rows runs in torch's own
+  int8 kernel (torch._weight_int8pack_mm) with bf16 activations (with fp32 ones that kernel is 30x slower on an AVX2
+  CPU) and bf16 scales, kept in bf16 whatever the model's dtype so that no call casts them; a prefill's many rows
+  multiply by the weights dequantized per call. (torch's dynamic int8 linear, which also quantizes the activations,
+  decoded ~15% faster here but cost held-out agreement and memory: README, "The full model on a CPU".)
+
+On other devices the weights are always cast or dequantized per call.
 """
 
 import torch
@@ -16,12 +22,15 @@ from torch import nn
 from model.head import target_log_probs
 from model.moe import RoutedExperts, sorted_by_expert
 
-KERNEL_DTYPE = torch.bfloat16  # the activations' and scales' dtype in the CPU int8 kernel (its vectorised path)
-# Above this many rows (a prompt's prefill) the weights are dequantized for x's own matmul: the int8 kernel is made for
-# a few rows (a 512-token prefill of the full model took ~3x fp32's time in it on the AVX2 test CPU).
+KERNEL_DTYPE = torch.bfloat16  # the activations' dtype (and int8's scales') in the CPU kernels for a few rows
+# Above this many rows (a prompt's prefill) the weights are cast or dequantized for x's own matmul: the kernels are
+# made for a few rows (a 512-token prefill of the full model took ~3x fp32's time in the int8 one, 9x in bf16, AVX2).
 KERNEL_MAX_ROWS = 32
-KERNEL_INFO = ("torch._weight_int8pack_mm (bf16 activations and scales) for up to 32 rows, dequantized weights "
-               "for longer prompts")
+KERNELS = {"bf16": "F.linear in bf16 (torch's bf16 GEMV, fp32 accumulation) for up to 32 rows, weights cast to the "
+                   "model's dtype for longer prompts",
+           "int8": "torch._weight_int8pack_mm (bf16 activations and scales) for up to 32 rows, dequantized weights "
+                   "for longer prompts"}
+WEIGHT_FORMATS = tuple(KERNELS)
 
 
 def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -31,68 +40,87 @@ def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return (weight / scales.unsqueeze(-1)).round().clamp(-127, 127).to(torch.int8), scales
 
 
+def stored(weight: torch.Tensor, weight_format: str) -> dict[str, torch.Tensor]:
+    """weight (..., out, in) in a weight format, as buffers: bf16 {weight_bf16}; int8 {weight_int8, scales (fp32, for
+    dequantizing), kernel_scales (bf16, for the kernel)}."""
+    if weight_format == "bf16":
+        return {"weight_bf16": weight.detach().to(torch.bfloat16)}
+    weight_int8, scales = quantize_per_channel(weight)
+    return {"weight_int8": weight_int8, "scales": scales, "kernel_scales": scales.to(KERNEL_DTYPE)}
+
+
 def uses_kernel(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and x.numel() <= KERNEL_MAX_ROWS * x.shape[-1]
 
 
-def kernel_linear(x: torch.Tensor, weight_int8: torch.Tensor, kernel_scales: torch.Tensor) -> torch.Tensor:
-    """x (..., in) in KERNEL_DTYPE @ (weight_int8 (out, in) * kernel_scales (out,)).T -> (..., out) in KERNEL_DTYPE."""
-    out = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), weight_int8, kernel_scales)
+def kernel_linear(x: torch.Tensor, weight: list[torch.Tensor]) -> torch.Tensor:
+    """x (..., in) in KERNEL_DTYPE @ the stored weight's (out, in).T -> (..., out) in KERNEL_DTYPE."""
+    rows = x.reshape(-1, x.shape[-1])
+    out = (F.linear(rows, weight[0]) if len(weight) == 1  # bf16
+           else torch._weight_int8pack_mm(rows, weight[0], weight[2]))  # int8: weight, scales, kernel scales
     return out.view(*x.shape[:-1], -1)
 
 
-def dequantized_linear(x: torch.Tensor, weight_int8: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    return F.linear(x, dequantized(weight_int8, scales, x.dtype))
+def unpacked(weight: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """The stored weight as a plain (out, in) weight in dtype."""
+    if len(weight) == 1:
+        return weight[0].to(dtype)
+    return weight[0].to(dtype) * weight[1].to(dtype).unsqueeze(-1)
 
 
-def dequantized(weight_int8: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return weight_int8.to(dtype) * scales.to(dtype).unsqueeze(-1)
+class _StoredModule(nn.Module):
+    """Keeps its bf16 buffers (`*_bf16`, `*kernel_scales`) in bf16 through model.to(dtype): cast once, not per call."""
 
-
-class _Int8Module(nn.Module):
-    """Keeps its `*kernel_scales` buffers in KERNEL_DTYPE through model.to(dtype): cast once, not per call."""
+    def __init__(self, weight_format: str):
+        super().__init__()
+        if weight_format not in WEIGHT_FORMATS:
+            raise ValueError(f"weight format {weight_format!r} is not one of {', '.join(WEIGHT_FORMATS)}")
+        self.weight_format = weight_format
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
         for name, buffer in self._buffers.items():
-            if name.endswith("kernel_scales"):
-                self._buffers[name] = buffer.to(KERNEL_DTYPE)
+            if name.endswith(("_bf16", "kernel_scales")):
+                self._buffers[name] = buffer.to(torch.bfloat16)
         return self
 
+    def stored_weight(self, prefix: str = "") -> list[torch.Tensor]:
+        names = ["weight_bf16"] if self.weight_format == "bf16" else ["weight_int8", "scales", "kernel_scales"]
+        return [getattr(self, prefix + name) for name in names]
 
-class Int8Linear(_Int8Module):
-    """A bias-free nn.Linear (or the LMHead) with int8 weights."""
+    def extra_repr(self) -> str:
+        return f"weight_format={self.weight_format}"
 
-    def __init__(self, linear: nn.Linear):
-        super().__init__()
+
+class StoredLinear(_StoredModule):
+    """A bias-free nn.Linear (or the LMHead) with its weight in a weight format."""
+
+    def __init__(self, linear: nn.Linear, weight_format: str):
+        super().__init__(weight_format)
         if linear.bias is not None:
-            raise ValueError(f"Int8Linear has no bias; {linear} has one")
-        weight_int8, scales = quantize_per_channel(linear.weight)
-        self.register_buffer("weight_int8", weight_int8)
-        self.register_buffer("scales", scales)
-        self.register_buffer("kernel_scales", scales.to(KERNEL_DTYPE), persistent=False)
+            raise ValueError(f"StoredLinear has no bias; {linear} has one")
+        for name, buffer in stored(linear.weight, weight_format).items():
+            self.register_buffer(name, buffer, persistent=name != "kernel_scales")
 
     def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None, with_entropy: bool = False,
                 summed: bool = False) -> torch.Tensor:  # LMHead's signature
-        if targets is not None:  # the head's target log-probs (eval.py's held-out loss), from the int8 weights
-            return target_log_probs(x, dequantized(self.weight_int8, self.scales, x.dtype), targets, with_entropy,
-                                    summed)
+        if targets is not None:  # the head's target log-probs (eval.py's held-out loss), from the stored weights
+            return target_log_probs(x, unpacked(self.stored_weight(), x.dtype), targets, with_entropy, summed)
         if uses_kernel(x):
-            return kernel_linear(x.to(KERNEL_DTYPE), self.weight_int8, self.kernel_scales).to(x.dtype)
-        return dequantized_linear(x, self.weight_int8, self.scales)
+            return kernel_linear(x.to(KERNEL_DTYPE), self.stored_weight()).to(x.dtype)
+        return F.linear(x, unpacked(self.stored_weight(), x.dtype))
 
 
-class Int8RoutedExperts(_Int8Module):
-    """RoutedExperts (model/moe.py) with int8 stacked weights: each expert multiplies its slice of the sorted rows."""
+class StoredRoutedExperts(_StoredModule):
+    """RoutedExperts (model/moe.py) with stacked weights in a weight format: each expert multiplies its slice of the
+    sorted rows."""
 
-    def __init__(self, experts: RoutedExperts):
-        super().__init__()
+    def __init__(self, experts: RoutedExperts, weight_format: str):
+        super().__init__(weight_format)
         self.num_experts = experts.num_experts
         for name in RoutedExperts.WEIGHTS:
-            weight_int8, scales = quantize_per_channel(getattr(experts, name))
-            self.register_buffer(name, weight_int8)
-            self.register_buffer(name + "_scales", scales)
-            self.register_buffer(name + "_kernel_scales", scales.to(KERNEL_DTYPE), persistent=False)
+            for suffix, buffer in stored(getattr(experts, name), weight_format).items():
+                self.register_buffer(f"{name}_{suffix}", buffer, persistent=suffix != "kernel_scales")
 
     def forward(self, x: torch.Tensor, expert_idx: torch.Tensor) -> torch.Tensor:
         """x (N, H), expert_idx (N, K) -> each row through each of its K experts (N, K, H), as RoutedExperts."""
@@ -103,23 +131,23 @@ class Int8RoutedExperts(_Int8Module):
         return routed_experts_op(rows, expert_idx, self.weights())
 
     def weights(self) -> list[torch.Tensor]:
-        """gate, up, down: each as int8 weight, scales, kernel scales."""
-        return [getattr(self, name + suffix) for name in RoutedExperts.WEIGHTS
-                for suffix in ("", "_scales", "_kernel_scales")]
+        """gate, up, down: each as its stored_weight() tensors, one flat list (a custom op's argument)."""
+        return [tensor for name in RoutedExperts.WEIGHTS for tensor in self.stored_weight(name + "_")]
 
 
 def routed_experts(x: torch.Tensor, expert_idx: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
-    """x (N, H), expert_idx (N, K), Int8RoutedExperts.weights() -> (N, K, H): each row through each of its K experts."""
+    """x (N, H), expert_idx (N, K), StoredRoutedExperts.weights() -> (N, K, H): each row through each of its K
+    experts."""
     def experts(rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         chunks = rows.split(counts.tolist())
-        return torch.cat([_expert(weights, expert, chunk) for expert, chunk in enumerate(chunks) if len(chunk)])
+        return torch.cat([stored_expert(weights, expert, chunk) for expert, chunk in enumerate(chunks) if len(chunk)])
 
     return sorted_by_expert(x, expert_idx, weights[0].shape[0], experts)
 
 
 # In a compiled graph inductor's own kernel for int8 expert rows picked by index (dequantized in the loop) took ~10x
 # the eager time here (6 ms against 0.6 ms per layer of the full model, AVX2): so the eager code runs as one op.
-routed_experts_op = torch.library.custom_op("cortex::int8_routed_experts", routed_experts, mutates_args=())
+routed_experts_op = torch.library.custom_op("cortex::stored_routed_experts", routed_experts, mutates_args=())
 
 
 @routed_experts_op.register_fake
@@ -127,23 +155,26 @@ def _(x: torch.Tensor, expert_idx: torch.Tensor, weights: list[torch.Tensor]) ->
     return x.new_empty(x.shape[0], expert_idx.shape[1], x.shape[1])
 
 
-def _expert(weights: list[torch.Tensor], expert: int, x: torch.Tensor) -> torch.Tensor:
-    gate, up, down = ([weight[expert] for weight in weights[i:i + 3]] for i in (0, 3, 6))
+def stored_expert(weights: list[torch.Tensor], expert: int, x: torch.Tensor) -> torch.Tensor:
+    """x (n, H) through one expert of StoredRoutedExperts.weights() -> (n, H) in x's dtype."""
+    per_weight = len(weights) // 3
+    gate, up, down = ([tensor[expert] for tensor in weights[i:i + per_weight]]
+                      for i in range(0, len(weights), per_weight))
     if uses_kernel(x):  # the whole expert in KERNEL_DTYPE: one cast in, one out
         rows = x.to(KERNEL_DTYPE)
-        hidden = F.silu(kernel_linear(rows, gate[0], gate[2])) * kernel_linear(rows, up[0], up[2])
-        return kernel_linear(hidden, down[0], down[2]).to(x.dtype)
-    hidden = F.silu(dequantized_linear(x, *gate[:2])) * dequantized_linear(x, *up[:2])
-    return dequantized_linear(hidden, *down[:2])
+        hidden = F.silu(kernel_linear(rows, gate)) * kernel_linear(rows, up)
+        return kernel_linear(hidden, down).to(x.dtype)
+    gate, up, down = (unpacked(weight, x.dtype) for weight in (gate, up, down))
+    return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
 
 
-def quantize_int8(model: nn.Module) -> nn.Module:
-    """Swaps every nn.Linear (the LMHead included) and RoutedExperts of model for its int8 form, in place. The
-    embedding, norms and router stay as they are (a row read per token, or tiny)."""
+def store_weights(model: nn.Module, weight_format: str) -> nn.Module:
+    """Swaps every nn.Linear (the LMHead included) and RoutedExperts of model for its form in weight_format ('bf16',
+    'int8'), in place. The embedding, norms and router stay as they are (a row read per token, or tiny)."""
     for parent in list(model.modules()):
         for name, child in parent.named_children():
             if isinstance(child, nn.Linear):
-                setattr(parent, name, Int8Linear(child))
+                setattr(parent, name, StoredLinear(child, weight_format))
             elif isinstance(child, RoutedExperts):
-                setattr(parent, name, Int8RoutedExperts(child))
+                setattr(parent, name, StoredRoutedExperts(child, weight_format))
     return model

@@ -1,4 +1,4 @@
-"""serving/quantize.py and the serving formats: int8 weight-only layers, --dtype/--quantize, the per-machine default."""
+"""serving/quantize.py and the serving formats: bf16 and int8 stored weights, --dtype/--quantize, the per-machine default."""
 
 import copy
 
@@ -9,7 +9,7 @@ from torch import nn
 import app as app_module
 from model import generate
 from model.moe import RoutedExperts
-from serving.quantize import Int8Linear, Int8RoutedExperts, quantize_int8, quantize_per_channel
+from serving.quantize import StoredLinear, StoredRoutedExperts, quantize_per_channel, store_weights
 from serving.checkpoint import CheckpointError, default_format, load_for_serving, pick_format
 from serving.engine import Engine, Finished, GenerationRequest, SamplingParams
 
@@ -27,9 +27,9 @@ def test_per_channel_int8_round_trips_each_row_within_half_a_step():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_int8_model_logits_stay_close_to_fp32(model, dtype):
-    quantized = quantize_int8(copy.deepcopy(model)).to(dtype)
+    quantized = store_weights(copy.deepcopy(model), "int8").to(dtype)
     kinds = {type(m) for m in quantized.modules()}
-    assert {Int8Linear, Int8RoutedExperts} <= kinds and not kinds & {nn.Linear, RoutedExperts, type(model.lm_head)}
+    assert {StoredLinear, StoredRoutedExperts} <= kinds and not kinds & {nn.Linear, RoutedExperts, type(model.lm_head)}
     kernel_scales = [b for n, b in quantized.named_buffers() if n.endswith("kernel_scales")]
     assert kernel_scales and all(b.dtype == torch.bfloat16 for b in kernel_scales)  # the kernel's dtype, cast once
     assert not any(key.endswith("kernel_scales") for key in quantized.state_dict())
@@ -45,13 +45,46 @@ def test_int8_model_logits_stay_close_to_fp32(model, dtype):
     assert got.shape == expected.shape and (got - expected).abs().max() < 0.05 * expected.abs().max()
 
 
-def test_generate_runs_an_int8_model(model, tokenizer):
-    quantized = quantize_int8(copy.deepcopy(model))
+def bf16_rounded(model: nn.Module) -> nn.Module:
+    """A copy whose linear, expert and head weights are rounded to bf16 and kept in the model's dtype."""
+    rounded = copy.deepcopy(model)
+    with torch.no_grad():
+        for module in rounded.modules():
+            if isinstance(module, (nn.Linear, RoutedExperts, type(model.lm_head))):
+                for param in module.parameters(recurse=False):
+                    param.copy_(param.bfloat16())
+    return rounded
+
+
+def test_bf16_weights_stay_bf16_and_prompts_multiply_in_the_model_dtype(model):
+    stored = store_weights(copy.deepcopy(model), "bf16").to(torch.float32)
+    weights = [b for n, b in stored.named_buffers() if n.endswith("_bf16")]
+    assert len(weights) == len([m for m in stored.modules() if isinstance(m, StoredLinear)]) + 3 * len(
+        [m for m in stored.modules() if isinstance(m, StoredRoutedExperts)])
+    assert all(w.dtype == torch.bfloat16 for w in weights)  # through .to(float32): half the bytes, cast once
+    assert stored.lm_head.weight_bf16.equal(model.lm_head.weight.bfloat16())
+    reference = bf16_rounded(model)
+    ids = torch.randint(0, model.config.vocab_size, (4, 100), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # 400 rows (~200 per expert): the prompt path, fp32 products with the bf16 weights cast up
+        expected, got = reference(ids)["logits"], stored(ids)["logits"]
+        assert got.dtype == torch.float32 and torch.allclose(got, expected, rtol=1e-5, atol=1e-5)
+        expected, got = reference(ids, targets=ids)["target_log_probs"], stored(ids, targets=ids)["target_log_probs"]
+        assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5)
+        # a few rows (decoding): bf16 activations in the products, fp32 everywhere else
+        expected, got = reference(ids[:1, :8])["logits"], stored(ids[:1, :8])["logits"]
+    assert got.dtype == torch.float32 and not torch.equal(got, expected)  # the bf16 kernel ran
+    assert (got - expected).abs().max() < 0.02 * expected.abs().max()
+    assert (got.argmax(-1) == expected.argmax(-1)).float().mean() > 0.85
+
+
+@pytest.mark.parametrize("weight_format", ["int8", "bf16"])
+def test_generate_runs_a_model_with_stored_weights(model, tokenizer, weight_format):
+    converted = store_weights(copy.deepcopy(model), weight_format)
     prompt = [5, 9, 30, 41]
-    got = generate(quantized, prompt, max_new_tokens=10, stop_token_ids=[tokenizer.eos_id])
-    assert got == greedy_without_cache(quantized, prompt, 10, tokenizer.eos_id)
-    # the compiled step (the server's --compile): int8 experts picked by index in the graph, the same tokens
-    assert generate(quantized, prompt, max_new_tokens=10, stop_token_ids=[tokenizer.eos_id], compile=True) == got
+    got = generate(converted, prompt, max_new_tokens=10, stop_token_ids=[tokenizer.eos_id])
+    assert got == greedy_without_cache(converted, prompt, 10, tokenizer.eos_id)
+    # the compiled step (the server's --compile): experts picked by index in the graph, the same tokens
+    assert generate(converted, prompt, max_new_tokens=10, stop_token_ids=[tokenizer.eos_id], compile=True) == got
 
 
 def greedy_without_cache(model, prompt: list[int], max_new_tokens: int, eos_id: int) -> list[int]:
@@ -65,7 +98,7 @@ def greedy_without_cache(model, prompt: list[int], max_new_tokens: int, eos_id: 
 
 def test_greedy_decoding_of_an_int8_checkpoint_through_the_engine(tmp_path, model, tokenizer):
     served = load_for_serving(write_run_dir(tmp_path / "run", model), device="cpu", dtype="float32", quantize="int8")
-    assert isinstance(served.model.lm_head, Int8Linear)
+    assert isinstance(served.model.lm_head, StoredLinear) and served.model.lm_head.weight_format == "int8"
     engine = Engine(served.model, served.tokenizer, slots=2, seed=0).start()
     try:
         prompts = [[5, 9, 30, 41], [100, 7], list(range(50, 70))]
@@ -84,17 +117,18 @@ def test_bad_format_flags_get_a_clear_error(capsys):
     with pytest.raises(SystemExit):
         app_module.main(["--quantize", "int4"])
     assert "--quantize: invalid choice: 'int4' (choose from" in capsys.readouterr().err
-    with pytest.raises(CheckpointError, match="--quantize 'int4' is not one of none, int8"):
+    with pytest.raises(CheckpointError, match="--quantize 'int4' is not one of none, bf16, int8"):
         pick_format(None, "int4", torch.device("cpu"))
     with pytest.raises(CheckpointError, match="--dtype 'fp8' is not one of"):
         pick_format("fp8", None, torch.device("cpu"))
     assert pick_format("bfloat16", "none", torch.device("cpu")) == (torch.bfloat16, "none")
+    assert pick_format("float32", None, torch.device("cpu")) == (torch.float32, "none")  # a --dtype alone: as it says
 
 
 def test_default_format_follows_the_cpu():
     cpu = torch.device("cpu")
-    assert default_format(cpu, "AVX2", False) == ("float32", "none")  # no native bf16: bf16 prefill is slow
-    assert default_format(cpu, "AVX512", False) == ("float32", "none")
+    assert default_format(cpu, "AVX2", False) == ("float32", "bf16")  # no native bf16: fp32 prefill, bf16 weights
+    assert default_format(cpu, "AVX512", False) == ("float32", "bf16")
     assert default_format(cpu, "AVX512", True) == ("bfloat16", "none")  # AVX512-BF16 or AMX
     assert default_format(cpu, "DEFAULT", False) == ("float32", "none")
     assert default_format(torch.device("mps"), "DEFAULT", True) == ("float32", "none")
