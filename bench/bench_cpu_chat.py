@@ -156,14 +156,14 @@ def measure_llama_cpp(name: str, gguf: Path, out: Path) -> dict:
     prompt = held_out_ids(get_tokenizer("cortex"), PROMPT_TOKENS)
     sent = time.perf_counter()
     llm.eval(prompt)
-    int(llm.scores[llm.n_tokens - 1].argmax())
+    last_logits(llm).argmax()
     ttft_s = time.perf_counter() - sent
     llm.reset()
     llm.eval(prompt[:16])
-    greedy, times = [int(llm.scores[llm.n_tokens - 1].argmax())], [time.perf_counter()]
+    greedy, times = [int(last_logits(llm).argmax())], [time.perf_counter()]
     while len(greedy) < GREEDY_TOKENS:
         llm.eval(greedy[-1:])
-        greedy.append(int(llm.scores[llm.n_tokens - 1].argmax()))
+        greedy.append(int(last_logits(llm).argmax()))
         times.append(time.perf_counter())
     figures = {"format": name, "gguf_type": LLAMA_CPP[name], "llama_cpp_python": llama_cpp.__version__,
                "threads": threads, "startup_s": round(startup_s, 2), "ttft_512_s": round(ttft_s, 3),
@@ -176,6 +176,14 @@ def measure_llama_cpp(name: str, gguf: Path, out: Path) -> dict:
     llm.eval(ids)
     torch.save({"greedy": greedy, "logits": torch.from_numpy(llm.scores[:len(ids)].copy()).float()}, out)
     return figures
+
+
+def last_logits(llm):
+    """The logits of the last token llm.eval'd: llama-cpp-python fills llm.scores only with logits_all (0.3.x)."""
+    import llama_cpp
+    import numpy as np
+
+    return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
 
 
 def measure_decode_steps(rounds: int, steps: int = 20, prompt_tokens: int = 16) -> dict:
