@@ -14,8 +14,9 @@ agreement = share of the 256 greedy positions where the tokens equal fp32's (and
 argmax agreement and the max |logit - fp32 logit|. With llama-cpp-python importable, the weights are exported by
 export.py to GGUF f16 and q8_0 and llama.cpp is timed the same way (its own process, OMP_NUM_THREADS threads for
 prompt and decode, the prompt in one 512-token batch, then one token per eval call; no batched API, so no 8-slot
-figure; its held-out logits come from a second load that keeps every position's). Formats run in the order given, then in reverse with --rounds 2 (medians). fp32-compiled and int8-compiled
-(not run by default) serve with the Engine's compile=True (app.py --compile): start-up includes compile_s, the warm-up
+figure; its held-out logits come from a second load that keeps every position's). Formats run in the order given,
+then in reverse with --rounds 2 (medians). The *-compiled formats (not run by default) serve with the Engine's
+compile=True (app.py --compile): start-up includes compile_s, the warm-up
 compile of every decode graph (with inductor's cache on disk warm from an earlier run, it is shorter).
 
     OMP_NUM_THREADS=1 python bench/bench_cpu_chat.py --decode-steps --rounds 3
@@ -250,7 +251,8 @@ def decode_products(model: CortexModel) -> list:
     calls, hidden, dtype = [], model.config.hidden_size, model.embed_tokens.weight.dtype
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear):  # the head (LMHead) too
-            calls.append(functools.partial(nn.Linear.forward, module, torch.randn(1, 1, module.in_features, dtype=dtype)))
+            x = torch.randn(1, 1, module.in_features, dtype=dtype)
+            calls.append(functools.partial(nn.Linear.forward, module, x))
         elif isinstance(module, StoredLinear):
             x = torch.randn(1, 1, module.stored_weight()[0].shape[-1], dtype=KERNEL_DTYPE)
             calls.append(functools.partial(kernel_linear, x, module.stored_weight()))
