@@ -5,7 +5,7 @@ model's dtype, since reading the weights for every token is what bounds CPU deco
 - bf16: the weights rounded to bf16 (what training's bf16 autocast multiplied by), half of fp32's bytes. On CPUs
   without native bf16 matmuls (AVX2) a product of a few rows (decoding) in bf16 takes torch's vectorised bf16 GEMV
   (fp32 accumulation), ~2x fp32's speed, while a prompt's many rows in bf16 would take oneDNN's emulated bf16 GEMM
-  (9x fp32's time): so a prefill multiplies in the model's dtype (fp32) with the weights cast per call.
+  (5-9x fp32's time): so a prefill multiplies in the model's dtype (fp32) with the weights cast per call.
 - int8: one scale per output channel (its largest |weight| / 127). On CPU a product of a few rows runs in torch's own
   int8 kernel (torch._weight_int8pack_mm) with bf16 activations (with fp32 ones that kernel is 30x slower on an AVX2
   CPU) and bf16 scales, kept in bf16 whatever the model's dtype so that no call casts them; a prefill's many rows
@@ -24,7 +24,7 @@ from model.moe import RoutedExperts, sorted_by_expert
 
 KERNEL_DTYPE = torch.bfloat16  # the activations' dtype (and int8's scales') in the CPU kernels for a few rows
 # Above this many rows (a prompt's prefill) the weights are cast or dequantized for x's own matmul: the kernels are
-# made for a few rows (a 512-token prefill of the full model took ~3x fp32's time in the int8 one, 9x in bf16, AVX2).
+# made for a few rows (a 512-token prefill of the full model took ~3x fp32's time in the int8 one, 5-9x in bf16, AVX2).
 KERNEL_MAX_ROWS = 32
 KERNELS = {"bf16": "F.linear in bf16 (torch's bf16 GEMV, fp32 accumulation) for up to 32 rows, weights cast to the "
                    "model's dtype for longer prompts",
