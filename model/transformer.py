@@ -56,7 +56,7 @@ class CortexModel(nn.Module):
                 position_ids: torch.Tensor | None = None, doc_boundary_mask: torch.Tensor | None = None,
                 past_key_values: KVCache | None = None, use_cache: bool = False, logits_to_keep: int = 0,
                 targets: torch.Tensor | None = None, sum_target_log_probs: bool = False,
-                return_entropy: bool = False) -> dict:
+                return_entropy: bool = False, temperature: float = 1.0) -> dict:
         """input_ids (B, T) new tokens; attention_mask (B, P+T) True = real token, covering the cached positions too.
         position_ids (B or 1, T), default arange(P, P+T); doc_boundary_mask (B, 1, T, P+T) for packed documents, bool
             (True = may attend) or the reference's additive float form; causality is always added on top.
@@ -65,6 +65,7 @@ class CortexModel(nn.Module):
         targets (B, T or k): score these token ids (-100 = not scored) instead of returning logits, a chunk of positions
             at a time (model/head.py); for next-token prediction pass the inputs shifted left.
         sum_target_log_probs: return their sum (0-d, the cross-entropy case); return_entropy: each position's entropy.
+        temperature: logits / temperature, so scores and entropies are those of softmax(logits / temperature).
         Returns {'logits': (B, T or k, V) or None with targets, 'aux_loss': the MoE layers' summed aux loss (0-d fp32)
         when training, else None, 'past_key_values'}, with targets also 'target_log_probs' ((B, T or k) fp32, 0 where
         not scored, or their sum) and 'entropy' ((B, T or k) fp32, or None).
@@ -94,6 +95,8 @@ class CortexModel(nn.Module):
         if logits_to_keep > 0:
             x = x[:, -logits_to_keep:]
         x = self.head_norm(x)
+        if temperature != 1.0:  # logits / T = (x / T) @ W.T (the head has no bias): the chunked scoring still applies
+            x = x / temperature
         out = {"aux_loss": aux_loss, "past_key_values": past_key_values}
         if targets is None:
             return out | {"logits": self.lm_head(x)}

@@ -130,19 +130,13 @@ def completion_forward(forward, batch: dict, temperature: float = 1.0,
     and verl): scored at another temperature, the loss would push a different policy than the one that was sampled.
     The output's 'entropy' (N, L), when asked for, is that of each completion position's distribution."""
     completion_ids = batch["completion_ids"]
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}
-    keep = completion_ids.shape[1] + 1  # the last position predicts past the completion
-    if temperature == 1.0:  # the model's chunked head scores the targets without the (N, L, V) logits
-        targets = F.pad(completion_ids, (0, 1), value=IGNORE_INDEX)
-        out = forward(**inputs, logits_to_keep=keep, targets=targets, return_entropy=with_entropy)
-        if with_entropy:
-            out["entropy"] = out["entropy"][:, :-1]
-        return out, out["target_log_probs"][:, :-1]
-    out = forward(**inputs, logits_to_keep=keep)
-    log_probs = (out["logits"][:, :-1].float() / temperature).log_softmax(dim=-1)
+    targets = F.pad(completion_ids, (0, 1), value=IGNORE_INDEX)  # the last position predicts past the completion
+    out = forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                  position_ids=batch["position_ids"], logits_to_keep=completion_ids.shape[1] + 1, targets=targets,
+                  return_entropy=with_entropy, temperature=temperature)
     if with_entropy:
-        out["entropy"] = -(log_probs.exp() * log_probs).sum(dim=-1).detach()
-    return out, log_probs.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
+        out["entropy"] = out["entropy"][:, :-1]
+    return out, out["target_log_probs"][:, :-1]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
