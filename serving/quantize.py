@@ -26,11 +26,13 @@ KERNEL_DTYPE = torch.bfloat16  # the activations' dtype (and int8's scales') in 
 # Above this many rows (a prompt's prefill) the weights are cast or dequantized for x's own matmul: the kernels are
 # made for a few rows (a 512-token prefill of the full model took ~3x fp32's time in the int8 one, 5-9x in bf16, AVX2).
 KERNEL_MAX_ROWS = 32
+# each format's buffers per weight, in the order kernel_linear and unpacked take them
+STORED_NAMES = {"bf16": ("weight_bf16",), "int8": ("weight_int8", "scales", "kernel_scales")}
+WEIGHT_FORMATS = tuple(STORED_NAMES)
 KERNELS = {"bf16": "F.linear in bf16 (torch's bf16 GEMV, fp32 accumulation) for up to 32 rows, weights cast to the "
                    "model's dtype for longer prompts",
            "int8": "torch._weight_int8pack_mm (bf16 activations and scales) for up to 32 rows, dequantized weights "
-                   "for longer prompts"}
-WEIGHT_FORMATS = tuple(KERNELS)
+                   "for longer prompts"}  # what each format runs on CPU (bench_cpu_chat prints it)
 
 
 def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -41,12 +43,14 @@ def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 
 
 def stored(weight: torch.Tensor, weight_format: str) -> dict[str, torch.Tensor]:
-    """weight (..., out, in) in a weight format, as buffers: bf16 {weight_bf16}; int8 {weight_int8, scales (fp32, for
-    dequantizing), kernel_scales (bf16, for the kernel)}."""
+    """weight (..., out, in) in a weight format, as its STORED_NAMES buffers: bf16 the weight in bf16; int8 the int8
+    weight, fp32 scales (for dequantizing) and bf16 ones (for the kernel)."""
     if weight_format == "bf16":
-        return {"weight_bf16": weight.detach().to(torch.bfloat16)}
-    weight_int8, scales = quantize_per_channel(weight)
-    return {"weight_int8": weight_int8, "scales": scales, "kernel_scales": scales.to(KERNEL_DTYPE)}
+        tensors = [weight.detach().to(torch.bfloat16)]
+    else:
+        weight_int8, scales = quantize_per_channel(weight)
+        tensors = [weight_int8, scales, scales.to(KERNEL_DTYPE)]
+    return dict(zip(STORED_NAMES[weight_format], tensors))
 
 
 def uses_kernel(x: torch.Tensor) -> bool:
@@ -85,8 +89,7 @@ class _StoredModule(nn.Module):
         return self
 
     def stored_weight(self, prefix: str = "") -> list[torch.Tensor]:
-        names = ["weight_bf16"] if self.weight_format == "bf16" else ["weight_int8", "scales", "kernel_scales"]
-        return [getattr(self, prefix + name) for name in names]
+        return [getattr(self, prefix + name) for name in STORED_NAMES[self.weight_format]]
 
     def extra_repr(self) -> str:
         return f"weight_format={self.weight_format}"
