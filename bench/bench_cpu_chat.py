@@ -50,8 +50,8 @@ from model.compiled_decode import CompiledDecoder  # noqa: E402
 from model.moe import RoutedExperts  # noqa: E402
 from serving.checkpoint import cpu_features, load_for_serving  # noqa: E402
 from serving.engine import Engine, Finished, GenerationRequest, SamplingParams  # noqa: E402
-from serving.quantize import (KERNEL_DTYPE, KERNELS, StoredLinear, StoredRoutedExperts, kernel_linear,  # noqa: E402
-                              store_weights, stored_expert)
+from serving.quantize import (KERNEL_DTYPE, KERNELS, StoredLinear, StoredMLP, StoredRoutedExperts,  # noqa: E402
+                              kernel_linear, store_weights, stored_expert)
 
 FORMATS = {"fp32": ("float32", "none"), "bf16-weights": ("float32", "bf16"), "bf16": ("bfloat16", "none"),
            "int8": ("float32", "int8"), "fp32-compiled": ("float32", "none"),  # name: dtype, quantize
@@ -245,8 +245,8 @@ def measure_decode_steps(rounds: int, steps: int = 20, prompt_tokens: int = 16) 
 
 def decode_products(model: CortexModel) -> list:
     """One batch-1 decode step's matrix products, in order, as closures over the model's own weights and a random row
-    each: every linear layer and the head, and in each MoE layer two routed experts (the shared one is an MLP of
-    linears). Their time alone is the floor the format's kernels set for a step: the rest is norms, attention,
+    each: every linear layer (the stored formats' MLPs: gate and up in one) and the head, and in each MoE layer two
+    routed experts. Their time alone is the floor the format's kernels set for a step: the rest is norms, attention,
     routing and the Python that drives them."""
     calls, hidden, dtype = [], model.config.hidden_size, model.embed_tokens.weight.dtype
     for name, module in model.named_modules():
@@ -256,6 +256,8 @@ def decode_products(model: CortexModel) -> list:
         elif isinstance(module, StoredLinear):
             x = torch.randn(1, 1, module.stored_weight()[0].shape[-1], dtype=KERNEL_DTYPE)
             calls.append(functools.partial(kernel_linear, x, module.stored_weight()))
+        elif isinstance(module, StoredMLP):  # gate and up in one product
+            calls.append(functools.partial(module, torch.randn(1, hidden, dtype=dtype)))
         elif isinstance(module, (RoutedExperts, StoredRoutedExperts)):
             layer = int(name.split(".")[1])  # layers.{i}.mlp.experts
             expert = stored_expert if isinstance(module, StoredRoutedExperts) else looped_expert

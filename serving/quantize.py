@@ -12,6 +12,9 @@ model's dtype, since reading the weights for every token is what bounds CPU deco
   multiply by the weights dequantized per call. (torch's dynamic int8 linear, which also quantizes the activations,
   decoded ~15% faster here but cost held-out agreement and memory: README, "The full model on a CPU".)
 
+Each MLP (the dense layer's, the shared experts) and routed expert keeps its gate and up weights as one (2I, H) weight:
+one product for both, half the calls of a decode step's experts.
+
 On other devices the weights are always cast or dequantized per call.
 """
 
@@ -20,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.head import target_log_probs
+from model.mlp import MLP
 from model.moe import RoutedExperts, sorted_by_expert
 
 KERNEL_DTYPE = torch.bfloat16  # the activations' dtype (and int8's scales') in the CPU kernels for a few rows
@@ -88,6 +92,11 @@ class _StoredModule(nn.Module):
                 self._buffers[name] = buffer.to(torch.bfloat16)
         return self
 
+    def store(self, prefix: str, weight: torch.Tensor):
+        """Registers weight (..., out, in) in this module's format as buffers named prefix + its STORED_NAMES."""
+        for name, buffer in stored(weight, self.weight_format).items():
+            self.register_buffer(prefix + name, buffer, persistent=name != "kernel_scales")
+
     def stored_weight(self, prefix: str = "") -> list[torch.Tensor]:
         return [getattr(self, prefix + name) for name in STORED_NAMES[self.weight_format]]
 
@@ -102,8 +111,7 @@ class StoredLinear(_StoredModule):
         super().__init__(weight_format)
         if linear.bias is not None:
             raise ValueError(f"StoredLinear has no bias; {linear} has one")
-        for name, buffer in stored(linear.weight, weight_format).items():
-            self.register_buffer(name, buffer, persistent=name != "kernel_scales")
+        self.store("", linear.weight)
 
     def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None, with_entropy: bool = False,
                 summed: bool = False) -> torch.Tensor:  # LMHead's signature
@@ -114,6 +122,28 @@ class StoredLinear(_StoredModule):
         return F.linear(x, unpacked(self.stored_weight(), x.dtype))
 
 
+def stored_mlp(x: torch.Tensor, gate_up: list[torch.Tensor], down: list[torch.Tensor]) -> torch.Tensor:
+    """x (n, H) -> down(silu(gate(x)) * up(x)) (n, H) in x's dtype, gate and up stored as one (2I, H) weight."""
+    if uses_kernel(x):  # the whole MLP in KERNEL_DTYPE: one cast in, one out
+        gate, up = kernel_linear(x.to(KERNEL_DTYPE), gate_up).chunk(2, dim=-1)
+        return kernel_linear(F.silu(gate) * up, down).to(x.dtype)
+    gate, up = F.linear(x, unpacked(gate_up, x.dtype)).chunk(2, dim=-1)
+    return F.linear(F.silu(gate) * up, unpacked(down, x.dtype))
+
+
+class StoredMLP(_StoredModule):
+    """MLP (model/mlp.py: the dense layer's and the shared experts) with its weights in a weight format."""
+
+    def __init__(self, mlp: MLP, weight_format: str):
+        super().__init__(weight_format)
+        self.store("gate_up_proj_", torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]))
+        self.store("down_proj_", mlp.down_proj.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1])
+        return stored_mlp(rows, self.stored_weight("gate_up_proj_"), self.stored_weight("down_proj_")).view_as(x)
+
+
 class StoredRoutedExperts(_StoredModule):
     """RoutedExperts (model/moe.py) with stacked weights in a weight format: each expert multiplies its slice of the
     sorted rows."""
@@ -121,9 +151,8 @@ class StoredRoutedExperts(_StoredModule):
     def __init__(self, experts: RoutedExperts, weight_format: str):
         super().__init__(weight_format)
         self.num_experts = experts.num_experts
-        for name in RoutedExperts.WEIGHTS:
-            for suffix, buffer in stored(getattr(experts, name), weight_format).items():
-                self.register_buffer(f"{name}_{suffix}", buffer, persistent=suffix != "kernel_scales")
+        self.store("gate_up_proj_", torch.cat([experts.gate_proj, experts.up_proj], dim=1))  # (E, 2I, H)
+        self.store("down_proj_", experts.down_proj)
 
     def forward(self, x: torch.Tensor, expert_idx: torch.Tensor) -> torch.Tensor:
         """x (N, H), expert_idx (N, K) -> each row through each of its K experts (N, K, H), as RoutedExperts."""
@@ -134,13 +163,16 @@ class StoredRoutedExperts(_StoredModule):
         return routed_experts_op(rows, expert_idx, self.weights())
 
     def weights(self) -> list[torch.Tensor]:
-        """gate, up, down: each as its stored_weight() tensors, one flat list (a custom op's argument)."""
-        return [tensor for name in RoutedExperts.WEIGHTS for tensor in self.stored_weight(name + "_")]
+        """gate_up then down, each as its stored_weight() tensors, one flat list (a custom op's argument)."""
+        return self.stored_weight("gate_up_proj_") + self.stored_weight("down_proj_")
 
 
 def routed_experts(x: torch.Tensor, expert_idx: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
     """x (N, H), expert_idx (N, K), StoredRoutedExperts.weights() -> (N, K, H): each row through each of its K
     experts."""
+    if x.shape[0] == 1:  # decoding one sequence: its K experts differ, so no sort (~0.1 ms a layer of small ops)
+        return torch.stack([stored_expert(weights, expert, x) for expert in expert_idx[0].tolist()], dim=1)
+
     def experts(rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         chunks = rows.split(counts.tolist())
         return torch.cat([stored_expert(weights, expert, chunk) for expert, chunk in enumerate(chunks) if len(chunk)])
@@ -159,25 +191,21 @@ def _(x: torch.Tensor, expert_idx: torch.Tensor, weights: list[torch.Tensor]) ->
 
 
 def stored_expert(weights: list[torch.Tensor], expert: int, x: torch.Tensor) -> torch.Tensor:
-    """x (n, H) through one expert of StoredRoutedExperts.weights() -> (n, H) in x's dtype."""
-    per_weight = len(weights) // 3
-    gate, up, down = ([tensor[expert] for tensor in weights[i:i + per_weight]]
-                      for i in range(0, len(weights), per_weight))
-    if uses_kernel(x):  # the whole expert in KERNEL_DTYPE: one cast in, one out
-        rows = x.to(KERNEL_DTYPE)
-        hidden = F.silu(kernel_linear(rows, gate)) * kernel_linear(rows, up)
-        return kernel_linear(hidden, down).to(x.dtype)
-    gate, up, down = (unpacked(weight, x.dtype) for weight in (gate, up, down))
-    return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
+    """x (n, H) through one expert of StoredRoutedExperts.weights() (gate_up's tensors, then down's) -> (n, H)."""
+    half = len(weights) // 2
+    return stored_mlp(x, [tensor[expert] for tensor in weights[:half]], [tensor[expert] for tensor in weights[half:]])
 
 
 def store_weights(model: nn.Module, weight_format: str) -> nn.Module:
-    """Swaps every nn.Linear (the LMHead included) and RoutedExperts of model for its form in weight_format ('bf16',
-    'int8'), in place. The embedding, norms and router stay as they are (a row read per token, or tiny)."""
-    for parent in list(model.modules()):
-        for name, child in parent.named_children():
-            if isinstance(child, nn.Linear):
-                setattr(parent, name, StoredLinear(child, weight_format))
-            elif isinstance(child, RoutedExperts):
-                setattr(parent, name, StoredRoutedExperts(child, weight_format))
+    """Swaps every nn.Linear (the LMHead included), MLP and RoutedExperts of model for its form in weight_format
+    ('bf16', 'int8'), in place. The embedding, norms and router stay as they are (a row read per token, or tiny)."""
+    for name, child in model.named_children():
+        if isinstance(child, MLP):
+            setattr(model, name, StoredMLP(child, weight_format))
+        elif isinstance(child, nn.Linear):
+            setattr(model, name, StoredLinear(child, weight_format))
+        elif isinstance(child, RoutedExperts):
+            setattr(model, name, StoredRoutedExperts(child, weight_format))
+        else:
+            store_weights(child, weight_format)
     return model

@@ -8,8 +8,9 @@ from torch import nn
 
 import app as app_module
 from model import generate
+from model.mlp import MLP
 from model.moe import RoutedExperts
-from serving.quantize import StoredLinear, StoredRoutedExperts, quantize_per_channel, store_weights
+from serving.quantize import StoredLinear, StoredMLP, StoredRoutedExperts, quantize_per_channel, store_weights
 from serving.checkpoint import CheckpointError, default_format, load_for_serving, pick_format
 from serving.engine import Engine, Finished, GenerationRequest, SamplingParams
 
@@ -29,7 +30,8 @@ def test_per_channel_int8_round_trips_each_row_within_half_a_step():
 def test_int8_model_logits_stay_close_to_fp32(model, dtype):
     quantized = store_weights(copy.deepcopy(model), "int8").to(dtype)
     kinds = {type(m) for m in quantized.modules()}
-    assert {StoredLinear, StoredRoutedExperts} <= kinds and not kinds & {nn.Linear, RoutedExperts, type(model.lm_head)}
+    assert {StoredLinear, StoredMLP, StoredRoutedExperts} <= kinds
+    assert not kinds & {nn.Linear, MLP, RoutedExperts, type(model.lm_head)}
     kernel_scales = [b for n, b in quantized.named_buffers() if n.endswith("kernel_scales")]
     assert kernel_scales and all(b.dtype == torch.bfloat16 for b in kernel_scales)  # the kernel's dtype, cast once
     assert not any(key.endswith("kernel_scales") for key in quantized.state_dict())
@@ -59,8 +61,8 @@ def bf16_rounded(model: nn.Module) -> nn.Module:
 def test_bf16_weights_stay_bf16_and_prompts_multiply_in_the_model_dtype(model):
     stored = store_weights(copy.deepcopy(model), "bf16").to(torch.float32)
     weights = [b for n, b in stored.named_buffers() if n.endswith("_bf16")]
-    assert len(weights) == len([m for m in stored.modules() if isinstance(m, StoredLinear)]) + 3 * len(
-        [m for m in stored.modules() if isinstance(m, StoredRoutedExperts)])
+    assert len(weights) == len([m for m in stored.modules() if isinstance(m, StoredLinear)]) + 2 * len(
+        [m for m in stored.modules() if isinstance(m, (StoredMLP, StoredRoutedExperts))])  # gate_up, down
     assert all(w.dtype == torch.bfloat16 for w in weights)  # through .to(float32): half the bytes, cast once
     assert stored.lm_head.weight_bf16.equal(model.lm_head.weight.bfloat16())
     reference = bf16_rounded(model)
@@ -75,6 +77,20 @@ def test_bf16_weights_stay_bf16_and_prompts_multiply_in_the_model_dtype(model):
     assert got.dtype == torch.float32 and not torch.equal(got, expected)  # the bf16 kernel ran
     assert (got - expected).abs().max() < 0.02 * expected.abs().max()
     assert (got.argmax(-1) == expected.argmax(-1)).float().mean() > 0.85
+
+
+@pytest.mark.parametrize("weight_format", ["int8", "bf16"])
+def test_a_single_row_takes_its_experts_directly_and_gets_the_sorted_batch_result(weight_format):
+    torch.manual_seed(0)
+    experts = RoutedExperts(num_experts=4, hidden_size=16, intermediate_size=8)
+    stored = StoredRoutedExperts(experts, weight_format)
+    rows, expert_idx = torch.randn(3, 16), torch.tensor([[2, 0], [0, 1], [3, 2]])
+    with torch.no_grad():
+        batch, expected = stored(rows, expert_idx), experts(rows, expert_idx)
+        for row in range(3):  # one row: its K experts in turn, no sort; the same numbers as inside the sorted batch
+            torch.testing.assert_close(stored(rows[row:row + 1], expert_idx[row:row + 1]), batch[row:row + 1])
+    assert batch.shape == expected.shape == (3, 2, 16)
+    assert (batch - expected).abs().max() < 0.03 * expected.abs().max()  # gate and up in one stored weight
 
 
 @pytest.mark.parametrize("weight_format", ["int8", "bf16"])
