@@ -170,7 +170,8 @@ class StoredRoutedExperts(_StoredModule):
 def routed_experts(x: torch.Tensor, expert_idx: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
     """x (N, H), expert_idx (N, K), StoredRoutedExperts.weights() -> (N, K, H): each row through each of its K
     experts."""
-    if x.shape[0] == 1:  # decoding one sequence: its K experts differ, so no sort (~0.1 ms a layer of small ops)
+    if x.shape[0] == 1:  # decoding one sequence: its K experts differ, so no sort (~0.1 ms of small ops a layer;
+        # a compiled int8 step of the full model took 31.4 against 37.5 ms, README)
         return torch.stack([stored_expert(weights, expert, x) for expert in expert_idx[0].tolist()], dim=1)
 
     def experts(rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
