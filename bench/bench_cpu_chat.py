@@ -19,7 +19,7 @@ then in reverse with --rounds 2 (medians). The *-compiled formats (not run by de
 compile=True (app.py --compile): start-up includes compile_s, the warm-up
 compile of every decode graph (with inductor's cache on disk warm from an earlier run, it is shorter).
 
-    OMP_NUM_THREADS=1 python bench/bench_cpu_chat.py --decode-steps --rounds 3
+    OMP_NUM_THREADS=2 python bench/bench_cpu_chat.py --decode-steps --rounds 3
 
 only times bare batch-1 decode steps in one process (fp32, bf16 weights and int8 eager, int8 compiled, alternating),
 and each eager format's matrix products of one step alone (every linear layer, the shared and two routed experts of
@@ -261,8 +261,8 @@ def decode_products(model: CortexModel) -> list:
         elif isinstance(module, (RoutedExperts, StoredRoutedExperts)):
             layer = int(name.split(".")[1])  # layers.{i}.mlp.experts
             expert = stored_expert if isinstance(module, StoredRoutedExperts) else looped_expert
-            weights = module.weights() if isinstance(module, StoredRoutedExperts) else module
-            calls += [functools.partial(expert, weights, picked, torch.randn(1, hidden, dtype=dtype))
+            weights = module.weights() if isinstance(module, StoredRoutedExperts) else (module,)
+            calls += [functools.partial(expert, *weights, picked, torch.randn(1, hidden, dtype=dtype))
                       for picked in (layer % module.num_experts, (layer + 1) % module.num_experts)]  # two of them
     return calls
 
@@ -293,7 +293,8 @@ def main():
                              "reference); llama.cpp rows need llama-cpp-python; *-compiled: the server's --compile")
     parser.add_argument("--rounds", type=int, default=1, help="passes over the formats, alternating their order")
     parser.add_argument("--decode-steps", action="store_true",
-                        help="only bare batch-1 decode steps in one process: fp32 eager, int8 eager, int8 compiled")
+                        help="only bare batch-1 decode steps in one process: fp32, bf16 weights and int8 eager, int8 "
+                             "compiled, and the eager formats' products alone")
     parser.add_argument("--one", nargs=3, metavar=("FORMAT", "WEIGHTS", "OUT"), help=argparse.SUPPRESS)  # a child
     args = parser.parse_args()
     if args.one:

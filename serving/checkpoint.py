@@ -133,7 +133,7 @@ def cpu_features() -> tuple[str, bool]:
 def default_format(device: torch.device, capability: str, native_bf16: bool) -> tuple[str, str]:
     """(--dtype, --quantize) when neither is given. GPUs that support bf16 and CPUs with native bf16 matmuls
     (AVX512-BF16/AMX): bf16. Other x86 CPUs (AVX2, AVX512 without bf16): fp32 compute with the weights stored in bf16,
-    which decoded 1.3-1.4x fp32 with half the weight bytes and a 512-token prefill 8-28% slower than fp32's (bf16
+    which decoded 1.3-1.55x fp32 with half the weight bytes and a 512-token prefill 7-28% slower than fp32's (bf16
     compute: 5-9x fp32's prefill time there; README, "The full model on a CPU"). Other CPUs (unmeasured) and MPS:
     fp32.
     int8 stays opt-in: its quality was only measured on random weights."""

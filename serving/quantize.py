@@ -13,7 +13,7 @@ model's dtype, since reading the weights for every token is what bounds CPU deco
   decoded ~15% faster here but cost held-out agreement and memory: README, "The full model on a CPU".)
 
 Each MLP (the dense layer's, the shared experts) and routed expert keeps its gate and up weights as one (2I, H) weight:
-one product for both, half the calls of a decode step's experts.
+two products instead of three (~3 ms off an int8 eager step of the full model; README, "The full model on a CPU").
 
 On other devices the weights are always cast or dequantized per call.
 """
@@ -146,7 +146,7 @@ class StoredMLP(_StoredModule):
 
 class StoredRoutedExperts(_StoredModule):
     """RoutedExperts (model/moe.py) with stacked weights in a weight format: each expert multiplies its slice of the
-    sorted rows."""
+    sorted rows (a single row: its K experts in turn)."""
 
     def __init__(self, experts: RoutedExperts, weight_format: str):
         super().__init__(weight_format)
@@ -156,29 +156,31 @@ class StoredRoutedExperts(_StoredModule):
 
     def forward(self, x: torch.Tensor, expert_idx: torch.Tensor) -> torch.Tensor:
         """x (N, H), expert_idx (N, K) -> each row through each of its K experts (N, K, H), as RoutedExperts."""
-        return routed_experts(x, expert_idx, self.weights())
+        return routed_experts(x, expert_idx, *self.weights())
 
     def gathered(self, rows: torch.Tensor, expert_idx: torch.Tensor) -> torch.Tensor:
         """The compiled decode step's form (RoutedExperts.gathered): forward as one opaque op in the graph."""
-        return routed_experts_op(rows, expert_idx, self.weights())
+        return routed_experts_op(rows, expert_idx, *self.weights())
 
-    def weights(self) -> list[torch.Tensor]:
-        """gate_up then down, each as its stored_weight() tensors, one flat list (a custom op's argument)."""
-        return self.stored_weight("gate_up_proj_") + self.stored_weight("down_proj_")
+    def weights(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """gate_up's and down's stored_weight() tensors (E, ...): the custom op's arguments."""
+        return self.stored_weight("gate_up_proj_"), self.stored_weight("down_proj_")
 
 
-def routed_experts(x: torch.Tensor, expert_idx: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
+def routed_experts(x: torch.Tensor, expert_idx: torch.Tensor, gate_up: list[torch.Tensor],
+                   down: list[torch.Tensor]) -> torch.Tensor:
     """x (N, H), expert_idx (N, K), StoredRoutedExperts.weights() -> (N, K, H): each row through each of its K
     experts."""
     if x.shape[0] == 1:  # decoding one sequence: its K experts differ, so no sort (~0.1 ms of small ops a layer;
         # a compiled int8 step of the full model took 31.4 against 37.5 ms, README)
-        return torch.stack([stored_expert(weights, expert, x) for expert in expert_idx[0].tolist()], dim=1)
+        return torch.stack([stored_expert(gate_up, down, expert, x) for expert in expert_idx[0].tolist()], dim=1)
 
     def experts(rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         chunks = rows.split(counts.tolist())
-        return torch.cat([stored_expert(weights, expert, chunk) for expert, chunk in enumerate(chunks) if len(chunk)])
+        return torch.cat([stored_expert(gate_up, down, expert, chunk)
+                          for expert, chunk in enumerate(chunks) if len(chunk)])
 
-    return sorted_by_expert(x, expert_idx, weights[0].shape[0], experts)
+    return sorted_by_expert(x, expert_idx, gate_up[0].shape[0], experts)
 
 
 # In a compiled graph inductor's own kernel for int8 expert rows picked by index (dequantized in the loop) took ~10x
@@ -187,14 +189,14 @@ routed_experts_op = torch.library.custom_op("cortex::stored_routed_experts", rou
 
 
 @routed_experts_op.register_fake
-def _(x: torch.Tensor, expert_idx: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
+def _(x: torch.Tensor, expert_idx: torch.Tensor, gate_up: list[torch.Tensor],
+      down: list[torch.Tensor]) -> torch.Tensor:
     return x.new_empty(x.shape[0], expert_idx.shape[1], x.shape[1])
 
 
-def stored_expert(weights: list[torch.Tensor], expert: int, x: torch.Tensor) -> torch.Tensor:
-    """x (n, H) through one expert of StoredRoutedExperts.weights() (gate_up's tensors, then down's) -> (n, H)."""
-    half = len(weights) // 2
-    return stored_mlp(x, [tensor[expert] for tensor in weights[:half]], [tensor[expert] for tensor in weights[half:]])
+def stored_expert(gate_up: list[torch.Tensor], down: list[torch.Tensor], expert: int, x: torch.Tensor) -> torch.Tensor:
+    """x (n, H) through one expert of StoredRoutedExperts.weights() -> (n, H) in x's dtype."""
+    return stored_mlp(x, [tensor[expert] for tensor in gate_up], [tensor[expert] for tensor in down])
 
 
 def store_weights(model: nn.Module, weight_format: str) -> nn.Module:
