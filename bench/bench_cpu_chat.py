@@ -21,9 +21,10 @@ compile of every decode graph (with inductor's cache on disk warm from an earlie
 
     OMP_NUM_THREADS=2 python bench/bench_cpu_chat.py --decode-steps --rounds 3
 
-only times bare batch-1 decode steps in one process (fp32, bf16 weights and int8 eager, int8 compiled, alternating),
-and each eager format's matrix products of one step alone (every linear layer, the shared and two routed experts of
-each MoE layer, the head; the model's own weights, so read from memory as in a step): the floor its kernels set.
+only times bare batch-1 decode steps in one process (fp32, bf16 weights and int8 eager, int8 compiled, and where
+serving/int8_gemv.c is built the int8 steps again on torch's int8 kernel alone; alternating), and each eager format's
+matrix products of one step alone (every linear layer, the shared and two routed experts of each MoE layer, the head;
+the model's own weights, so read from memory as in a step): the floor its kernels set.
 """
 
 import argparse
@@ -50,8 +51,9 @@ from model.compiled_decode import CompiledDecoder  # noqa: E402
 from model.moe import RoutedExperts  # noqa: E402
 from serving.checkpoint import cpu_features, load_for_serving  # noqa: E402
 from serving.engine import Engine, Finished, GenerationRequest, SamplingParams  # noqa: E402
-from serving.quantize import (KERNEL_DTYPE, KERNELS, StoredLinear, StoredMLP, StoredRoutedExperts,  # noqa: E402
-                              kernel_linear, store_weights, stored_expert)
+from serving import int8_gemv  # noqa: E402
+from serving.quantize import (StoredLinear, StoredMLP, StoredRoutedExperts, kernels, store_weights,  # noqa: E402
+                              stored_expert)
 
 FORMATS = {"fp32": ("float32", "none"), "bf16-weights": ("float32", "bf16"), "bf16": ("bfloat16", "none"),
            "int8": ("float32", "int8"), "fp32-compiled": ("float32", "none"),  # name: dtype, quantize
@@ -189,15 +191,17 @@ def last_logits(llm):
 
 def measure_decode_steps(rounds: int, steps: int = 20, prompt_tokens: int = 16) -> dict:
     """Bare decode steps at batch 1 (no Engine), in this process: fp32, bf16 weights and int8 eager, int8 compiled (the
-    step of app.py --quantize int8 --compile), alternating, rounds times; ms of wall and of process CPU time per step.
-    And the eager formats' products alone (decode_products), alternating the same way."""
+    step of app.py --quantize int8 --compile), and the int8 ones on torch's int8 kernel alone where int8_gemv.c is
+    built; alternating, rounds times; ms of wall and of process CPU time per step. And the eager formats' products
+    alone (decode_products), alternating the same way."""
     torch.manual_seed(0)
     fp32 = CortexModel(cortex_2_5_config(long_context=True)).eval()
     bf16_weights = store_weights(copy.deepcopy(fp32), "bf16")
     int8 = store_weights(copy.deepcopy(fp32), "int8")
     prompt = torch.randint(0, fp32.config.vocab_size, (1, prompt_tokens))
 
-    def run(model: CortexModel, compiled: bool, count: int) -> list[float]:
+    def run(model: CortexModel, compiled: bool, native_gemv: bool, count: int) -> list[float]:
+        int8_gemv.enabled = native_gemv
         cache = KVCache(max_length=prompt_tokens + steps + 1)  # one size: the compiled graph is made once
         model(prompt, past_key_values=cache)
         decoder = CompiledDecoder(model, cache, None) if compiled else None
@@ -210,7 +214,8 @@ def measure_decode_steps(rounds: int, steps: int = 20, prompt_tokens: int = 16) 
         return [round((time.perf_counter() - wall) / count * 1e3, 1),
                 round((time.process_time() - cpu) / count * 1e3, 1)]
 
-    def run_products(products: list, count: int) -> list[float]:
+    def run_products(products: list, native_gemv: bool, count: int) -> list[float]:
+        int8_gemv.enabled = native_gemv
         wall, cpu = time.perf_counter(), time.process_time()
         for _ in range(count):
             for product in products:
@@ -218,29 +223,37 @@ def measure_decode_steps(rounds: int, steps: int = 20, prompt_tokens: int = 16) 
         return [round((time.perf_counter() - wall) / count * 1e3, 1),
                 round((time.process_time() - cpu) / count * 1e3, 1)]
 
-    variants = {"fp32 eager": (fp32, False), "bf16 weights eager": (bf16_weights, False),
-                "int8 eager": (int8, False), "int8 compiled": (int8, True)}
-    products = {"fp32": decode_products(fp32), "bf16 weights": decode_products(bf16_weights),
-                "int8": decode_products(int8)}
+    native = int8_gemv.enabled  # int8_gemv.c built and loaded by store_weights: compared with torch's int8 kernel
+    int8_torch = {} if not native else {"int8 eager, torch's kernel": (int8, False, False),
+                                        "int8 compiled, torch's kernel": (int8, True, False)}
+    variants = {"fp32 eager": (fp32, False, False), "bf16 weights eager": (bf16_weights, False, False),
+                "int8 eager": (int8, False, native), "int8 compiled": (int8, True, native)} | int8_torch
+    products = {"fp32": (decode_products(fp32), False), "bf16 weights": (decode_products(bf16_weights), False),
+                "int8": (decode_products(int8), native)}
+    if native:
+        products["int8, torch's kernel"] = (products["int8"][0], False)
     with torch.inference_mode():
         wall, cpu = time.perf_counter(), time.process_time()
-        run(int8, True, 1)
+        run(int8, True, native, 1)
         compile_s = {"wall": round(time.perf_counter() - wall, 1),
                      "this_process_cpu": round(time.process_time() - cpu, 1)}  # the C++ compiler's is not counted
-        for calls in products.values():
-            run_products(calls, 1)
+        if native:
+            run(int8, True, False, 1)  # the torch-kernel graph too
+        for calls, native_gemv in products.values():
+            run_products(calls, native_gemv, 1)
         ms = {name: [] for name in variants}
         products_ms = {name: [] for name in products}
         for _ in range(rounds):  # alternating
-            for name, (model, compiled) in variants.items():
-                ms[name].append(run(model, compiled, steps))
-            for name, calls in products.items():
-                products_ms[name].append(run_products(calls, steps))
+            for name, (model, compiled, native_gemv) in variants.items():
+                ms[name].append(run(model, compiled, native_gemv, steps))
+            for name, (calls, native_gemv) in products.items():
+                products_ms[name].append(run_products(calls, native_gemv, steps))
+    int8_gemv.enabled = native
     return {"model": "Cortex 2.5 full config, random weights, seed 0", "threads": torch.get_num_threads(),
-            "load_average": os.getloadavg(), "int8_compile_s": compile_s,
+            "load_average": os.getloadavg(), "int8_kernels": kernels("int8"), "int8_compile_s": compile_s,
             "decode_ms_per_step_batch1 [wall, cpu] per round": ms,
             "products_alone_ms_per_step [wall, cpu] per round": products_ms,
-            "products_per_step": {name: len(calls) for name, calls in products.items()}}
+            "products_per_step": {name: len(calls) for name, (calls, _) in products.items()}}
 
 
 def decode_products(model: CortexModel) -> list:
@@ -253,9 +266,9 @@ def decode_products(model: CortexModel) -> list:
         if isinstance(module, nn.Linear):  # the head (LMHead) too
             x = torch.randn(1, 1, module.in_features, dtype=dtype)
             calls.append(functools.partial(nn.Linear.forward, module, x))
-        elif isinstance(module, StoredLinear):
-            x = torch.randn(1, 1, module.stored_weight()[0].shape[-1], dtype=KERNEL_DTYPE)
-            calls.append(functools.partial(kernel_linear, x, module.stored_weight()))
+        elif isinstance(module, StoredLinear):  # with its casts to and from its kernel's dtype
+            x = torch.randn(1, 1, module.stored_weight()[0].shape[-1], dtype=dtype)
+            calls.append(functools.partial(module, x))
         elif isinstance(module, StoredMLP):  # gate and up in one product
             calls.append(functools.partial(module, torch.randn(1, hidden, dtype=dtype)))
         elif isinstance(module, (RoutedExperts, StoredRoutedExperts)):
@@ -294,7 +307,7 @@ def main():
     parser.add_argument("--rounds", type=int, default=1, help="passes over the formats, alternating their order")
     parser.add_argument("--decode-steps", action="store_true",
                         help="only bare batch-1 decode steps in one process: fp32, bf16 weights and int8 eager, int8 "
-                             "compiled, and the eager formats' products alone")
+                             "compiled (int8 also on torch's kernel alone), and the eager formats' products alone")
     parser.add_argument("--one", nargs=3, metavar=("FORMAT", "WEIGHTS", "OUT"), help=argparse.SUPPRESS)  # a child
     args = parser.parse_args()
     if args.one:
@@ -350,9 +363,10 @@ def main():
         "cpu_capability": capability, "mkldnn_bf16_supported": native_bf16,
         "kernels": {"fp32": "F.linear fp32 (MKL/oneDNN sgemm)", "bf16": "F.linear bf16 (torch's bf16 GEMV for one "
                     "row; oneDNN GEMM for more, native only where mkldnn_bf16_supported)",
-                    "bf16-weights": KERNELS["bf16"], "int8": KERNELS["int8"],
-                    "*-compiled": "decode steps: one torch.compile'd graph (inductor C++); the linears and head call "
-                                  "the same ATen kernels as eager, the routed experts run as one opaque op "
+                    "bf16-weights": kernels("bf16"), "int8": kernels("int8"),
+                    "*-compiled": "decode steps: one torch.compile'd graph (inductor C++); the linears, MLPs and head "
+                                  "call the same kernels as eager (int8_gemv.c's as the ops cortex::int8_gemv and "
+                                  "cortex::int8_mlp), the routed experts run as one opaque op "
                                   "(cortex::stored_routed_experts, the eager code)",
                     "llama.cpp": "GGUF export (shared expert folded into each routed one: 1.27x the work per token; "
                                  "dense layer 0 as 8 identical experts, 2 of them computed)"},

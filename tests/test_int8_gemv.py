@@ -1,0 +1,133 @@
+"""serving/int8_gemv.py: the int8 format's one-row product (int8_gemv.c, x86 with AVX2), its build, and the fallback
+to torch's int8 kernel where it cannot be built."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.mlp import MLP
+from model.moe import RoutedExperts
+from serving import int8_gemv
+from serving.quantize import StoredLinear, StoredMLP, StoredRoutedExperts, quantize_per_channel, unpacked
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    why_not = int8_gemv.load()
+    if why_not is not None:
+        pytest.skip(f"int8_gemv.c cannot run here: {why_not}")
+
+
+def test_each_output_is_the_dequantized_weights_times_the_row(kernel):
+    generator = torch.Generator().manual_seed(0)
+    for rows, cols in ((1, 32), (7, 64), (300, 768), (2048, 1024)):
+        weight = torch.randn(rows, cols, generator=generator) * torch.rand(rows, 1, generator=generator) * 3
+        weight_int8, scales = quantize_per_channel(weight)
+        row = torch.randn(1, cols, generator=generator)
+        expected = row.double() @ (weight_int8.double() * scales.double()[:, None]).T
+        got = int8_gemv.gemv(row, weight_int8, scales)
+        assert got.shape == (1, rows) and got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+    threads = torch.get_num_threads()
+    try:  # rows split over threads: each output is still one thread's sum, the same at any thread count
+        torch.set_num_threads(1)
+        one = int8_gemv.gemv(row, weight_int8, scales)
+        torch.set_num_threads(2)
+        assert torch.equal(int8_gemv.gemv(row, weight_int8, scales), one)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def with_torchs_kernel(module: nn.Module, *inputs: torch.Tensor) -> torch.Tensor:
+    int8_gemv.enabled = False
+    try:
+        return module(*inputs)
+    finally:
+        int8_gemv.enabled = True
+
+
+def test_one_row_of_the_int8_layers_runs_in_it_eager_and_in_a_compiled_graph(kernel):
+    torch.manual_seed(0)
+    linear = StoredLinear(nn.Linear(64, 96, bias=False), "int8")
+    mlp = StoredMLP(MLP(64, 32), "int8")
+    row = torch.randn(1, 64)
+    with torch.no_grad():
+        gate, up = F.linear(row, unpacked(mlp.stored_weight("gate_up_proj_"), torch.float32)).chunk(2, dim=-1)
+        expected = {linear: row @ unpacked(linear.stored_weight(), torch.float32).T,
+                    mlp: F.linear(F.silu(gate) * up, unpacked(mlp.stored_weight("down_proj_"), torch.float32))}
+        for module, want in expected.items():
+            got = module(row)
+            assert got.dtype == torch.float32
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)  # fp32 activations: the dequantized product
+            # torch's kernel takes bf16 activations: ~100x further off, so the close result above was this kernel's
+            assert (with_torchs_kernel(module, row) - want).abs().max() > 10 * (got - want).abs().max()
+            # the compiled decode step: the op cortex::int8_gemv in the graph (fullgraph: no break around ctypes)
+            torch.testing.assert_close(torch.compile(module, fullgraph=True)(row), got)
+        # more rows (8 slots decoding) stay on torch's kernel
+        rows = torch.randn(3, 64)
+        torch.testing.assert_close(linear(rows), with_torchs_kernel(linear, rows))
+
+
+def test_one_row_takes_its_routed_experts_in_it(kernel):
+    torch.manual_seed(0)
+    experts = StoredRoutedExperts(RoutedExperts(num_experts=4, hidden_size=64, intermediate_size=32), "int8")
+    gate_up, down = experts.weights()
+    row, expert_idx = torch.randn(1, 64), torch.tensor([[3, 1]])
+    with torch.no_grad():
+        got = experts(row, expert_idx)
+        for k, expert in enumerate((3, 1)):  # each expert's dequantized weights, in fp32
+            gate, up = F.linear(row, unpacked([t[expert] for t in gate_up], torch.float32)).chunk(2, dim=-1)
+            want = F.linear(F.silu(gate) * up, unpacked([t[expert] for t in down], torch.float32))
+            torch.testing.assert_close(got[:, k], want, rtol=1e-5, atol=1e-5)
+            assert (with_torchs_kernel(experts, row, expert_idx)[:, k] - want).abs().max() > 10 * (
+                got[:, k] - want).abs().max()
+        # the compiled decode step's form: the eager code as one op in the graph
+        torch.testing.assert_close(torch.compile(experts.gathered, fullgraph=True)(row, expert_idx), got)
+
+
+def load_in_a_child(tmp_path: Path, compiler: str) -> subprocess.CompletedProcess:
+    """A fresh process with compiler as CC and an empty cache: int8 weights on a one-row layer."""
+    code = ("import logging, torch; logging.basicConfig(level=logging.WARNING)\n"
+            "from torch import nn\n"
+            "from serving import int8_gemv\n"
+            "from serving.quantize import store_weights\n"
+            "layer = store_weights(nn.Sequential(nn.Linear(64, 32, bias=False)), 'int8')\n"
+            "print(int8_gemv.enabled, tuple(layer(torch.randn(1, 64)).shape))\n")
+    env = os.environ | {"CC": compiler, "CORTEX_CACHE_DIR": str(tmp_path / "cache"), "PYTHONPATH": str(REPO_ROOT)}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path,
+                          timeout=120)
+
+
+def test_it_is_built_once_into_the_cache(kernel, tmp_path):
+    compiler = os.environ.get("CC") or "cc"
+    first = load_in_a_child(tmp_path, compiler)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.split() == ["True", "(1,", "32)"] and "torch's int8 kernel" not in first.stderr
+    built = list((tmp_path / "cache").iterdir())
+    assert len(built) == 1 and built[0].name.startswith("int8_gemv-") and built[0].suffix == ".so"  # no build dir left
+    before = built[0].stat().st_mtime_ns
+    assert load_in_a_child(tmp_path, compiler).stdout == first.stdout
+    assert built[0].stat().st_mtime_ns == before  # loaded, not rebuilt
+
+
+def test_where_it_cannot_be_built_int8_says_why_and_runs_on_torchs_kernel(tmp_path):
+    failing = tmp_path / "broken-cc"
+    failing.write_text("#!/bin/sh\necho 'broken-cc: error: unsupported target' >&2\nexit 1\n")
+    failing.chmod(0o755)
+    for compiler, reason in ((str(failing), "broken-cc: error: unsupported target"),
+                             (str(tmp_path / "no-such-cc"), "No such file")):
+        child = load_in_a_child(tmp_path, compiler)
+        assert child.returncode == 0, child.stderr
+        assert child.stdout.split() == ["False", "(1,", "32)"]  # the layer still works
+        if int8_gemv.load() is None:  # where the kernel could run (x86, AVX2): the compiler is what failed
+            assert "one-row products use torch's int8 kernel" in child.stderr and compiler in child.stderr
+            assert reason in child.stderr
+        assert not list((tmp_path / "cache").glob("*.so"))  # no half-built library left
