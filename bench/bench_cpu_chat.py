@@ -331,6 +331,7 @@ def main():
                        for name in formats if name in LLAMA_CPP}
             formats = [name for name in formats if name not in LLAMA_CPP]
     capability, native_bf16 = cpu_features()
+    int8_gemv_missing = int8_gemv.load()  # as the int8 children do: built or not, so kernels("int8") says what ran
     with tempfile.TemporaryDirectory() as tmp:
         weights = Path(tmp) / "cortex.safetensors"
         write_random_weights(weights)
@@ -361,6 +362,7 @@ def main():
         "model": "Cortex 2.5 full config (cortex_2_5_config(long_context=True)), random weights, seed 0",
         "threads": torch.get_num_threads(), "rounds": args.rounds, "load_average": os.getloadavg(),
         "cpu_capability": capability, "mkldnn_bf16_supported": native_bf16,
+        "int8_gemv.c": "built and used for one row" if int8_gemv_missing is None else f"not used: {int8_gemv_missing}",
         "kernels": {"fp32": "F.linear fp32 (MKL/oneDNN sgemm)", "bf16": "F.linear bf16 (torch's bf16 GEMV for one "
                     "row; oneDNN GEMM for more, native only where mkldnn_bf16_supported)",
                     "bf16-weights": kernels("bf16"), "int8": kernels("int8"),

@@ -93,21 +93,23 @@ def test_one_row_takes_its_routed_experts_in_it(kernel):
         torch.testing.assert_close(torch.compile(experts.gathered, fullgraph=True)(row, expert_idx), got)
 
 
-def load_in_a_child(tmp_path: Path, compiler: str) -> subprocess.CompletedProcess:
-    """A fresh process with compiler as CC and an empty cache: int8 weights on a one-row layer."""
+def load_in_a_child(tmp_path: Path, compiler: str | None) -> subprocess.CompletedProcess:
+    """A fresh process with compiler as CC (None: the one found on PATH) and an empty cache: int8 weights on a
+    one-row layer."""
     code = ("import logging, torch; logging.basicConfig(level=logging.WARNING)\n"
             "from torch import nn\n"
             "from serving import int8_gemv\n"
             "from serving.quantize import store_weights\n"
             "layer = store_weights(nn.Sequential(nn.Linear(64, 32, bias=False)), 'int8')\n"
             "print(int8_gemv.enabled, tuple(layer(torch.randn(1, 64)).shape))\n")
-    env = os.environ | {"CC": compiler, "CORTEX_CACHE_DIR": str(tmp_path / "cache"), "PYTHONPATH": str(REPO_ROOT)}
+    env = {name: value for name, value in os.environ.items() if name != "CC"} | (
+        {"CC": compiler} if compiler else {}) | {"CORTEX_CACHE_DIR": str(tmp_path / "cache"), "PYTHONPATH": str(REPO_ROOT)}
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path,
                           timeout=120)
 
 
 def test_it_is_built_once_into_the_cache(kernel, tmp_path):
-    compiler = os.environ.get("CC") or "cc"
+    compiler = os.environ.get("CC")
     first = load_in_a_child(tmp_path, compiler)
     assert first.returncode == 0, first.stderr
     assert first.stdout.split() == ["True", "(1,", "32)"] and "torch's int8 kernel" not in first.stderr
