@@ -60,7 +60,10 @@ def load() -> str | None:
                 if result.returncode != 0:
                     return f"{compiler} could not build {SOURCE}: {result.stderr.strip()[-800:]}"
                 os.replace(built, library)
-        loaded = ctypes.CDLL(str(library))
+        try:
+            loaded = ctypes.CDLL(str(library))
+        except OSError as err:
+            return f"{library} cannot be loaded ({err}); delete it to rebuild it"
         loaded.cortex_int8_gemv.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
         loaded.cortex_int8_mlp.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
         loaded.cortex_int8_gemv.restype = loaded.cortex_int8_mlp.restype = None
@@ -71,7 +74,7 @@ def load() -> str | None:
 
 def usable(rows: torch.Tensor, weight_int8: torch.Tensor, scales: torch.Tensor) -> bool:
     """Whether rows (n, in) times weight_int8 (out, in) with scales (out) can run in the kernel: loaded and enabled,
-    one fp32 row on the CPU, contiguous tensors."""
+    one row on the CPU (the caller casts it to fp32), fp32 scales, contiguous tensors."""
     return (enabled and rows.shape[0] == 1 and rows.device.type == "cpu" and weight_int8.shape[-1] % COLUMN_STEP == 0
             and scales.dtype == torch.float32 and rows.is_contiguous() and weight_int8.is_contiguous())
 
