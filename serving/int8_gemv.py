@@ -9,8 +9,8 @@ the products' time saved. Figures: README, "The full model on a CPU".
 The C file is compiled on first use with the system's C compiler (the one `--compile`'s inductor needs too) into the
 cache directory (CORTEX_CACHE_DIR, default ~/.cache/cortex), once per source, compiler and flags, and loaded with
 ctypes. Where it cannot be (not x86 with AVX2, no compiler, a failed build) the int8 format keeps torch's kernel and
-load() says why. serving/quantize.py calls these functions in eager code and their ops (cortex::int8_gemv,
-cortex::int8_mlp) in a compiled graph; only one-row products of the int8 format use them.
+load() says why. gemv() and mlp() run eagerly, or as their ops (cortex::int8_gemv, cortex::int8_mlp) in a graph being
+compiled; only one-row products of the int8 format use them (serving/quantize.py).
 """
 
 import ctypes
@@ -80,6 +80,18 @@ def usable(rows: torch.Tensor, weight_int8: torch.Tensor, scales: torch.Tensor) 
 
 
 def gemv(row: torch.Tensor, weight_int8: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """_gemv, as the op cortex::int8_gemv inside a graph being compiled."""
+    return (gemv_op if torch.compiler.is_compiling() else _gemv)(row, weight_int8, scales)
+
+
+def mlp(row: torch.Tensor, gate_up_int8: torch.Tensor, gate_up_scales: torch.Tensor, down_int8: torch.Tensor,
+        down_scales: torch.Tensor) -> torch.Tensor:
+    """_mlp, as the op cortex::int8_mlp inside a graph being compiled."""
+    return (mlp_op if torch.compiler.is_compiling() else _mlp)(row, gate_up_int8, gate_up_scales, down_int8,
+                                                               down_scales)
+
+
+def _gemv(row: torch.Tensor, weight_int8: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """row (1, in) fp32 @ (weight_int8 (out, in) * scales (out, 1)).T -> (1, out) fp32. Tensors as usable() checks;
     no conversions here: a call costs ~5 us beside the product."""
     out = torch.empty(1, weight_int8.shape[0])
@@ -88,8 +100,8 @@ def gemv(row: torch.Tensor, weight_int8: torch.Tensor, scales: torch.Tensor) -> 
     return out
 
 
-def mlp(row: torch.Tensor, gate_up_int8: torch.Tensor, gate_up_scales: torch.Tensor, down_int8: torch.Tensor,
-        down_scales: torch.Tensor) -> torch.Tensor:
+def _mlp(row: torch.Tensor, gate_up_int8: torch.Tensor, gate_up_scales: torch.Tensor, down_int8: torch.Tensor,
+         down_scales: torch.Tensor) -> torch.Tensor:
     """row (1, H) fp32 -> down(silu(gate(row)) * up(row)) (1, H) fp32, gate and up one (2I, H) int8 weight: one call
     for the three steps (the Python between them cost ~60 us an expert)."""
     hidden_size, intermediate_size = down_int8.shape
@@ -102,7 +114,7 @@ def mlp(row: torch.Tensor, gate_up_int8: torch.Tensor, gate_up_scales: torch.Ten
 
 def experts(row: torch.Tensor, expert_ids: list[int], gate_up_int8: torch.Tensor, gate_up_scales: torch.Tensor,
             down_int8: torch.Tensor, down_scales: torch.Tensor) -> torch.Tensor:
-    """row (1, H) fp32 through each of expert_ids -> (1, K, H) fp32: as mlp() on each expert's slice of the stacked
+    """row (1, H) fp32 through each of expert_ids -> (1, K, H) fp32: as _mlp() on each expert's slice of the stacked
     weights (E, 2I, H), (E, 2I), (E, H, I), (E, H), picked by address (no indexing ops: ~25 us an expert)."""
     hidden_size, intermediate_size = down_int8.shape[1:]
     out, hidden = torch.empty(1, len(expert_ids), hidden_size), torch.empty(2 * intermediate_size)
@@ -122,10 +134,10 @@ def address(tensor: torch.Tensor, index: int) -> int:
 # The ops for compiled graphs (opaque to inductor). Registered with torch.library.define/impl rather than custom_op,
 # whose extra layers took 28 against 14 us a call in a compiled graph (~145 calls a decode step of the full model).
 torch.library.define("cortex::int8_gemv", "(Tensor row, Tensor weight_int8, Tensor scales) -> Tensor")
-torch.library.impl("cortex::int8_gemv", "cpu", gemv)
+torch.library.impl("cortex::int8_gemv", "cpu", _gemv)
 torch.library.define("cortex::int8_mlp", "(Tensor row, Tensor gate_up_int8, Tensor gate_up_scales, "
                                          "Tensor down_int8, Tensor down_scales) -> Tensor")
-torch.library.impl("cortex::int8_mlp", "cpu", mlp)
+torch.library.impl("cortex::int8_mlp", "cpu", _mlp)
 
 
 @torch.library.register_fake("cortex::int8_gemv")

@@ -83,13 +83,17 @@ def uses_int8_gemv(x: torch.Tensor, weight: list[torch.Tensor]) -> bool:
     return len(weight) == 3 and int8_gemv.usable(x.reshape(-1, x.shape[-1]), weight[0], weight[1])
 
 
+def uses_int8_mlp(x: torch.Tensor, gate_up: list[torch.Tensor], down: list[torch.Tensor]) -> bool:
+    return uses_int8_gemv(x, gate_up) and uses_int8_gemv(x, down)
+
+
 def kernel_linear(x: torch.Tensor, weight: list[torch.Tensor]) -> torch.Tensor:
     """x (..., in) in kernel_dtype @ the stored weight's (out, in).T -> (..., out) in kernel_dtype."""
     rows = x.reshape(-1, x.shape[-1])
     if len(weight) == 1:  # bf16
         out = F.linear(rows, weight[0])
     elif uses_int8_gemv(rows, weight):  # int8: weight, scales, kernel scales
-        out = (int8_gemv.gemv_op if torch.compiler.is_compiling() else int8_gemv.gemv)(rows, weight[0], weight[1])
+        out = int8_gemv.gemv(rows, weight[0], weight[1])
     else:
         out = torch._weight_int8pack_mm(rows, weight[0], weight[2])
     return out.view(*x.shape[:-1], -1)
@@ -150,9 +154,8 @@ class StoredLinear(_StoredModule):
 
 def stored_mlp(x: torch.Tensor, gate_up: list[torch.Tensor], down: list[torch.Tensor]) -> torch.Tensor:
     """x (n, H) -> down(silu(gate(x)) * up(x)) (n, H) in x's dtype, gate and up stored as one (2I, H) weight."""
-    if uses_int8_gemv(x, gate_up) and uses_int8_gemv(x, down):  # one row: the whole MLP in one C call
-        mlp = int8_gemv.mlp_op if torch.compiler.is_compiling() else int8_gemv.mlp
-        return mlp(x.to(torch.float32), gate_up[0], gate_up[1], down[0], down[1]).to(x.dtype)
+    if uses_int8_mlp(x, gate_up, down):  # one row: the whole MLP in one C call
+        return int8_gemv.mlp(x.to(torch.float32), gate_up[0], gate_up[1], down[0], down[1]).to(x.dtype)
     if uses_kernel(x):  # the whole MLP in the kernel's dtype: one cast in, one out
         gate, up = kernel_linear(x.to(kernel_dtype(x, gate_up)), gate_up).chunk(2, dim=-1)
         return kernel_linear(F.silu(gate) * up, down).to(x.dtype)
@@ -202,7 +205,7 @@ def routed_experts(x: torch.Tensor, expert_idx: torch.Tensor, gate_up: list[torc
     experts."""
     if x.shape[0] == 1:  # decoding one sequence: its K experts differ, so no sort (~0.1 ms of small ops a layer;
         # a compiled int8 step of the full model took 31.4 against 37.5 ms, README)
-        if uses_int8_gemv(x, gate_up) and uses_int8_gemv(x, down):
+        if uses_int8_mlp(x, gate_up, down):
             return int8_gemv.experts(x.to(torch.float32), expert_idx[0].tolist(), gate_up[0], gate_up[1], down[0],
                                      down[1]).to(x.dtype)
         return torch.stack([stored_expert(gate_up, down, expert, x) for expert in expert_idx[0].tolist()], dim=1)
