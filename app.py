@@ -453,12 +453,11 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--port", type=int, default=8080)
     parser.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: cuda, then mps, then cpu)")
     parser.add_argument("--dtype", choices=sorted(DTYPES),
-                        help="the compute dtype (default: bfloat16 on CUDA and on CPUs with native bf16 "
-                             "(AVX512-BF16/AMX), else float32)")
+                        help="the compute dtype (default: bfloat16 on CUDA, else float32)")
     parser.add_argument("--quantize", choices=QUANTIZE,
                         help="how the linear layers, experts and head are stored: none (in --dtype), bf16, or int8 "
-                             "with per-channel scales (default: bf16 on x86 CPUs without native bf16 when --dtype is "
-                             "not given, else none)")
+                             "with per-channel scales (default: bf16 on x86 CPUs when --dtype is not given, else "
+                             "none)")
     parser.add_argument("--slots", type=int, default=8, help="requests decoded together (KV cache rows)")
     parser.add_argument("--max-queue", type=int, default=32, help="requests waiting for a slot before 503s")
     parser.add_argument("--seed", type=int, help="sampling seed (default: random)")

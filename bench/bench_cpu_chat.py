@@ -21,8 +21,8 @@ compile of every decode graph (with inductor's cache on disk warm from an earlie
 
     OMP_NUM_THREADS=2 python bench/bench_cpu_chat.py --decode-steps --rounds 3
 
-only times bare batch-1 decode steps in one process (fp32, bf16 weights and int8 eager, int8 compiled, and where
-serving/int8_gemv.c is built the int8 steps again on torch's int8 kernel alone; alternating), and each eager format's
+only times bare batch-1 decode steps in one process (fp32 and bf16 eager, bf16 weights and int8 eager and compiled,
+and where serving/cpu_gemv.c is built those again on torch's kernels alone; alternating), and each eager format's
 matrix products of one step alone (every linear layer, the shared and two routed experts of each MoE layer, the head;
 the model's own weights, so read from memory as in a step): the floor its kernels set.
 """
@@ -51,11 +51,12 @@ from model.compiled_decode import CompiledDecoder  # noqa: E402
 from model.moe import RoutedExperts  # noqa: E402
 from serving.checkpoint import cpu_features, load_for_serving  # noqa: E402
 from serving.engine import Engine, Finished, GenerationRequest, SamplingParams  # noqa: E402
-from serving import int8_gemv  # noqa: E402
+from serving import cpu_gemv  # noqa: E402
 from serving.quantize import (StoredLinear, StoredMLP, StoredRoutedExperts, kernels, store_weights,  # noqa: E402
                               stored_expert)
 
 FORMATS = {"fp32": ("float32", "none"), "bf16-weights": ("float32", "bf16"), "bf16": ("bfloat16", "none"),
+           "bf16-weights-bf16-compute": ("bfloat16", "bf16"),
            "int8": ("float32", "int8"), "fp32-compiled": ("float32", "none"),  # name: dtype, quantize
            "bf16-weights-compiled": ("float32", "bf16"), "int8-compiled": ("float32", "int8")}  # (+ Engine --compile)
 DEFAULT_FORMATS = ["fp32", "bf16-weights", "bf16", "int8"]  # compiled ones add minutes of compiling: asked by name
@@ -190,18 +191,19 @@ def last_logits(llm):
 
 
 def measure_decode_steps(rounds: int, steps: int = 20, prompt_tokens: int = 16) -> dict:
-    """Bare decode steps at batch 1 (no Engine), in this process: fp32, bf16 weights and int8 eager, int8 compiled (the
-    step of app.py --quantize int8 --compile), and the int8 ones on torch's int8 kernel alone where int8_gemv.c is
-    built; alternating, rounds times; ms of wall and of process CPU time per step. And the eager formats' products
-    alone (decode_products), alternating the same way."""
+    """Bare decode steps at batch 1 (no Engine), in this process: fp32 and bf16 eager, bf16 weights and int8 eager and
+    compiled (the step of app.py --quantize ... --compile), and where cpu_gemv.c is built the stored formats again on
+    torch's kernels alone; alternating, rounds times; ms of wall and of process CPU time per step. And the eager
+    formats' products alone (decode_products), alternating the same way."""
     torch.manual_seed(0)
     fp32 = CortexModel(cortex_2_5_config(long_context=True)).eval()
-    bf16_weights = store_weights(copy.deepcopy(fp32), "bf16")
-    int8 = store_weights(copy.deepcopy(fp32), "int8")
+    models = {"fp32": fp32, "bf16": copy.deepcopy(fp32).to(torch.bfloat16),
+              "bf16 weights": store_weights(copy.deepcopy(fp32), "bf16"),
+              "int8": store_weights(copy.deepcopy(fp32), "int8")}
     prompt = torch.randint(0, fp32.config.vocab_size, (1, prompt_tokens))
 
     def run(model: CortexModel, compiled: bool, native_gemv: bool, count: int) -> list[float]:
-        int8_gemv.enabled = native_gemv
+        cpu_gemv.enabled = native_gemv
         cache = KVCache(max_length=prompt_tokens + steps + 1)  # one size: the compiled graph is made once
         model(prompt, past_key_values=cache)
         decoder = CompiledDecoder(model, cache, None) if compiled else None
@@ -215,7 +217,7 @@ def measure_decode_steps(rounds: int, steps: int = 20, prompt_tokens: int = 16) 
                 round((time.process_time() - cpu) / count * 1e3, 1)]
 
     def run_products(products: list, native_gemv: bool, count: int) -> list[float]:
-        int8_gemv.enabled = native_gemv
+        cpu_gemv.enabled = native_gemv
         wall, cpu = time.perf_counter(), time.process_time()
         for _ in range(count):
             for product in products:
@@ -223,22 +225,23 @@ def measure_decode_steps(rounds: int, steps: int = 20, prompt_tokens: int = 16) 
         return [round((time.perf_counter() - wall) / count * 1e3, 1),
                 round((time.process_time() - cpu) / count * 1e3, 1)]
 
-    native = int8_gemv.enabled  # int8_gemv.c built and loaded by store_weights: compared with torch's int8 kernel
-    int8_torch = {} if not native else {"int8 eager, torch's kernel": (int8, False, False),
-                                        "int8 compiled, torch's kernel": (int8, True, False)}
-    variants = {"fp32 eager": (fp32, False, False), "bf16 weights eager": (bf16_weights, False, False),
-                "int8 eager": (int8, False, native), "int8 compiled": (int8, True, native)} | int8_torch
-    products = {"fp32": (decode_products(fp32), False), "bf16 weights": (decode_products(bf16_weights), False),
-                "int8": (decode_products(int8), native)}
-    if native:
-        products["int8, torch's kernel"] = (products["int8"][0], False)
+    native = cpu_gemv.enabled  # cpu_gemv.c built and loaded by store_weights: compared with torch's kernels
+    variants = {"fp32 eager": (fp32, False, False), "bf16 eager": (models["bf16"], False, False)}
+    products = {name: (decode_products(models[name]), False) for name in ("fp32", "bf16")}
+    for name in ("bf16 weights", "int8"):
+        calls = decode_products(models[name])
+        for kernel, native_gemv in (("", native), (", torch's kernels", False)) if native else (("", False),):
+            variants[f"{name} eager{kernel}"] = (models[name], False, native_gemv)
+            variants[f"{name} compiled{kernel}"] = (models[name], True, native_gemv)
+            products[f"{name}{kernel}"] = (calls, native_gemv)
     with torch.inference_mode():
-        wall, cpu = time.perf_counter(), time.process_time()
-        run(int8, True, native, 1)
-        compile_s = {"wall": round(time.perf_counter() - wall, 1),
-                     "this_process_cpu": round(time.process_time() - cpu, 1)}  # the C++ compiler's is not counted
-        if native:
-            run(int8, True, False, 1)  # the torch-kernel graph too
+        compile_s = {}
+        for name, (model, compiled, native_gemv) in variants.items():
+            if compiled:  # the graph made before timing
+                wall, cpu = time.perf_counter(), time.process_time()
+                run(model, compiled, native_gemv, 1)
+                compile_s[name] = {"wall": round(time.perf_counter() - wall, 1),  # the C++ compiler's is not counted:
+                                   "this_process_cpu": round(time.process_time() - cpu, 1)}
         for calls, native_gemv in products.values():
             run_products(calls, native_gemv, 1)
         ms = {name: [] for name in variants}
@@ -248,9 +251,10 @@ def measure_decode_steps(rounds: int, steps: int = 20, prompt_tokens: int = 16) 
                 ms[name].append(run(model, compiled, native_gemv, steps))
             for name, (calls, native_gemv) in products.items():
                 products_ms[name].append(run_products(calls, native_gemv, steps))
-    int8_gemv.enabled = native
+    cpu_gemv.enabled = native
     return {"model": "Cortex 2.5 full config, random weights, seed 0", "threads": torch.get_num_threads(),
-            "load_average": os.getloadavg(), "int8_kernels": kernels("int8"), "int8_compile_s": compile_s,
+            "load_average": os.getloadavg(), "cpu_capability_mkldnn_bf16": cpu_features(),
+            "kernels": {name: kernels(name) for name in ("bf16", "int8")}, "compile_s": compile_s,
             "decode_ms_per_step_batch1 [wall, cpu] per round": ms,
             "products_alone_ms_per_step [wall, cpu] per round": products_ms,
             "products_per_step": {name: len(calls) for name, (calls, _) in products.items()}}
@@ -306,8 +310,8 @@ def main():
                              "reference); llama.cpp rows need llama-cpp-python; *-compiled: the server's --compile")
     parser.add_argument("--rounds", type=int, default=1, help="passes over the formats, alternating their order")
     parser.add_argument("--decode-steps", action="store_true",
-                        help="only bare batch-1 decode steps in one process: fp32, bf16 weights and int8 eager, int8 "
-                             "compiled (int8 also on torch's kernel alone), and the eager formats' products alone")
+                        help="only bare batch-1 decode steps in one process: fp32 and bf16 eager, bf16 weights and "
+                             "int8 eager and compiled (also on torch's kernels alone), and the formats' products alone")
     parser.add_argument("--one", nargs=3, metavar=("FORMAT", "WEIGHTS", "OUT"), help=argparse.SUPPRESS)  # a child
     args = parser.parse_args()
     if args.one:
@@ -331,7 +335,7 @@ def main():
                        for name in formats if name in LLAMA_CPP}
             formats = [name for name in formats if name not in LLAMA_CPP]
     capability, native_bf16 = cpu_features()
-    int8_gemv_missing = int8_gemv.load()  # as the int8 children do: built or not, so kernels("int8") says what ran
+    cpu_gemv_missing = cpu_gemv.load()  # as the children do: built or not, so kernels() says what ran
     with tempfile.TemporaryDirectory() as tmp:
         weights = Path(tmp) / "cortex.safetensors"
         write_random_weights(weights)
@@ -353,7 +357,8 @@ def main():
     fp32_decode = results["fp32"]["decode_tok_s_batch1"]
     for name, figures in results.items():
         figures["decode_vs_fp32"] = round(figures["decode_tok_s_batch1"] / fp32_decode, 2)
-    for ours, theirs in (("bf16-weights", "llama.cpp-f16"), ("bf16", "llama.cpp-f16"), ("int8", "llama.cpp-q8_0"),
+    for ours, theirs in (("bf16-weights", "llama.cpp-f16"), ("bf16", "llama.cpp-f16"),
+                         ("bf16-weights-bf16-compute", "llama.cpp-f16"), ("int8", "llama.cpp-q8_0"),
                          ("bf16-weights-compiled", "llama.cpp-f16"), ("int8-compiled", "llama.cpp-q8_0")):
         if ours in results and theirs in results:
             results[ours]["decode_vs_llama_cpp"] = round(results[ours]["decode_tok_s_batch1"]
@@ -362,13 +367,13 @@ def main():
         "model": "Cortex 2.5 full config (cortex_2_5_config(long_context=True)), random weights, seed 0",
         "threads": torch.get_num_threads(), "rounds": args.rounds, "load_average": os.getloadavg(),
         "cpu_capability": capability, "mkldnn_bf16_supported": native_bf16,
-        "int8_gemv.c": "built and used for one row" if int8_gemv_missing is None else f"not used: {int8_gemv_missing}",
+        "cpu_gemv.c": "built and used for one row" if cpu_gemv_missing is None else f"not used: {cpu_gemv_missing}",
         "kernels": {"fp32": "F.linear fp32 (MKL/oneDNN sgemm)", "bf16": "F.linear bf16 (torch's bf16 GEMV for one "
                     "row; oneDNN GEMM for more, native only where mkldnn_bf16_supported)",
                     "bf16-weights": kernels("bf16"), "int8": kernels("int8"),
                     "*-compiled": "decode steps: one torch.compile'd graph (inductor C++); the linears, MLPs and head "
-                                  "call the same kernels as eager (int8_gemv.c's as the ops cortex::int8_gemv and "
-                                  "cortex::int8_mlp), the routed experts run as one opaque op "
+                                  "call the same kernels as eager (cpu_gemv.c's as the ops cortex::gemv and "
+                                  "cortex::mlp), the routed experts run as one opaque op "
                                   "(cortex::stored_routed_experts, the eager code)",
                     "llama.cpp": "GGUF export (shared expert folded into each routed one: 1.27x the work per token; "
                                  "dense layer 0 as 8 identical experts, 2 of them computed)"},

@@ -2,16 +2,17 @@
 model's dtype, since reading the weights for every token is what bounds CPU decoding. Swapped in at load time
 (serving/checkpoint.py); training never sees it.
 
-- bf16: the weights rounded to bf16 (what training's bf16 autocast multiplied by), half of fp32's bytes. On CPUs
-  without native bf16 matmuls (AVX2) a product of a few rows (decoding) in bf16 takes torch's vectorised bf16 GEMV
-  (fp32 accumulation), ~2x fp32's speed, while a prompt's many rows in bf16 would take oneDNN's emulated bf16 GEMM
-  (5-9x fp32's time): so a prefill multiplies in the model's dtype (fp32) with the weights cast per call.
-- int8: one scale per output channel (its largest |weight| / 127). On CPU one row (batch-1 decoding) runs in
-  int8_gemv.c with fp32 activations where it can be built (x86 with AVX2 and a C compiler: it reads the weights ~2x as
-  fast as torch's kernel there). Other products of a few rows run in torch's own int8 kernel
-  (torch._weight_int8pack_mm) with bf16 activations (with fp32 ones that kernel is 30x slower on an AVX2 CPU) and bf16
-  scales, kept in bf16 whatever the model's dtype so that no call casts them; a prefill's many rows multiply by the
-  weights dequantized per call. (torch's dynamic int8 linear, which also quantizes the activations,
+In both formats one row on the CPU (batch-1 decoding) runs in cpu_gemv.c with fp32 activations where it can be built
+(x86 with AVX2 and a C compiler: it reads the stored weights about twice as fast as torch's kernels there).
+
+- bf16: the weights rounded to bf16 (what training's bf16 autocast multiplied by), half of fp32's bytes. Otherwise on
+  CPUs without native bf16 matmuls (AVX2) a product of a few rows in bf16 takes torch's vectorised bf16 GEMV (fp32
+  accumulation), ~2x fp32's speed, while a prompt's many rows in bf16 would take oneDNN's emulated bf16 GEMM (5-9x
+  fp32's time): so a prefill multiplies in the model's dtype (fp32) with the weights cast per call.
+- int8: one scale per output channel (its largest |weight| / 127). Other products of a few rows run in torch's own
+  int8 kernel (torch._weight_int8pack_mm) with bf16 activations (with fp32 ones that kernel is 30x slower on an AVX2
+  CPU) and bf16 scales, kept in bf16 whatever the model's dtype so that no call casts them; a prefill's many rows
+  multiply by the weights dequantized per call. (torch's dynamic int8 linear, which also quantizes the activations,
   decoded ~15% faster here but cost held-out agreement and memory: README, "The full model on a CPU".)
 
 Each MLP (the dense layer's, the shared experts) and routed expert keeps its gate and up weights as one (2I, H) weight:
@@ -29,7 +30,7 @@ from torch import nn
 from model.head import target_log_probs
 from model.mlp import MLP
 from model.moe import RoutedExperts, sorted_by_expert
-from serving import int8_gemv
+from serving import cpu_gemv
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,9 @@ KERNEL_DTYPE = torch.bfloat16  # the activations' dtype (and int8's scales') in 
 # Above this many rows (a prompt's prefill) the weights are cast or dequantized for x's own matmul: the kernels are
 # made for a few rows (a 512-token prefill of the full model took ~3x fp32's time in the int8 one, 5-9x in bf16, AVX2).
 KERNEL_MAX_ROWS = 32
+# torch._weight_int8pack_mm's AVX-512 code reads 16 columns at a time: at other widths it returned garbage or crashed
+# (torch 2.13, a Zen 4 CPU), so such layers (none in the Cortex presets) multiply by the dequantized weights instead.
+INT8_KERNEL_COLUMN_STEP = 16
 # each format's buffers per weight, in the order kernel_linear and unpacked take them
 STORED_NAMES = {"bf16": ("weight_bf16",), "int8": ("weight_int8", "scales", "kernel_scales")}
 WEIGHT_FORMATS = tuple(STORED_NAMES)
@@ -44,10 +48,10 @@ WEIGHT_FORMATS = tuple(STORED_NAMES)
 
 def kernels(weight_format: str) -> str:
     """What a weight format runs on CPU (bench_cpu_chat prints it)."""
+    one_row = "serving/cpu_gemv.c (fp32 activations) for one row, " if cpu_gemv.enabled else ""
     if weight_format == "bf16":
-        return ("F.linear in bf16 (torch's bf16 GEMV, fp32 accumulation) for up to 32 rows, weights cast to the "
-                "model's dtype for longer prompts")
-    one_row = "serving/int8_gemv.c (fp32 activations) for one row, " if int8_gemv.enabled else ""
+        return (f"{one_row}F.linear in bf16 (torch's bf16 GEMV, fp32 accumulation) for up to 32 rows, weights cast to "
+                "the model's dtype for longer prompts")
     return (f"{one_row}torch._weight_int8pack_mm (bf16 activations and scales) for up to 32 rows, dequantized weights "
             "for longer prompts")
 
@@ -70,31 +74,38 @@ def stored(weight: torch.Tensor, weight_format: str) -> dict[str, torch.Tensor]:
     return dict(zip(STORED_NAMES[weight_format], tensors))
 
 
-def uses_kernel(x: torch.Tensor) -> bool:
-    return x.device.type == "cpu" and x.numel() <= KERNEL_MAX_ROWS * x.shape[-1]
+def uses_kernel(x: torch.Tensor, *weights: list[torch.Tensor]) -> bool:
+    """Whether x (..., in) times the stored weights runs in the CPU kernels (a few rows), not in x's own matmul."""
+    return x.device.type == "cpu" and x.numel() <= KERNEL_MAX_ROWS * x.shape[-1] and all(
+        len(weight) == 1 or weight[0].shape[-1] % INT8_KERNEL_COLUMN_STEP == 0 for weight in weights)
 
 
 def kernel_dtype(x: torch.Tensor, weight: list[torch.Tensor]) -> torch.dtype:
     """The activations' dtype of the CPU kernel that multiplies x (..., in) by the stored weight."""
-    return torch.float32 if uses_int8_gemv(x, weight) else KERNEL_DTYPE
+    return torch.float32 if uses_gemv(x, weight) else KERNEL_DTYPE
 
 
-def uses_int8_gemv(x: torch.Tensor, weight: list[torch.Tensor]) -> bool:
-    return len(weight) == 3 and int8_gemv.usable(x.reshape(-1, x.shape[-1]), weight[0], weight[1])
+def gemv_weight(weight: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A stored weight as cpu_gemv takes it: the weight and its fp32 scales (int8) or None (bf16)."""
+    return weight[0], weight[1] if len(weight) == 3 else None
 
 
-def uses_int8_mlp(x: torch.Tensor, gate_up: list[torch.Tensor], down: list[torch.Tensor]) -> bool:
-    return uses_int8_gemv(x, gate_up) and uses_int8_gemv(x, down)
+def uses_gemv(x: torch.Tensor, weight: list[torch.Tensor]) -> bool:
+    return cpu_gemv.usable(x.reshape(-1, x.shape[-1]), *gemv_weight(weight))
+
+
+def uses_gemv_mlp(x: torch.Tensor, gate_up: list[torch.Tensor], down: list[torch.Tensor]) -> bool:
+    return uses_gemv(x, gate_up) and uses_gemv(x, down)
 
 
 def kernel_linear(x: torch.Tensor, weight: list[torch.Tensor]) -> torch.Tensor:
     """x (..., in) in kernel_dtype @ the stored weight's (out, in).T -> (..., out) in kernel_dtype."""
     rows = x.reshape(-1, x.shape[-1])
-    if len(weight) == 1:  # bf16
+    if uses_gemv(rows, weight):
+        out = cpu_gemv.gemv(rows, *gemv_weight(weight))
+    elif len(weight) == 1:  # bf16
         out = F.linear(rows, weight[0])
-    elif uses_int8_gemv(rows, weight):  # int8: weight, scales, kernel scales
-        out = int8_gemv.gemv(rows, weight[0], weight[1])
-    else:
+    else:  # int8: weight, scales, kernel scales
         out = torch._weight_int8pack_mm(rows, weight[0], weight[2])
     return out.view(*x.shape[:-1], -1)
 
@@ -147,18 +158,19 @@ class StoredLinear(_StoredModule):
                 summed: bool = False) -> torch.Tensor:  # LMHead's signature
         if targets is not None:  # the head's target log-probs (eval.py's held-out loss), from the stored weights
             return target_log_probs(x, unpacked(self.stored_weight(), x.dtype), targets, with_entropy, summed)
-        if uses_kernel(x):
+        if uses_kernel(x, self.stored_weight()):
             return kernel_linear(x.to(kernel_dtype(x, self.stored_weight())), self.stored_weight()).to(x.dtype)
         return F.linear(x, unpacked(self.stored_weight(), x.dtype))
 
 
 def stored_mlp(x: torch.Tensor, gate_up: list[torch.Tensor], down: list[torch.Tensor]) -> torch.Tensor:
     """x (n, H) -> down(silu(gate(x)) * up(x)) (n, H) in x's dtype, gate and up stored as one (2I, H) weight."""
-    if uses_int8_mlp(x, gate_up, down):  # one row: the whole MLP in one C call
-        return int8_gemv.mlp(x.to(torch.float32), gate_up[0], gate_up[1], down[0], down[1]).to(x.dtype)
-    if uses_kernel(x):  # the whole MLP in the kernel's dtype: one cast in, one out
+    if uses_gemv_mlp(x, gate_up, down):  # one row: the whole MLP in one C call
+        return cpu_gemv.mlp(x.to(torch.float32), *gemv_weight(gate_up), *gemv_weight(down)).to(x.dtype)
+    if uses_kernel(x, gate_up, down):  # the whole MLP in the kernel's dtype: one cast in, one out
         gate, up = kernel_linear(x.to(kernel_dtype(x, gate_up)), gate_up).chunk(2, dim=-1)
-        return kernel_linear(F.silu(gate) * up, down).to(x.dtype)
+        hidden = F.silu(gate) * up
+        return kernel_linear(hidden.to(kernel_dtype(hidden, down)), down).to(x.dtype)
     gate, up = F.linear(x, unpacked(gate_up, x.dtype)).chunk(2, dim=-1)
     return F.linear(F.silu(gate) * up, unpacked(down, x.dtype))
 
@@ -205,9 +217,9 @@ def routed_experts(x: torch.Tensor, expert_idx: torch.Tensor, gate_up: list[torc
     experts."""
     if x.shape[0] == 1:  # decoding one sequence: its K experts differ, so no sort (~0.1 ms of small ops a layer;
         # a compiled int8 step of the full model took 31.4 against 37.5 ms, README)
-        if uses_int8_mlp(x, gate_up, down):
-            return int8_gemv.experts(x.to(torch.float32), expert_idx[0].tolist(), gate_up[0], gate_up[1], down[0],
-                                     down[1]).to(x.dtype)
+        if uses_gemv_mlp(x, gate_up, down):
+            return cpu_gemv.experts(x.to(torch.float32), expert_idx[0].tolist(), *gemv_weight(gate_up),
+                                    *gemv_weight(down)).to(x.dtype)
         return torch.stack([stored_expert(gate_up, down, expert, x) for expert in expert_idx[0].tolist()], dim=1)
 
     def experts(rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -220,7 +232,7 @@ def routed_experts(x: torch.Tensor, expert_idx: torch.Tensor, gate_up: list[torc
 
 # In a compiled graph inductor's own kernel for int8 expert rows picked by index (dequantized in the loop) took ~10x
 # the eager time here (6 ms against 0.6 ms per layer of the full model, AVX2): so the eager code runs as one op
-# (torch.library.define/impl: a call costs half of custom_op's, int8_gemv.py).
+# (torch.library.define/impl: a call costs half of custom_op's, cpu_gemv.py).
 torch.library.define("cortex::stored_routed_experts",
                      "(Tensor x, Tensor expert_idx, Tensor[] gate_up, Tensor[] down) -> Tensor")
 torch.library.impl("cortex::stored_routed_experts", "default", routed_experts)
@@ -241,10 +253,10 @@ def stored_expert(gate_up: list[torch.Tensor], down: list[torch.Tensor], expert:
 def store_weights(model: nn.Module, weight_format: str) -> nn.Module:
     """Swaps every nn.Linear (the LMHead included), MLP and RoutedExperts of model for its form in weight_format
     ('bf16', 'int8'), in place. The embedding, norms and router stay as they are (a row read per token, or tiny).
-    int8 loads int8_gemv's kernel, or says why it runs on torch's alone."""
-    if weight_format == "int8" and not int8_gemv.enabled and (why_not := int8_gemv.load()) is not None:
-        log.warning("int8 weights: one-row products use torch's int8 kernel, ~half as fast on AVX2, because %s",
-                    why_not)
+    Loads cpu_gemv's kernel, or says why one-row products run on torch's alone."""
+    if not cpu_gemv.enabled and (why_not := cpu_gemv.load()) is not None:
+        log.warning("%s weights: one-row products use torch's kernels, about half as fast on AVX2, because %s",
+                    weight_format, why_not)
     return _swap_modules(model, weight_format)
 
 

@@ -4,13 +4,15 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import app as app_module
 from model import generate
 from model.mlp import MLP
 from model.moe import RoutedExperts
-from serving.quantize import StoredLinear, StoredMLP, StoredRoutedExperts, quantize_per_channel, store_weights
+from serving.quantize import (StoredLinear, StoredMLP, StoredRoutedExperts, quantize_per_channel, store_weights,
+                              unpacked)
 from serving.checkpoint import CheckpointError, default_format, load_for_serving, pick_format
 from serving.engine import Engine, Finished, GenerationRequest, SamplingParams
 
@@ -94,6 +96,23 @@ def test_a_single_row_takes_its_experts_directly_and_gets_the_sorted_batch_resul
 
 
 @pytest.mark.parametrize("weight_format", ["int8", "bf16"])
+def test_layers_of_any_width_get_their_stored_weights_product(weight_format):
+    # the kernels step through a row 16 (torch's AVX-512 int8) or 32 (cpu_gemv.c) columns at a time: other widths
+    # take another path (torch's int8 kernel returned garbage or crashed on a Zen 4 CPU at 8 or 24 columns)
+    torch.manual_seed(0)
+    for hidden_size, intermediate_size in ((8, 24), (48, 8), (64, 16), (64, 32)):
+        mlp = StoredMLP(MLP(hidden_size, intermediate_size), weight_format)
+        for rows in (1, 2, 5, 40):  # one row, a few (the kernels), a prompt (the dequantized weights)
+            x = torch.randn(rows, hidden_size)
+            with torch.no_grad():
+                gate, up = F.linear(x, unpacked(mlp.stored_weight("gate_up_proj_"), torch.float32)).chunk(2, dim=-1)
+                want = F.linear(F.silu(gate) * up, unpacked(mlp.stored_weight("down_proj_"), torch.float32))
+                got = mlp(x)
+            assert got.dtype == torch.float32  # bf16 activations in torch's kernels: within bf16's rounding
+            torch.testing.assert_close(got, want, rtol=0.02, atol=0.02 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("weight_format", ["int8", "bf16"])
 def test_generate_runs_a_model_with_stored_weights(model, tokenizer, weight_format):
     converted = store_weights(copy.deepcopy(model), weight_format)
     prompt = [5, 9, 30, 41]
@@ -143,8 +162,7 @@ def test_bad_format_flags_get_a_clear_error(capsys):
 
 def test_default_format_follows_the_cpu():
     cpu = torch.device("cpu")
-    assert default_format(cpu, "AVX2", False) == ("float32", "bf16")  # no native bf16: fp32 prefill, bf16 weights
-    assert default_format(cpu, "AVX512", False) == ("float32", "bf16")
-    assert default_format(cpu, "AVX512", True) == ("bfloat16", "none")  # AVX512-BF16 or AMX
-    assert default_format(cpu, "DEFAULT", False) == ("float32", "none")
-    assert default_format(torch.device("mps"), "DEFAULT", True) == ("float32", "none")
+    # x86, with native bf16 (AVX512-BF16, AMX) or not: fp32 compute, bf16 weights (cpu_gemv.c for one row)
+    assert default_format(cpu, "AVX2") == default_format(cpu, "AVX512") == ("float32", "bf16")
+    assert default_format(cpu, "DEFAULT") == ("float32", "none")
+    assert default_format(torch.device("mps"), "DEFAULT") == ("float32", "none")

@@ -1,5 +1,5 @@
-"""serving/int8_gemv.py: the int8 format's one-row product (int8_gemv.c, x86 with AVX2), its build, and the fallback
-to torch's int8 kernel where it cannot be built."""
+"""serving/cpu_gemv.py: the stored formats' one-row products (cpu_gemv.c, x86 with AVX2), its build, and the fallback
+to torch's kernels where it cannot be built."""
 
 import os
 import subprocess
@@ -13,7 +13,7 @@ from torch import nn
 
 from model.mlp import MLP
 from model.moe import RoutedExperts
-from serving import int8_gemv
+from serving import cpu_gemv
 from serving.quantize import StoredLinear, StoredMLP, StoredRoutedExperts, quantize_per_channel, unpacked
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -21,43 +21,64 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def kernel():
-    why_not = int8_gemv.load()
+    why_not = cpu_gemv.load()
     if why_not is not None:
-        pytest.skip(f"int8_gemv.c cannot run here: {why_not}")
+        pytest.skip(f"cpu_gemv.c cannot run here: {why_not}")
 
 
-def test_each_output_is_the_dequantized_weights_times_the_row(kernel):
+def stored_weight(weight: torch.Tensor, weight_format: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """weight as cpu_gemv takes it: int8 and its scales, or bf16 and None."""
+    return quantize_per_channel(weight) if weight_format == "int8" else (weight.to(torch.bfloat16), None)
+
+
+def as_float64(weight: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
+    return weight.double() * (1 if scales is None else scales.double()[:, None])
+
+
+@pytest.mark.parametrize("weight_format", ["int8", "bf16"])
+def test_each_output_is_the_stored_weights_times_the_row(kernel, weight_format):
     generator = torch.Generator().manual_seed(0)
     for rows, cols in ((1, 32), (7, 64), (300, 768), (2048, 1024)):
         weight = torch.randn(rows, cols, generator=generator) * torch.rand(rows, 1, generator=generator) * 3
-        weight_int8, scales = quantize_per_channel(weight)
+        weight, scales = stored_weight(weight, weight_format)
         row = torch.randn(1, cols, generator=generator)
-        expected = row.double() @ (weight_int8.double() * scales.double()[:, None]).T
-        got = int8_gemv.gemv(row, weight_int8, scales)
+        expected = row.double() @ as_float64(weight, scales).T
+        got = cpu_gemv.gemv(row, weight, scales)
         assert got.shape == (1, rows) and got.dtype == torch.float32
         torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
     threads = torch.get_num_threads()
     try:  # rows split over threads: each output is still one thread's sum, the same at any thread count
         torch.set_num_threads(1)
-        one = int8_gemv.gemv(row, weight_int8, scales)
+        one = cpu_gemv.gemv(row, weight, scales)
         torch.set_num_threads(2)
-        assert torch.equal(int8_gemv.gemv(row, weight_int8, scales), one)
+        assert torch.equal(cpu_gemv.gemv(row, weight, scales), one)
     finally:
         torch.set_num_threads(threads)
 
 
+def test_a_weight_it_does_not_take_stays_on_torchs_kernels(kernel):
+    row, weight = torch.randn(1, 64), torch.randn(8, 64)
+    weight_int8, scales = quantize_per_channel(weight)
+    assert cpu_gemv.usable(row, weight_int8, scales) and cpu_gemv.usable(row, weight.bfloat16(), None)
+    for args in ((weight_int8, None), (weight_int8, scales.bfloat16()), (weight.bfloat16(), scales), (weight, None),
+                 (weight_int8[:, :48], scales)):  # no scales, bf16 scales, scales with bf16, fp32, 48 columns
+        assert not cpu_gemv.usable(row, *args)
+    assert not cpu_gemv.usable(torch.randn(2, 64), weight_int8, scales)  # more rows
+
+
 def with_torchs_kernel(module: nn.Module, *inputs: torch.Tensor) -> torch.Tensor:
-    int8_gemv.enabled = False
+    cpu_gemv.enabled = False
     try:
         return module(*inputs)
     finally:
-        int8_gemv.enabled = True
+        cpu_gemv.enabled = True
 
 
-def test_one_row_of_the_int8_layers_runs_in_it_eager_and_in_a_compiled_graph(kernel):
+@pytest.mark.parametrize("weight_format", ["int8", "bf16"])
+def test_one_row_of_the_stored_layers_runs_in_it_eager_and_in_a_compiled_graph(kernel, weight_format):
     torch.manual_seed(0)
-    linear = StoredLinear(nn.Linear(64, 96, bias=False), "int8")
-    mlp = StoredMLP(MLP(64, 32), "int8")
+    linear = StoredLinear(nn.Linear(64, 96, bias=False), weight_format)
+    mlp = StoredMLP(MLP(64, 32), weight_format)
     row = torch.randn(1, 64)
     with torch.no_grad():
         gate, up = F.linear(row, unpacked(mlp.stored_weight("gate_up_proj_"), torch.float32)).chunk(2, dim=-1)
@@ -66,24 +87,25 @@ def test_one_row_of_the_int8_layers_runs_in_it_eager_and_in_a_compiled_graph(ker
         for module, want in expected.items():
             got = module(row)
             assert got.dtype == torch.float32
-            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)  # fp32 activations: the dequantized product
-            # torch's kernel takes bf16 activations: ~100x further off, so the close result above was this kernel's
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)  # fp32 activations: the stored weights' product
+            # torch's kernels take bf16 activations: ~100x further off, so the close result above was this kernel's
             assert (with_torchs_kernel(module, row) - want).abs().max() > 10 * (got - want).abs().max()
-            # the compiled decode step: the op cortex::int8_gemv in the graph (fullgraph: no break around ctypes)
+            # the compiled decode step: cortex::gemv or cortex::mlp in the graph (fullgraph: no break around ctypes)
             torch.testing.assert_close(torch.compile(module, fullgraph=True)(row), got)
         # more rows (8 slots decoding) stay on torch's kernel
         rows = torch.randn(3, 64)
         torch.testing.assert_close(linear(rows), with_torchs_kernel(linear, rows))
 
 
-def test_one_row_takes_its_routed_experts_in_it(kernel):
+@pytest.mark.parametrize("weight_format", ["int8", "bf16"])
+def test_one_row_takes_its_routed_experts_in_it(kernel, weight_format):
     torch.manual_seed(0)
-    experts = StoredRoutedExperts(RoutedExperts(num_experts=4, hidden_size=64, intermediate_size=32), "int8")
+    experts = StoredRoutedExperts(RoutedExperts(num_experts=4, hidden_size=64, intermediate_size=32), weight_format)
     gate_up, down = experts.weights()
     row, expert_idx = torch.randn(1, 64), torch.tensor([[3, 1]])
     with torch.no_grad():
         got = experts(row, expert_idx)
-        for k, expert in enumerate((3, 1)):  # each expert's dequantized weights, in fp32
+        for k, expert in enumerate((3, 1)):  # each expert's stored weights, in fp32
             gate, up = F.linear(row, unpacked([t[expert] for t in gate_up], torch.float32)).chunk(2, dim=-1)
             want = F.linear(F.silu(gate) * up, unpacked([t[expert] for t in down], torch.float32))
             torch.testing.assert_close(got[:, k], want, rtol=1e-5, atol=1e-5)
@@ -98,10 +120,10 @@ def load_in_a_child(tmp_path: Path, compiler: str | None) -> subprocess.Complete
     one-row layer."""
     code = ("import logging, torch; logging.basicConfig(level=logging.WARNING)\n"
             "from torch import nn\n"
-            "from serving import int8_gemv\n"
+            "from serving import cpu_gemv\n"
             "from serving.quantize import store_weights\n"
             "layer = store_weights(nn.Sequential(nn.Linear(64, 32, bias=False)), 'int8')\n"
-            "print(int8_gemv.enabled, tuple(layer(torch.randn(1, 64)).shape))\n")
+            "print(cpu_gemv.enabled, tuple(layer(torch.randn(1, 64)).shape))\n")
     env = {name: value for name, value in os.environ.items() if name != "CC"} | (
         {"CC": compiler} if compiler else {}) | {"CORTEX_CACHE_DIR": str(tmp_path / "cache"), "PYTHONPATH": str(REPO_ROOT)}
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path,
@@ -110,17 +132,21 @@ def load_in_a_child(tmp_path: Path, compiler: str | None) -> subprocess.Complete
 
 def test_it_is_built_once_into_the_cache(kernel, tmp_path):
     compiler = os.environ.get("CC")
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "cpu_gemv-0123456789abcdef.so").write_bytes(b"an earlier source's build")
+    (tmp_path / "cache" / "tokenizer.json").write_text("{}")  # the cache's other files stay
     first = load_in_a_child(tmp_path, compiler)
     assert first.returncode == 0, first.stderr
-    assert first.stdout.split() == ["True", "(1,", "32)"] and "torch's int8 kernel" not in first.stderr
-    built = list((tmp_path / "cache").iterdir())
-    assert len(built) == 1 and built[0].name.startswith("int8_gemv-") and built[0].suffix == ".so"  # no build dir left
+    assert first.stdout.split() == ["True", "(1,", "32)"] and "torch's kernels" not in first.stderr
+    built = sorted((tmp_path / "cache").glob("cpu_gemv-*"))
+    assert len(built) == 1 and built[0].suffix == ".so" and built[0].read_bytes()[:4] == b"\x7fELF"  # stale one gone
+    assert sorted(path.name for path in (tmp_path / "cache").iterdir()) == [built[0].name, "tokenizer.json"]
     before = built[0].stat().st_mtime_ns
     assert load_in_a_child(tmp_path, compiler).stdout == first.stdout
     assert built[0].stat().st_mtime_ns == before  # loaded, not rebuilt
 
 
-def test_where_it_cannot_be_built_int8_says_why_and_runs_on_torchs_kernel(tmp_path):
+def test_where_it_cannot_be_built_the_format_says_why_and_runs_on_torchs_kernels(tmp_path):
     failing = tmp_path / "broken-cc"
     failing.write_text("#!/bin/sh\necho 'broken-cc: error: unsupported target' >&2\nexit 1\n")
     failing.chmod(0o755)
@@ -129,7 +155,7 @@ def test_where_it_cannot_be_built_int8_says_why_and_runs_on_torchs_kernel(tmp_pa
         child = load_in_a_child(tmp_path, compiler)
         assert child.returncode == 0, child.stderr
         assert child.stdout.split() == ["False", "(1,", "32)"]  # the layer still works
-        if int8_gemv.load() is None:  # where the kernel could run (x86, AVX2): the compiler is what failed
-            assert "one-row products use torch's int8 kernel" in child.stderr and compiler in child.stderr
+        if cpu_gemv.load() is None:  # where the kernel could run (x86, AVX2): the compiler is what failed
+            assert "int8 weights: one-row products use torch's kernels" in child.stderr and compiler in child.stderr
             assert reason in child.stderr
         assert not list((tmp_path / "cache").glob("*.so"))  # no half-built library left
