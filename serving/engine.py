@@ -261,6 +261,10 @@ class Engine:
         self._ttft: deque[float] = deque(maxlen=200)
 
     STATS_WINDOW_S = 10.0
+    # An idle loop wakes this often: Python runs signal handlers (Ctrl-C's KeyboardInterrupt) in the main thread only,
+    # and a SIGINT that the OS delivers to another thread (the HTTP server's, OpenMP's) does not interrupt the main
+    # thread's wait, so an untimed wait left `app.py` running after Ctrl-C until the next request.
+    IDLE_WAKE_S = 0.5
 
     # --- public, any thread ----------------------------------------------------------------------------------------
 
@@ -356,7 +360,7 @@ class Engine:
             while True:
                 with self._cond:
                     while not self._stopping and not self._waiting and all(s is None for s in self.slots):
-                        self._cond.wait()
+                        self._cond.wait(timeout=self.IDLE_WAKE_S)
                     if self._stopping:
                         break
                     admitted = self._admit()

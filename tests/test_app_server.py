@@ -587,6 +587,31 @@ def test_cli_serves_a_run_dir_and_ends_on_ctrl_c(tmp_path, tokenizer):
         server.kill()
 
 
+def test_an_idle_engine_ends_on_a_ctrl_c_that_another_thread_received():
+    # The OS may hand a process's SIGINT to any of its threads; Python runs the handler in the main thread only, so the
+    # idle decode loop must not wait there untimed, or app.py keeps running after Ctrl-C (likely why the test above
+    # once timed out in a full run).
+    code = ("import signal, threading, time\n"
+            "from model import CortexModel, tiny_config\n"
+            "from serving.engine import Engine\n"
+            "from trainer.tokenizer import tiny_tokenizer\n"
+            "tokenizer = tiny_tokenizer()\n"
+            "engine = Engine(CortexModel(tiny_config(tokenizer.vocab_size)).eval(), tokenizer, slots=1)\n"
+            "def client():  # app.py's HTTP server thread\n"
+            "    time.sleep(0.5)  # the loop idle in its wait by now\n"
+            "    signal.pthread_kill(threading.get_ident(), signal.SIGINT)  # Ctrl-C, received by this thread\n"
+            "    time.sleep(120)\n"
+            "started = time.monotonic()\n"
+            "try:\n"
+            "    engine.run_beside(client)\n"
+            "except KeyboardInterrupt:\n"
+            "    print(f'interrupted after {time.monotonic() - started:.1f} s')\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=90, cwd=REPO_ROOT,
+                            env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    assert result.returncode == 0 and result.stdout.startswith("interrupted after"), result.stderr
+    assert float(result.stdout.split()[2]) < 0.5 + 5 * Engine.IDLE_WAKE_S
+
+
 def test_cli_without_checkpoint_offline_explains_what_to_do(tmp_path):
     with socket.socket() as probe:  # a port nobody listens on
         probe.bind(("127.0.0.1", 0))
