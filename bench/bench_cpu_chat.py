@@ -9,9 +9,10 @@ as a trained model's (see bench_app.py); written once as a .safetensors file. Ea
 start-up and resident memory are its own): load_for_serving (read + quantize + cast) = start-up, then through the
 server's Engine: time to first token of a 512-token prompt, greedy decode of 256 tokens at batch 1 (decode tokens/s =
 tokens after the first / their time), 8 concurrent requests of 64 tokens (aggregate tokens/s), and the logits of a
-held-out sample_data text (teacher forced, 512 tokens). Peak RSS is read at the end. Quality against fp32: greedy
-agreement = share of the 256 greedy positions where the tokens equal fp32's (and the first differing one), held-out
-argmax agreement and the max |logit - fp32 logit|. With llama-cpp-python importable, the weights are exported by
+held-out sample_data text (teacher forced, 512 tokens in one prefill, and the first 128 of them again one token a
+step, as decoding computes them). Peak RSS is read at the end. Quality against fp32: greedy agreement = share of the
+256 greedy positions where the tokens equal fp32's (and the first differing one), held-out argmax agreement and the
+max |logit - fp32 logit|, of the prefill and of the steps (heldout_decode_*). With llama-cpp-python importable, the weights are exported by
 export.py to GGUF f16 and q8_0 and llama.cpp is timed the same way (its own process, OMP_NUM_THREADS threads for
 prompt and decode, the prompt in one 512-token batch, then one token per eval call; no batched API, so no 8-slot
 figure; its held-out logits come from a second load that keeps every position's). Formats run in the order given,
@@ -63,6 +64,7 @@ DEFAULT_FORMATS = ["fp32", "bf16-weights", "bf16", "int8"]  # compiled ones add 
 LLAMA_CPP = {"llama.cpp-f16": "f16", "llama.cpp-q8_0": "q8_0"}  # GGUF type of each llama.cpp row
 LM_HEAD_STD = 0.15  # x std sqrt(hidden): logits of std ~4, peaked like a trained model's
 PROMPT_TOKENS, GREEDY_TOKENS, SLOTS, SLOT_TOKENS, HELDOUT_TOKENS = 512, 256, 8, 64, 512
+HELDOUT_DECODE_TOKENS = 128  # of those, fed one a step as decoding does (the one-row kernels)
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=GREEDY_TOKENS)
 
 
@@ -119,12 +121,23 @@ def measure_format(name: str, weights: Path, out: Path) -> dict:
     ttft_s, greedy, decode_tps, slots_tps = engine.run_beside(client)
     with torch.no_grad():
         logits = served.model(torch.tensor([ids]))["logits"][0].float()
-    torch.save({"greedy": greedy, "logits": logits}, out)
+        decode_logits = teacher_forced_steps(served.model, ids[:HELDOUT_DECODE_TOKENS])
+    torch.save({"greedy": greedy, "logits": logits, "decode_logits": decode_logits}, out)
     return {"format": name, "dtype": dtype, "quantize": quantize, "compile": compiled,
             "startup_s": round(startup_s, 2), **({"compile_s": round(compile_s, 1)} if compiled else {}),
             "ttft_512_s": round(ttft_s, 3), "decode_tok_s_batch1": round(decode_tps, 2),
             f"decode_tok_s_{SLOTS}_slots": round(slots_tps, 2), "greedy_tokens": len(greedy),
             "rss_mb": resident_mb(), "peak_rss_mb": resident_mb("VmHWM")}
+
+
+def teacher_forced_steps(model: CortexModel, ids: list[int]) -> torch.Tensor:
+    """The logits of ids fed one token a step through a KV cache (len(ids), V) fp32: as decoding computes them, where
+    the stored formats multiply one row in their one-row kernels (a prefill's logits never reach those)."""
+    cache, steps = KVCache(max_length=len(ids)), []
+    for position, token in enumerate(ids):
+        output = model(torch.tensor([[token]]), position_ids=torch.tensor([[position]]), past_key_values=cache)
+        steps.append(output["logits"][0, -1].float())
+    return torch.stack(steps)
 
 
 def resident_mb(field: str = "VmRSS") -> int:
@@ -144,7 +157,11 @@ def quality(reference: dict, other: dict) -> dict:
             "heldout_argmax_agreement": round((reference["logits"].argmax(-1) == other["logits"].argmax(-1))
                                               .float().mean().item(), 3),
             "max_logit_error": round((reference["logits"] - other["logits"]).abs().max().item(), 3),
-            "logit_range": round(reference["logits"].abs().max().item(), 2)}
+            "logit_range": round(reference["logits"].abs().max().item(), 2)} | ({
+        "heldout_decode_argmax_agreement": round((reference["decode_logits"].argmax(-1)
+                                                  == other["decode_logits"].argmax(-1)).float().mean().item(), 3),
+        "decode_max_logit_error": round((reference["decode_logits"] - other["decode_logits"]).abs().max().item(), 3),
+    } if "decode_logits" in other else {})
 
 
 def measure_llama_cpp(name: str, gguf: Path, out: Path) -> dict:
