@@ -57,7 +57,7 @@ from serving.quantize import (StoredLinear, StoredMLP, StoredRoutedExperts, kern
                               stored_expert)
 
 FORMATS = {"fp32": ("float32", "none"), "bf16-weights": ("float32", "bf16"), "bf16": ("bfloat16", "none"),
-           "bf16-weights-bf16-compute": ("bfloat16", "bf16"),
+           "bf16-weights-bf16-compute": ("bfloat16", "bf16"), "int8-bf16-compute": ("bfloat16", "int8"),
            "int8": ("float32", "int8"), "fp32-compiled": ("float32", "none"),  # name: dtype, quantize
            "bf16-weights-compiled": ("float32", "bf16"), "int8-compiled": ("float32", "int8")}  # (+ Engine --compile)
 DEFAULT_FORMATS = ["fp32", "bf16-weights", "bf16", "int8"]  # compiled ones add minutes of compiling: asked by name
@@ -376,6 +376,7 @@ def main():
         figures["decode_vs_fp32"] = round(figures["decode_tok_s_batch1"] / fp32_decode, 2)
     for ours, theirs in (("bf16-weights", "llama.cpp-f16"), ("bf16", "llama.cpp-f16"),
                          ("bf16-weights-bf16-compute", "llama.cpp-f16"), ("int8", "llama.cpp-q8_0"),
+                         ("int8-bf16-compute", "llama.cpp-q8_0"),
                          ("bf16-weights-compiled", "llama.cpp-f16"), ("int8-compiled", "llama.cpp-q8_0")):
         if ours in results and theirs in results:
             results[ours]["decode_vs_llama_cpp"] = round(results[ours]["decode_tok_s_batch1"]

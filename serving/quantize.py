@@ -118,7 +118,8 @@ def unpacked(weight: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
 
 
 class _StoredModule(nn.Module):
-    """Keeps its bf16 buffers (`*_bf16`, `*kernel_scales`) in bf16 through model.to(dtype): cast once, not per call."""
+    """Keeps its bf16 buffers (`*_bf16`, `*kernel_scales`) in bf16 and int8's own scales in fp32 (what cpu_gemv.c
+    takes) through model.to(dtype): cast once, not per call."""
 
     def __init__(self, weight_format: str):
         super().__init__()
@@ -131,6 +132,8 @@ class _StoredModule(nn.Module):
         for name, buffer in self._buffers.items():
             if name.endswith(("_bf16", "kernel_scales")):
                 self._buffers[name] = buffer.to(torch.bfloat16)
+            elif name.endswith("scales"):  # int8's own: fp32 for cpu_gemv.c in a bf16 or fp16 model too
+                self._buffers[name] = buffer.to(torch.float32)
         return self
 
     def store(self, prefix: str, weight: torch.Tensor):

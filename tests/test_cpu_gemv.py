@@ -14,7 +14,8 @@ from torch import nn
 from model.mlp import MLP
 from model.moe import RoutedExperts
 from serving import cpu_gemv
-from serving.quantize import StoredLinear, StoredMLP, StoredRoutedExperts, quantize_per_channel, unpacked
+from serving.quantize import (StoredLinear, StoredMLP, StoredRoutedExperts, quantize_per_channel, unpacked,
+                              uses_gemv)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -95,6 +96,21 @@ def test_one_row_of_the_stored_layers_runs_in_it_eager_and_in_a_compiled_graph(k
         # more rows (8 slots decoding) stay on torch's kernel
         rows = torch.randn(3, 64)
         torch.testing.assert_close(linear(rows), with_torchs_kernel(linear, rows))
+
+
+def test_a_bf16_model_keeps_int8_scales_in_fp32_and_one_row_in_it(kernel):
+    # --dtype bfloat16 --quantize int8: bf16 prefill, int8 decoding in the kernel (it takes fp32 scales)
+    torch.manual_seed(0)
+    linear = StoredLinear(nn.Linear(64, 96, bias=False), "int8").to(torch.bfloat16)
+    assert (linear.weight_int8.dtype, linear.scales.dtype, linear.kernel_scales.dtype) == (
+        torch.int8, torch.float32, torch.bfloat16)
+    row = torch.randn(1, 64).bfloat16()
+    assert uses_gemv(row, linear.stored_weight())
+    with torch.no_grad():
+        got = linear(row)
+    want = row.double() @ unpacked(linear.stored_weight(), torch.float64).T
+    assert got.dtype == torch.bfloat16  # the exact product rounded once to bf16 (half a step: at most 2^-8 of it)
+    assert ((got.double() - want).abs() <= want.abs() * 2 ** -8 + 1e-6).all()
 
 
 @pytest.mark.parametrize("weight_format", ["int8", "bf16"])
