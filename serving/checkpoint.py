@@ -132,11 +132,11 @@ def cpu_features() -> tuple[str, bool]:
 
 def default_format(device: torch.device, capability: str) -> tuple[str, str]:
     """(--dtype, --quantize) when neither is given. GPUs that support bf16: bf16. x86 CPUs (AVX2, AVX512): fp32 compute
-    with the weights stored in bf16, half the weight bytes: one decoding row multiplies them in serving/cpu_gemv.c,
-    which decoded 3.3x fp32 at batch 1 on AVX2 and on a Zen 4 with native bf16, where bf16 compute decoded 1.4x (torch's
-    bf16 GEMV) with a 2x faster 512-token prefill and lower held-out agreement with fp32 (0.90 against 0.965). Where
-    bf16 is emulated (AVX2) a bf16-compute prefill took 5-9x fp32's time. Figures: README, "The full model on a CPU".
-    Other CPUs (unmeasured) and MPS: fp32.
+    with the weights stored in bf16, half the weight bytes: one decoding row multiplies them in serving/cpu_gemv.c.
+    On a Zen 4 with native bf16 that decoded 3.3x fp32 at batch 1, where bf16 compute decoded 1.4x (torch's bf16 GEMV)
+    with a 2x faster 512-token prefill and lower held-out agreement with fp32 (0.90 against 0.965); on AVX2 it decoded
+    1.5x fp32 on torch's bf16 GEMV (unmeasured with cpu_gemv.c), and bf16 compute, emulated there, prefilled in 5-9x
+    fp32's time. Figures: README, "The full model on a CPU". Other CPUs (unmeasured) and MPS: fp32.
     int8 stays opt-in: its quality was only measured on random weights."""
     if device.type == "cuda":
         return ("bfloat16" if torch.cuda.is_bf16_supported() else "float32"), "none"
