@@ -100,7 +100,7 @@ def _gemv(row: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None) 
     """row (1, in) fp32 @ weight (out, in).T -> (1, out) fp32, the weight int8 times scales (out, 1) or bf16 (scales
     None). Tensors as usable() checks; no conversions here: a call costs ~5 us beside the product."""
     out = torch.empty(1, weight.shape[0])
-    _KERNEL.cortex_gemv(row.data_ptr(), weight.data_ptr(), pointer(scales), out.data_ptr(), weight.shape[0],
+    _KERNEL.cortex_gemv(row.data_ptr(), weight.data_ptr(), address(scales), out.data_ptr(), weight.shape[0],
                         weight.shape[1], torch.get_num_threads())
     return out
 
@@ -111,8 +111,8 @@ def _mlp(row: torch.Tensor, gate_up: torch.Tensor, gate_up_scales: torch.Tensor 
     in _gemv: one call for the three steps (the Python between them cost ~60 us an expert)."""
     hidden_size, intermediate_size = down.shape
     out, hidden = torch.empty(1, hidden_size), torch.empty(2 * intermediate_size)
-    _KERNEL.cortex_mlp(row.data_ptr(), gate_up.data_ptr(), pointer(gate_up_scales), down.data_ptr(),
-                       pointer(down_scales), hidden.data_ptr(), out.data_ptr(), hidden_size, intermediate_size,
+    _KERNEL.cortex_mlp(row.data_ptr(), gate_up.data_ptr(), address(gate_up_scales), down.data_ptr(),
+                       address(down_scales), hidden.data_ptr(), out.data_ptr(), hidden_size, intermediate_size,
                        torch.get_num_threads())
     return out
 
@@ -132,13 +132,8 @@ def experts(row: torch.Tensor, expert_ids: list[int], gate_up: torch.Tensor, gat
     return out
 
 
-def pointer(tensor: torch.Tensor | None) -> int | None:
-    """tensor's address, or NULL for None (a bf16 weight's scales)."""
-    return None if tensor is None else tensor.data_ptr()
-
-
-def address(tensor: torch.Tensor | None, index: int) -> int | None:
-    """The address of tensor[index] (tensor contiguous), or NULL for None."""
+def address(tensor: torch.Tensor | None, index: int = 0) -> int | None:
+    """The address of tensor[index] (tensor contiguous), or NULL for None (a bf16 weight's scales)."""
     return None if tensor is None else tensor.data_ptr() + index * tensor.stride(0) * tensor.element_size()
 
 
