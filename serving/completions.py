@@ -129,6 +129,7 @@ class Choice:
     finish_reason: str  # "stop", "length", "cancelled" or "error"
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0  # of the prompt's, reused (Finished.cached_tokens)
 
 
 def collect_choice(generation: GenerationRequest, echo_text: str, request: CompletionRequest, tokenizer: Tokenizer,
@@ -147,7 +148,7 @@ def collect_choice(generation: GenerationRequest, echo_text: str, request: Compl
             logprobs.add(token, scored, offset)
             offset += len(offset_decoder.push(token))
     decoder, stops = tokenizer.stream_decoder(skip_special_tokens=True), StopMatcher(request.sampling.stop)
-    generated = 0
+    generated = cached = 0
     try:
         while True:
             event = _next_event(generation, check_client)
@@ -155,6 +156,7 @@ def collect_choice(generation: GenerationRequest, echo_text: str, request: Compl
                 text += stops.push(decoder.flush())
                 text += "" if stops.stopped else stops.flush()  # held back, but no stop string came
                 reason = "stop" if stops.stopped else event.reason
+                cached = event.cached_tokens
                 break
             generated += 1
             if logprobs is not None:
@@ -166,7 +168,8 @@ def collect_choice(generation: GenerationRequest, echo_text: str, request: Compl
                 break
     finally:
         generation.cancel()  # a caller that stops reading (error, disconnect) frees the slot
-    return Choice(text, None if logprobs is None else logprobs.body(), reason, len(generation.prompt_ids), generated)
+    return Choice(text, None if logprobs is None else logprobs.body(), reason, len(generation.prompt_ids), generated,
+                  cached)
 
 
 def _next_event(generation: GenerationRequest,
@@ -182,12 +185,14 @@ def _next_event(generation: GenerationRequest,
 def completion_body(choices: list[Choice], model_name: str) -> dict:
     prompt_tokens = sum(c.prompt_tokens for c in choices)
     completion_tokens = sum(c.completion_tokens for c in choices)
+    cached_tokens = sum(c.cached_tokens for c in choices)
     return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
             "model": model_name,
             "choices": [{"index": i, "text": c.text, "logprobs": c.logprobs, "finish_reason": c.finish_reason}
                         for i, c in enumerate(choices)],
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                      "total_tokens": prompt_tokens + completion_tokens}}
+                      "total_tokens": prompt_tokens + completion_tokens,
+                      "prompt_tokens_details": {"cached_tokens": cached_tokens}}}
 
 
 # --- tokenizer endpoints (vLLM's) ----------------------------------------------------------------------------------

@@ -8,6 +8,12 @@ finished, cancelled or disconnected request frees its slot before the next step.
 with their phase (thinking or answer); turning them into text is the caller's business (serving/chat.py,
 serving/completions.py).
 
+Prefix reuse: a freed slot keeps the keys and values of its tokens (prompt and reply), and a request whose prompt
+starts with those tokens takes that slot and prefills only the rest, as llama.cpp's server and vLLM's prefix caching
+do. A chat's next turn (the whole conversation again, plus a question) so prefills just the new turn: on a CPU a
+conversation of 1,000 tokens otherwise costs seconds of prefill per turn (README, "The full model on a CPU").
+`Finished.cached_tokens` says how many prompt tokens were reused (the API's usage.prompt_tokens_details).
+
 Log-probabilities (on request) are the model's own: log-softmax of the fp32 logits before temperature, top-p and
 penalties, for the prompt's tokens (a forward over the whole prompt at prefill) and for each generated token.
 
@@ -58,6 +64,16 @@ def closing_language(thinking: str) -> str:
     return "zh" if len(CJK_CHARACTER.findall(thinking)) > len(LATIN_WORD.findall(thinking)) else "en"
 
 
+def common_prefix_length(a: list[int], b: list[int]) -> int:
+    """How many leading tokens a and b share."""
+    length = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        length += 1
+    return length
+
+
 class QueueFullError(RuntimeError):
     """Every slot is busy and the waiting queue is at its limit."""
 
@@ -104,6 +120,7 @@ class Finished:
     prompt_tokens: int
     completion_tokens: int  # every generated token, forced ones and </s> included
     thinking_tokens: int  # tokens between <think> and </think>
+    cached_tokens: int = 0  # of the prompt's, reused from a slot's cache (prefix reuse): not prefilled again
 
 
 class GenerationRequest:
@@ -159,38 +176,39 @@ class SlotKVCache:
         self.values = [weight.new_zeros(shape) for _ in range(config.num_hidden_layers)]
         self.max_length = max_length
 
-    def prefill(self, slot: int) -> "_PrefillView":
-        return _PrefillView(self, slot)
+    def prefill(self, slot: int, start: int = 0) -> "_PrefillView":
+        return _PrefillView(self, slot, start)
 
-    def decode(self, positions: torch.Tensor) -> "_DecodeView":
-        return _DecodeView(self, positions)
+    def decode(self, positions: torch.Tensor, width: int) -> "_DecodeView":
+        return _DecodeView(self, positions, width)
 
 
 class _PrefillView:
-    """A whole prompt into one slot, from position 0 (plain causal attention, no mask)."""
+    """A prompt's tokens into one slot after the `start` positions it already holds (a reused prefix; 0: the whole
+    prompt, plain causal attention)."""
 
-    def __init__(self, cache: SlotKVCache, slot: int):
-        self.cache, self.slot = cache, slot
+    def __init__(self, cache: SlotKVCache, slot: int, start: int):
+        self.cache, self.slot, self.start = cache, slot, start
 
     def get_seq_len(self, layer_idx: int = 0) -> int:
-        return 0
+        return self.start
 
     def update(self, key, value, layer_idx):
-        length = key.shape[-2]
+        end = self.start + key.shape[-2]
         rows = slice(self.slot, self.slot + 1)
-        self.cache.keys[layer_idx][rows, :, :length] = key
-        self.cache.values[layer_idx][rows, :, :length] = value
-        return self.cache.keys[layer_idx][rows, :, :length], self.cache.values[layer_idx][rows, :, :length]
+        self.cache.keys[layer_idx][rows, :, self.start:end] = key
+        self.cache.values[layer_idx][rows, :, self.start:end] = value
+        return self.cache.keys[layer_idx][rows, :, :end], self.cache.values[layer_idx][rows, :, :end]
 
 
 class _DecodeView:
     """One new token for each of the first B slots, written at that slot's own position; attention reads the first
-    max(position) + 1 positions of every slot (the caller's attention mask hides what is not that slot's)."""
+    `width` positions of every slot (the caller's attention mask hides what is not that slot's)."""
 
-    def __init__(self, cache: SlotKVCache, positions: torch.Tensor):
+    def __init__(self, cache: SlotKVCache, positions: torch.Tensor, width: int):
         self.cache, self.positions = cache, positions
         self.rows = torch.arange(len(positions), device=positions.device)
-        self.width = int(positions.max()) + 1
+        self.width = width
 
     def get_seq_len(self, layer_idx: int = 0) -> int:
         return self.width - 1
@@ -208,7 +226,9 @@ class _Slot:
     request: GenerationRequest
     max_new_tokens: int
     phase: str
-    length: int = 0  # positions of this slot filled in the cache
+    ids: list[int] = field(default_factory=list)  # the prompt, then each token emitted
+    length: int = 0  # positions of this slot filled in the cache (by ids[:length])
+    cached_tokens: int = 0  # of the prompt, already in the slot's cache when it was admitted (prefix reuse)
     next_input: int = -1  # the last generated token, fed at the next step
     generated: int = 0
     thinking_ids: list[int] = field(default_factory=list)  # the thought so far (</think> excluded)
@@ -227,15 +247,19 @@ class Engine:
     `stop` ends it."""
 
     def __init__(self, model: CortexModel, tokenizer: Tokenizer, *, slots: int = 8, max_queue: int = 32,
-                 max_context: int | None = None, seed: int | None = None, compile: bool = False):
+                 max_context: int | None = None, seed: int | None = None, compile: bool = False,
+                 reuse_prefixes: bool = True):
         """compile: decode with one torch.compile'd graph per step (model/compiled_decode.py); it is compiled here,
-        before serving, which takes seconds to minutes for the full model on a CPU."""
+        before serving, which takes seconds to minutes for the full model on a CPU. reuse_prefixes: prefix reuse (see
+        the module's docstring); off, every prompt is prefilled whole."""
         if slots < 1 or max_queue < 0:
             raise ValueError(f"need slots >= 1 and max_queue >= 0, got slots={slots}, max_queue={max_queue}")
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_context = max_context or model.config.max_position_embeddings
         self.slots: list[_Slot | None] = [None] * slots
+        self.reuse_prefixes = reuse_prefixes
+        self.kept: list[list[int]] = [[] for _ in range(slots)]  # a free slot's tokens whose keys/values it holds
         self.max_queue = max_queue
         # A compiled step reads views of the cache up to some width: one spare position keeps every such view
         # non-contiguous alike, or the full-width view would be compiled again for its different strides.
@@ -256,7 +280,8 @@ class Engine:
         self._thread: threading.Thread | None = None  # start()'s
         # monitoring (under _cond)
         self._started_at = time.monotonic()
-        self._counts = {"requests": 0, "rejected": 0, "completed": 0, "cancelled": 0, "failed": 0, "tokens": 0}
+        self._counts = {"requests": 0, "rejected": 0, "completed": 0, "cancelled": 0, "failed": 0, "tokens": 0,
+                        "prompt_tokens": 0, "cached_prompt_tokens": 0}
         self._token_times: deque[tuple[float, int]] = deque()  # (time, tokens) per step, last STATS_WINDOW_S seconds
         self._ttft: deque[float] = deque(maxlen=200)
 
@@ -396,8 +421,12 @@ class Engine:
             room = self.max_context - len(request.prompt_ids)
             sampling = request.sampling
             max_new = room if sampling.max_new_tokens is None else min(room, sampling.max_new_tokens)
-            slot_idx = self.slots.index(None)
-            slot = _Slot(request, max_new, THINKING if request.thinking else ANSWER)
+            slot_idx, cached = self._free_slot_for(request)
+            slot = _Slot(request, max_new, THINKING if request.thinking else ANSWER, ids=list(request.prompt_ids),
+                         length=cached, cached_tokens=cached)
+            self.kept[slot_idx] = []  # the cache is the slot's now
+            self._counts["prompt_tokens"] += len(request.prompt_ids)
+            self._counts["cached_prompt_tokens"] += cached
             if sampling.seed is not None:
                 slot.generator = torch.Generator(device=self.device).manual_seed(sampling.seed)
             if sampling.penalised:
@@ -405,6 +434,24 @@ class Engine:
             self.slots[slot_idx] = slot
             admitted.append(slot_idx)
         return admitted
+
+    # Taking another free slot than the lowest can widen the batch (free slots below an active one ride along, and
+    # more than one row leaves cpu_gemv.c's one-row kernel), so it must save at least this many positions of prefill.
+    MIN_REUSED_TOKENS = 64
+
+    def _free_slot_for(self, request: GenerationRequest) -> tuple[int, int]:
+        """(the free slot a request takes, how many of its prompt's positions that slot's cache already holds): the
+        one keeping the longest start of its prompt, else the lowest (so the batch stays compact). At least the
+        prompt's last token is prefilled (its logits start the reply); a request for prompt log-probabilities is
+        prefilled whole."""
+        free = [slot_idx for slot_idx, slot in enumerate(self.slots) if slot is None]
+        if not self.reuse_prefixes or request.prompt_logprobs:
+            return free[0], 0
+        reusable = {slot_idx: common_prefix_length(self.kept[slot_idx], request.prompt_ids[:-1]) for slot_idx in free}
+        best = max(free, key=reusable.get)  # the lowest of equals
+        if reusable[best] - reusable[free[0]] < self.MIN_REUSED_TOKENS:
+            best = free[0]
+        return best, reusable[best]
 
     def _free_cancelled(self):
         for slot_idx, slot in enumerate(self.slots):
@@ -414,12 +461,12 @@ class Engine:
     def _prefill(self, slot_idx: int):
         slot = self.slots[slot_idx]
         request = slot.request
-        prompt = torch.tensor([request.prompt_ids], device=self.device)
-        logits = self.model(prompt, past_key_values=self.cache.prefill(slot_idx),
+        new_ids = torch.tensor([request.prompt_ids[slot.length:]], device=self.device)  # after a reused prefix
+        logits = self.model(new_ids, past_key_values=self.cache.prefill(slot_idx, start=slot.length),
                             logits_to_keep=0 if request.prompt_logprobs else 1)["logits"][0]
-        slot.length = prompt.shape[1]
-        if request.prompt_logprobs:
-            scored = self._logprobs(logits[:-1], prompt[0, 1:].tolist(), request.logprobs)
+        slot.length = len(request.prompt_ids)
+        if request.prompt_logprobs:  # (prefilled whole)
+            scored = self._logprobs(logits[:-1], request.prompt_ids[1:], request.logprobs)
             request.events.put(PromptLogprobs([None, *scored]))
         if slot.max_new_tokens == 0:
             self._finish(slot_idx, "length")
@@ -431,12 +478,13 @@ class Engine:
         batch = max(i for i, s in enumerate(self.slots) if s is not None) + 1  # free slots below it ride along, masked
         rows = self.slots[:batch]
         inputs = torch.tensor([[s.next_input if s else 0] for s in rows], device=self.device)
-        positions = torch.tensor([s.length if s else 0 for s in rows], device=self.device)
+        positions = torch.tensor([s.length if s else self._scratch_position(i) for i, s in enumerate(rows)],
+                                 device=self.device)
         active = torch.tensor([s is not None for s in rows], device=self.device)
         if self.compiled_step is not None:
             logits = self._compiled_logits(inputs[:, 0], positions, active)
         else:
-            view = self.cache.decode(positions)
+            view = self.cache.decode(positions, width=max(s.length for s in rows if s is not None) + 1)
             mask = (torch.arange(view.width, device=self.device)[None, :] <= positions[:, None]) & active[:, None]
             logits = self.model(inputs, attention_mask=mask, position_ids=positions[:, None],
                                 past_key_values=view)["logits"][:, -1]
@@ -451,10 +499,18 @@ class Engine:
             self._counts["tokens"] += len(live)
             self._token_times.append((time.monotonic(), len(live)))
 
+    def _scratch_position(self, slot_idx: int) -> int:
+        """Where a free slot riding along in a decode step writes its (masked, unused) key and value: just after the
+        tokens it keeps for prefix reuse (when they fill the context, its last one is given up)."""
+        kept = self.kept[slot_idx]
+        del kept[self.max_context - 1:]
+        return len(kept)
+
     COMPILED_WIDTH_STEP = 64  # the compiled step reads the cache up to a multiple of this: few distinct shapes
 
     def _compiled_logits(self, tokens: torch.Tensor, positions: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
-        """One token for each of the first B slots at its own position (free slots ride along, fully masked) -> (B, V)."""
+        """One token for each of the first B slots at its own position (free slots ride along, fully masked) -> (B, V).
+        The graph writes inside the views it reads, so they reach every row's position, free rows' scratch ones too."""
         batch, step = len(tokens), self.COMPILED_WIDTH_STEP
         width = min(self.max_context, (int(positions.max()) // step + 1) * step)
         allowed = (torch.arange(width, device=self.device)[None, :] <= positions[:, None]) & active[:, None]
@@ -538,6 +594,7 @@ class Engine:
                 self._ttft.append(time.monotonic() - request.submitted_at)
         slot.generated += 1
         slot.next_input = token
+        slot.ids.append(token)
         if slot.counts is not None:
             slot.counts[token] += 1
         request.events.put(TokenEvent(token, slot.phase, logprobs))
@@ -554,7 +611,10 @@ class Engine:
     def _finish(self, slot_idx: int, reason: str):
         slot = self.slots[slot_idx]
         self.slots[slot_idx] = None
-        slot.request.events.put(Finished(reason, len(slot.request.prompt_ids), slot.generated, slot.thinking_tokens))
+        # after an error the cache may hold part of a failed step: nothing of it is reused
+        self.kept[slot_idx] = [] if reason == "error" else slot.ids[:slot.length]
+        slot.request.events.put(Finished(reason, len(slot.request.prompt_ids), slot.generated, slot.thinking_tokens,
+                                         slot.cached_tokens))
         with self._cond:
             self._counts[{"stop": "completed", "length": "completed"}.get(reason, "failed" if reason == "error"
                                                                             else "cancelled")] += 1

@@ -1,7 +1,8 @@
 """The OpenAI chat completions API: request parsing and response shapes for /v1/chat/completions and /v1/models.
 
 Thinking comes back as `reasoning_content`, the answer as `content` (message or stream delta), and
-`usage.completion_tokens_details.reasoning_tokens` counts the thinking. Extra request fields (the openai client's
+`usage.completion_tokens_details.reasoning_tokens` counts the thinking, `usage.prompt_tokens_details.cached_tokens` the
+prompt's tokens not prefilled again (prefix reuse, serving/engine.py). Extra request fields (the openai client's
 `extra_body`): `thinking` (bool; default: the newest user message's " /think" or " /no think" switch, else on) and
 `think_budget` (thinking tokens, or null for none).
 
@@ -185,6 +186,7 @@ def stop_answer_at(pieces: Iterator[ReplyPiece | Finished], request: GenerationR
 def usage(finished: Finished) -> dict:
     return {"prompt_tokens": finished.prompt_tokens, "completion_tokens": finished.completion_tokens,
             "total_tokens": finished.prompt_tokens + finished.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": finished.cached_tokens},
             "completion_tokens_details": {"reasoning_tokens": finished.thinking_tokens}}
 
 

@@ -186,6 +186,64 @@ def test_requests_from_many_threads(engine):
     assert stats["tokens_total"] >= 8 and stats["ttft_ms_p50"] is not None and stats["queued"] == 0
 
 
+def greedy_ids(request: GenerationRequest) -> tuple[list[int], Finished]:
+    events, finished = collect(request)
+    return [e.token_id for e in events], finished
+
+
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_a_freed_slot_keeps_its_conversation_for_the_next_turn(model, tokenizer, compile):
+    # Prefix reuse. A's slot is freed first and rides along (masked) while B decodes in the slot above it; then each
+    # conversation's next turn takes the slot holding it, prefills only its new tokens, and decodes exactly what a
+    # fresh prefill of the whole prompt gives (model.generate).
+    engine = Engine(model, tokenizer, slots=3, max_queue=4, seed=0, compile=compile)
+    prompt_a = [(5 * j) % 400 + 30 for j in range(90)]
+    prompt_b = [(11 * j) % 400 + 30 for j in range(100)]
+    a = engine.submit(GenerationRequest(prompt_a, SamplingParams(temperature=0.0, max_new_tokens=3), False))
+    b = engine.submit(GenerationRequest(prompt_b, SamplingParams(temperature=0.0, max_new_tokens=70), False))
+    engine.start()  # both admitted together: A in slot 0, B in slot 1
+    try:
+        (reply_a, finished_a), (reply_b, finished_b) = greedy_ids(a), greedy_ids(b)
+        assert finished_a.cached_tokens == finished_b.cached_tokens == 0
+        assert engine.kept[0] == [*prompt_a, *reply_a][:-1]  # the last token was emitted, never fed
+        for prompt, reply, slot in ((prompt_b, reply_b, 1), (prompt_a, reply_a, 0)):  # B's: not the lowest free slot
+            follow_up = [*prompt, *reply, 7, 8, 9, 10]
+            request = engine.submit(GenerationRequest(follow_up, SamplingParams(temperature=0.0, max_new_tokens=12),
+                                                      False, logprobs=0))
+            events, finished = collect(request)
+            tokens = [e.token_id for e in events]
+            assert finished.cached_tokens == len(prompt) + len(reply) - 1
+            assert engine.kept[slot][:len(follow_up)] == follow_up  # the slot that held the conversation
+            assert tokens == generate(model, follow_up, max_new_tokens=12, stop_token_ids=[tokenizer.eos_id])
+            with torch.no_grad():  # the whole sequence in one forward: the reply's log-probabilities
+                logits = model(torch.tensor([follow_up + tokens]))["logits"][0, len(follow_up) - 1:-1]
+            expected = logits.log_softmax(-1).gather(-1, torch.tensor(tokens)[:, None])[:, 0]
+            assert torch.allclose(torch.tensor([e.logprobs.logprob for e in events]), expected, atol=1e-4)
+        stats = engine.stats()
+        assert stats["cached_prompt_tokens_total"] == 90 + 3 - 1 + 100 + 70 - 1
+        assert stats["prompt_tokens_total"] == 90 + 100 + 90 + 3 + 4 + 100 + 70 + 4
+
+        # prompt log-probabilities need the whole prompt's logits: prefilled whole; with reuse off, nothing is reused
+        scored = engine.submit(GenerationRequest(follow_up, SamplingParams(temperature=0.0, max_new_tokens=1), False,
+                                                 logprobs=0, prompt_logprobs=True))
+        assert collect(scored)[1].cached_tokens == 0
+        engine.reuse_prefixes = False
+        assert greedy_ids(engine.submit(GenerationRequest(follow_up, GREEDY, False)))[1].cached_tokens == 0
+    finally:
+        engine.stop()
+
+
+def test_a_short_shared_start_does_not_pull_a_request_away_from_the_lowest_free_slot(model, tokenizer):
+    # a higher slot than the lowest free one widens the batch: only worth it for MIN_REUSED_TOKENS positions or more
+    engine = Engine(model, tokenizer, slots=2, seed=0)
+    engine.kept[1] = list(range(40, 40 + Engine.MIN_REUSED_TOKENS))
+    short = GenerationRequest([*range(40, 40 + Engine.MIN_REUSED_TOKENS - 1), 3], GREEDY, False)
+    assert engine._free_slot_for(short) == (0, 0)
+    engine.kept[1].append(999)
+    longer = GenerationRequest([*range(40, 40 + Engine.MIN_REUSED_TOKENS), 3], GREEDY, False)
+    assert engine._free_slot_for(longer) == (1, Engine.MIN_REUSED_TOKENS)
+
+
 @pytest.mark.parametrize("scale", [0.5, 8.0])  # flat logits (full sort) and peaked ones (nucleus within the top 64)
 @pytest.mark.parametrize("top_p", [[0.9, 1.0, 0.5, 0.0, 0.99, 0.3], [0.9, 0.95, 0.5, 0.2, 0.99, 0.3], [1.0] * 6])
 def test_per_row_sampling_has_the_distribution_of_process_logits(scale, top_p):

@@ -34,7 +34,8 @@ def test_echo_logprobs_are_the_models_own_and_generation_follows_greedy(server, 
     choice = reply["choices"][0]
     logprobs, expected = choice["logprobs"], own_logprobs(model, ids)
     assert choice["text"] == tokenizer.decode(ids) and choice["finish_reason"] == "length"
-    assert reply["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 0, "total_tokens": len(ids)}
+    assert reply["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 0, "total_tokens": len(ids),
+                              "prompt_tokens_details": {"cached_tokens": 0}}  # prompt logprobs: prefilled whole
     assert logprobs["token_logprobs"][0] is None and logprobs["top_logprobs"][0] is None
     assert len(logprobs["tokens"]) == len(ids) and "".join(logprobs["tokens"]) == choice["text"]
     got = torch.tensor(logprobs["token_logprobs"][1:])

@@ -71,15 +71,16 @@ def test_penalties_follow_openais_formula_on_the_replys_token_counts(server, mod
 
 
 def test_stop_strings_end_the_answer_streamed_or_not(client):
-    greedy = client.chat.completions.create(model="cortex-tiny", messages=[{"role": "user", "content": "Hi"}],
-                                            max_tokens=30, temperature=0, extra_body=NO_THINK)
+    # a long reply, so that the few tokens the engine decodes before the reader's cancel lands are far from its end
+    kwargs = dict(model="cortex-tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=256, temperature=0,
+                  extra_body=NO_THINK)
+    greedy = client.chat.completions.create(**kwargs)
+    assert greedy.choices[0].finish_reason == "length"
     text = greedy.choices[0].message.content
     stop = text[6:9]
-    kwargs = dict(model="cortex-tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=30, temperature=0,
-                  extra_body=NO_THINK)
     whole = client.chat.completions.create(stop=stop, **kwargs)
     assert whole.choices[0].message.content == text[:text.index(stop)] and whole.choices[0].finish_reason == "stop"
-    assert whole.usage.completion_tokens < greedy.usage.completion_tokens
+    assert whole.usage.completion_tokens < greedy.usage.completion_tokens / 2  # the slot was freed early
     chunks = list(client.chat.completions.create(stop=["never in the reply", stop], stream=True, **kwargs))
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text[:text.index(stop)]
     assert chunks[-1].choices[0].finish_reason == "stop"
@@ -125,3 +126,18 @@ def test_later_system_messages_and_a_trailing_assistant_prefill(client, server, 
     ids = build_prompt(tokenizer, chat.messages, chat.thinking, 256)[0]
     status, _, raw = post(server[0], "/v1/completions", {"prompt": ids, "temperature": 0, "max_tokens": 12})
     assert status == 200 and continued.choices[0].message.content == json.loads(raw)["choices"][0]["text"]
+
+
+def test_the_next_turn_of_a_chat_reports_the_prompt_tokens_it_reused(client):
+    first_turn = [{"role": "user", "content": "Tell me a story about a fox and a crow, please."}]
+    first = client.chat.completions.create(model="cortex-tiny", messages=first_turn, max_tokens=16, temperature=0,
+                                           extra_body=NO_THINK)
+    answer = first.choices[0].message.content
+    second = client.chat.completions.create(
+        model="cortex-tiny", messages=[*first_turn, {"role": "assistant", "content": answer},
+                                       {"role": "user", "content": "And then?"}],
+        max_tokens=4, temperature=0, extra_body=NO_THINK)
+    # the whole first prompt, up to the template's "<answer>" that opens the reply in the history (the tiny
+    # untrained model's first token was another)
+    assert second.usage.prompt_tokens_details.cached_tokens == first.usage.prompt_tokens
+    assert second.usage.prompt_tokens > first.usage.prompt_tokens + first.usage.completion_tokens
