@@ -7,18 +7,21 @@ against int8).
 Random weights, seeded (no hub access needed), with the head scaled up so next-token distributions are about as peaked
 as a trained model's (see bench_app.py); written once as a .safetensors file. Each format runs in its own process (so
 start-up and resident memory are its own): load_for_serving (read + quantize + cast) = start-up, then through the
-server's Engine: time to first token of a 512-token prompt, greedy decode of 256 tokens at batch 1 (decode tokens/s =
-tokens after the first / their time), 8 concurrent requests of 64 tokens (aggregate tokens/s), and the logits of a
-held-out sample_data text (teacher forced, 512 tokens in one prefill, and the first 128 of them again one token a
-step, as decoding computes them). Peak RSS is read at the end. Quality against fp32: greedy agreement = share of the
-256 greedy positions where the tokens equal fp32's (and the first differing one), held-out argmax agreement and the
-max |logit - fp32 logit|, of the prefill and of the steps (heldout_decode_*). With llama-cpp-python importable, the weights are exported by
-export.py to GGUF f16 and q8_0 and llama.cpp is timed the same way (its own process, OMP_NUM_THREADS threads for
-prompt and decode, the prompt in one 512-token batch, then one token per eval call; no batched API, so no 8-slot
-figure; its held-out logits come from a second load that keeps every position's). Formats run in the order given,
-then in reverse with --rounds 2 (medians). The *-compiled formats (not run by default) serve with the Engine's
-compile=True (app.py --compile): start-up includes compile_s, the warm-up
-compile of every decode graph (with inductor's cache on disk warm from an earlier run, it is shorter).
+server's Engine: time to first token of a 512-token prompt, and of a chat's next turn (that prompt, its 64-token greedy
+reply and 64 new tokens: 640 in all) with prefix reuse (the server's default: 65 of them prefilled) and without; greedy
+decode of 256 tokens at batch 1 (decode tokens/s = tokens after the first / their time), 8 concurrent requests of 64
+tokens (aggregate tokens/s), and the logits of a held-out sample_data text (teacher forced, 512 tokens in one prefill,
+and the first 128 of them again one token a step, as decoding computes them). Peak RSS is read at the end. Quality
+against fp32: greedy agreement = share of the 256 greedy positions where the tokens equal fp32's (and the first
+differing one), held-out argmax agreement and the max |logit - fp32 logit|, of the prefill and of the steps
+(heldout_decode_*). With llama-cpp-python importable, the weights are exported by export.py to GGUF f16 and q8_0 and
+llama.cpp is timed the same way (its own process, OMP_NUM_THREADS threads for prompt and decode, the prompt in one
+512-token batch, then one token per eval call; no batched API, so no 8-slot figure; its next turn evaluates the new
+tokens after the reply in the same context, as llama.cpp's server reuses a slot's cache; its held-out logits come from
+a second load that keeps every position's). Formats run in the order given, then in reverse with --rounds 2 (medians).
+The *-compiled formats (not run by default) serve with the Engine's compile=True (app.py --compile): start-up includes
+compile_s, the warm-up compile of every decode graph (with inductor's cache on disk warm from an earlier run, it is
+shorter).
 
     OMP_NUM_THREADS=2 python bench/bench_cpu_chat.py --decode-steps --rounds 3
 
@@ -65,6 +68,7 @@ LLAMA_CPP = {"llama.cpp-f16": "f16", "llama.cpp-q8_0": "q8_0"}  # GGUF type of e
 LM_HEAD_STD = 0.15  # x std sqrt(hidden): logits of std ~4, peaked like a trained model's
 PROMPT_TOKENS, GREEDY_TOKENS, SLOTS, SLOT_TOKENS, HELDOUT_TOKENS = 512, 256, 8, 64, 512
 HELDOUT_DECODE_TOKENS = 128  # of those, fed one a step as decoding does (the one-row kernels)
+REPLY_TOKENS, NEXT_TURN_TOKENS = 64, 64  # a chat's next turn: the prompt, a reply of these and a new message of these
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=GREEDY_TOKENS)
 
 
@@ -99,13 +103,22 @@ def measure_format(name: str, weights: Path, out: Path) -> dict:
     engine = Engine(served.model, served.tokenizer, slots=SLOTS, max_queue=SLOTS, seed=0, compile=compiled)
     compile_s = time.perf_counter() - loaded  # the Engine's warm-up compiles every decode graph (cold cache or not)
     startup_s = time.perf_counter() - start
-    ids = held_out_ids(served.tokenizer, HELDOUT_TOKENS)
-    prompt = ids[:PROMPT_TOKENS]
+    ids = held_out_ids(served.tokenizer, max(HELDOUT_TOKENS, PROMPT_TOKENS + NEXT_TURN_TOKENS))
+    prompt, next_message = ids[:PROMPT_TOKENS], ids[PROMPT_TOKENS:PROMPT_TOKENS + NEXT_TURN_TOKENS]
+    ids = ids[:HELDOUT_TOKENS]
 
-    def client():  # in its own thread while this one decodes, as app.py serves
+    def ttft(prompt: list[int]) -> float:
         sent = time.perf_counter()
         _, times = run_request(engine, prompt, SamplingParams(temperature=0.0, max_new_tokens=1))
-        ttft_s = times[0] - sent
+        return times[0] - sent
+
+    def client():  # in its own thread while this one decodes, as app.py serves
+        ttft_s = ttft(prompt)
+        reply, _ = run_request(engine, prompt, SamplingParams(temperature=0.0, max_new_tokens=REPLY_TOKENS))
+        next_turn_s = ttft([*prompt, *reply, *next_message])
+        engine.reuse_prefixes = False
+        next_turn_whole_s = ttft([*prompt, *reply, *next_message])
+        engine.reuse_prefixes = True
         greedy, times = run_request(engine, prompt[:16], GREEDY)
         decode_tps = (len(times) - 1) / (times[-1] - times[0])
         sent = time.perf_counter()
@@ -116,16 +129,17 @@ def measure_format(name: str, weights: Path, out: Path) -> dict:
             while not isinstance(event := request.events.get(), Finished):
                 generated += 1
         slots_tps = generated / (time.perf_counter() - sent)
-        return ttft_s, greedy, decode_tps, slots_tps
+        return ttft_s, next_turn_s, next_turn_whole_s, greedy, decode_tps, slots_tps
 
-    ttft_s, greedy, decode_tps, slots_tps = engine.run_beside(client)
+    ttft_s, next_turn_s, next_turn_whole_s, greedy, decode_tps, slots_tps = engine.run_beside(client)
     with torch.no_grad():
         logits = served.model(torch.tensor([ids]))["logits"][0].float()
         decode_logits = teacher_forced_steps(served.model, ids[:HELDOUT_DECODE_TOKENS])
     torch.save({"greedy": greedy, "logits": logits, "decode_logits": decode_logits}, out)
     return {"format": name, "dtype": dtype, "quantize": quantize, "compile": compiled,
             "startup_s": round(startup_s, 2), **({"compile_s": round(compile_s, 1)} if compiled else {}),
-            "ttft_512_s": round(ttft_s, 3), "decode_tok_s_batch1": round(decode_tps, 2),
+            "ttft_512_s": round(ttft_s, 3), "ttft_next_turn_s": round(next_turn_s, 3),
+            "ttft_next_turn_without_reuse_s": round(next_turn_whole_s, 3), "decode_tok_s_batch1": round(decode_tps, 2),
             f"decode_tok_s_{SLOTS}_slots": round(slots_tps, 2), "greedy_tokens": len(greedy),
             "rss_mb": resident_mb(), "peak_rss_mb": resident_mb("VmHWM")}
 
@@ -174,11 +188,19 @@ def measure_llama_cpp(name: str, gguf: Path, out: Path) -> dict:
                           n_threads_batch=threads, verbose=False)  # logits of the last position only
     startup_s = time.perf_counter() - start
     from trainer.tokenizer import get_tokenizer
-    prompt = held_out_ids(get_tokenizer("cortex"), PROMPT_TOKENS)
+    ids = held_out_ids(get_tokenizer("cortex"), PROMPT_TOKENS + NEXT_TURN_TOKENS)
+    prompt, next_message = ids[:PROMPT_TOKENS], ids[PROMPT_TOKENS:]
     sent = time.perf_counter()
     llm.eval(prompt)
-    last_logits(llm).argmax()
+    reply = [int(last_logits(llm).argmax())]
     ttft_s = time.perf_counter() - sent
+    while len(reply) < REPLY_TOKENS:
+        llm.eval(reply[-1:])
+        reply.append(int(last_logits(llm).argmax()))
+    sent = time.perf_counter()
+    llm.eval([reply[-1], *next_message])  # the cache holds the prompt and the reply but its last token
+    last_logits(llm).argmax()
+    next_turn_s = time.perf_counter() - sent
     llm.reset()
     llm.eval(prompt[:16])
     greedy, times = [int(last_logits(llm).argmax())], [time.perf_counter()]
@@ -188,6 +210,7 @@ def measure_llama_cpp(name: str, gguf: Path, out: Path) -> dict:
         times.append(time.perf_counter())
     figures = {"format": name, "gguf_type": LLAMA_CPP[name], "llama_cpp_python": llama_cpp.__version__,
                "threads": threads, "startup_s": round(startup_s, 2), "ttft_512_s": round(ttft_s, 3),
+               "ttft_next_turn_s": round(next_turn_s, 3),
                "decode_tok_s_batch1": round((len(times) - 1) / (times[-1] - times[0]), 2), "rss_mb": resident_mb(),
                "peak_rss_mb": resident_mb("VmHWM")}
     del llm  # the held-out logits of every position need logits_all (a load of its own, not timed)

@@ -10,8 +10,9 @@ serving/completions.py).
 
 Prefix reuse: a freed slot keeps the keys and values of its tokens (prompt and reply), and a request whose prompt
 starts with those tokens takes that slot and prefills only the rest, as llama.cpp's server and vLLM's prefix caching
-do. A chat's next turn (the whole conversation again, plus a question) so prefills just the new turn: on a CPU a
-conversation of 1,000 tokens otherwise costs seconds of prefill per turn (README, "The full model on a CPU").
+do. A chat's next turn (the whole conversation again, plus a new message) so prefills just the new message: on a
+2-core CPU the full model's first token of a 640-token next turn came after 0.45 s instead of 2.3 s (README, "The full
+model on a CPU").
 `Finished.cached_tokens` says how many prompt tokens were reused (the API's usage.prompt_tokens_details).
 
 Log-probabilities (on request) are the model's own: log-softmax of the fp32 logits before temperature, top-p and
