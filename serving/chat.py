@@ -17,7 +17,11 @@ Prompt (training.md section 2), always in the form training saw:
   text, only the template inserts control tokens. Our replies never contain the tags (the decoder hides them), so
   clients send thinking and answer as separate fields and the template re-inserts the tags around them;
 * when the prompt does not fit the context (minus room for the reply), the oldest exchanges are dropped; the system
-  prompt and the newest message never are.
+  prompt and the newest message never are. They are dropped in blocks of about half that room, counted from the
+  conversation's start, so the kept history starts at the same exchange for several turns and each turn's prompt
+  extends the previous one: the server then prefills only the new turn (prefix reuse, serving/engine.py), where
+  dropping one exchange a turn would change the prompt's start, and so its whole prefill, at every turn. The model
+  sees between about half and all of that room, as with llama.cpp's context shift.
 """
 
 import json
@@ -192,16 +196,10 @@ def build_prompt(tokenizer: Tokenizer, messages: list[dict], thinking: bool, max
                            f"more than the {max_prompt_tokens} tokens that fit (the context holds {max_context} tokens, "
                            f"{max_context - max_prompt_tokens} of them kept for the reply); shorten it")
 
-    # Newest first, keep the exchanges that fit by their own token counts; the exact check on the whole prompt follows
-    budget, kept, used = max_prompt_tokens - len(tokenizer.apply_chat_template([system])), 0, 0
-    for exchange in reversed(exchanges):
-        if kept and _chars(exchange) > max_chars:
-            break
-        used += len(tokenizer.apply_chat_template(exchange))
-        if kept and used > budget:
-            break
-        kept += 1
-    while True:
+    fixed = tokenizer.apply_chat_template([system]) + (tokenizer.encode_prompt([], thinking) if prefill is None
+                                                        else _prefill_ids(tokenizer, prefill))
+    kept = _kept_exchanges(tokenizer, exchanges, max_prompt_tokens - len(fixed), max_chars)
+    while True:  # the exact check on the whole prompt
         turns = [m for exchange in exchanges[len(exchanges) - kept:] for m in exchange]
         if prefill is None:
             ids = tokenizer.encode_prompt([system, *turns], thinking)
@@ -214,6 +212,38 @@ def build_prompt(tokenizer: Tokenizer, messages: list[dict], thinking: bool, max
                                f"most {max_prompt_tokens} fit (the context holds {max_context} tokens, "
                                f"{max_context - max_prompt_tokens} of them kept for the reply); shorten it")
         kept -= 1
+
+
+# Above this many characters of history (times the most a prompt can hold), the stable blocks are not counted (each
+# turn would tokenise all of it): the newest exchanges that fit are kept
+STABLE_TRIM_MAX_CHARS_FACTOR = 4
+
+
+def _kept_exchanges(tokenizer: Tokenizer, exchanges: list[list[dict]], budget: int, max_chars: int) -> int:
+    """How many of the newest exchanges fit in budget tokens by their own token counts (the newest always counts as
+    fitting): the history from the first block start whose rest fits, blocks of budget / 2 tokens counted from the
+    oldest exchange (see the module's docstring); when no block start fits, or the history is too long to count, as
+    many as fit."""
+    if _chars([m for exchange in exchanges for m in exchange]) <= STABLE_TRIM_MAX_CHARS_FACTOR * max_chars:
+        counts = [len(tokenizer.apply_chat_template(exchange)) for exchange in exchanges]
+        block_starts, block = [0], 0
+        for index, count in enumerate(counts[:-1]):
+            block += count
+            if block >= budget // 2:
+                block_starts.append(index + 1)
+                block = 0
+        for start in block_starts:
+            if sum(counts[start:]) <= budget:
+                return len(exchanges) - start
+    kept, used = 0, 0  # newest first
+    for exchange in reversed(exchanges):
+        if kept and _chars(exchange) > max_chars:
+            break
+        used += len(tokenizer.apply_chat_template(exchange))
+        if kept and used > budget:
+            break
+        kept += 1
+    return kept
 
 
 def _chars(messages: list[dict]) -> int:

@@ -39,23 +39,31 @@ def test_prompt_has_the_training_template_and_past_turns_as_training_saw_them(to
     assert text == "<system>Be brief.</s><user>Hi /no think</s><assistant><think> </think>"
 
 
-def test_history_is_trimmed_from_the_oldest_turn_keeping_system_and_newest(tokenizer):
-    history = [{"role": "system", "content": "S"}]
-    for i in range(40):
-        history += [{"role": "user", "content": f"question number {i} " * 3},
-                    {"role": "assistant", "content": f"answer number {i} " * 3}]
-    history.append({"role": "user", "content": "the newest question"})
+def test_history_is_trimmed_from_the_oldest_turn_in_stable_blocks_keeping_system_and_newest(tokenizer):
+    # a chat growing turn by turn: once it overflows, the oldest exchanges go in blocks, so that most turns' prompts
+    # extend the previous turn's (the engine then prefills only the new turn) and the start moves every few turns
     max_context = 256
-    ids, dropped = build_prompt(tokenizer, history, True, max_context)
-    text = tokenizer.decode(ids)
-    assert len(ids) <= max_context - reply_reserve(max_context)
-    assert text.startswith("<system>S</s>") and text.endswith("<user>the newest question /think</s><assistant><think>")
-    assert dropped > 0 and dropped % 2 == 0  # whole exchanges
-    kept_first = dropped // 2  # index of the oldest exchange kept
-    assert f"question number {kept_first} " in text and f"question number {kept_first - 1} " not in text
-    # one more exchange would not have fitted: trimming keeps as much as fits
-    more = history[:1] + history[1 + dropped - 2:]
-    assert len(build_prompt(tokenizer, more, True, 10**6)[0]) > max_context - reply_reserve(max_context)
+    room = max_context - reply_reserve(max_context)
+    history, previous, turns_trimmed, start_moves = [{"role": "system", "content": "S"}], None, 0, 0
+    for i in range(40):
+        history.append({"role": "user", "content": " ".join([f"question number {i}"] * 3)})
+        ids, dropped = build_prompt(tokenizer, history, False, max_context)
+        text = tokenizer.decode(ids)
+        assert len(ids) <= room
+        assert text.startswith("<system>S</s>") and text.endswith(f"{i} /no think</s><assistant><think> </think>")
+        assert dropped % 2 == 0  # whole exchanges
+        kept_first = dropped // 2  # index of the oldest exchange kept
+        assert f"question number {kept_first} " in text and f"question number {kept_first - 1} " not in text
+        if dropped:
+            turns_trimmed += 1
+            assert len(ids) > room // 2 - 40  # at least about half the room (an exchange is ~30 tokens)
+        if previous is not None and previous[1] == dropped:
+            assert ids[:len(previous[0])] == previous[0]  # the last prompt, extended
+        elif previous is not None:
+            start_moves += 1
+        previous = ids, dropped
+        history.append({"role": "assistant", "content": " ".join([f"answer number {i}"] * 3)})
+    assert turns_trimmed > 30 and 0 < start_moves <= turns_trimmed / 2
 
 
 def test_a_newest_message_that_cannot_fit_is_an_error(tokenizer):
