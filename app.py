@@ -13,7 +13,8 @@ Endpoints
     POST /v1/completions        OpenAI (legacy) completions on raw text or token ids: echo, logprobs (lm-eval)
     GET  /v1/models[/ID]        the served model
     GET  /tokenizer_info, POST /tokenize, POST /detokenize   the tokenizer (vLLM's endpoints, for lm-eval)
-    GET  /health, GET /stats    liveness, model name, size and context; queue, tokens/s and time to first token
+    GET  /health, GET /stats    liveness, model name, size and context; queue, tokens/s, time to first token and
+                                prompt tokens reused (prefix reuse)
 Errors are JSON with a 4xx/5xx status: {"event": "error", "data": message} under /api, OpenAI's {"error": {...}} under /v1.
 
 Other web sites: a request with an Origin header (a browser sends it from pages of other sites) is refused with 403
