@@ -10,7 +10,8 @@ serving/completions.py).
 
 Prefix reuse: a freed slot keeps the keys and values of its tokens (prompt and reply), and a request whose prompt
 starts with those tokens takes that slot and prefills only the rest, as llama.cpp's server and vLLM's prefix caching
-do. A chat's next turn (the whole conversation again, plus a new message) so prefills just the new message: on a
+do; a start held by another slot (a running request's too: a shared system prompt or few-shot examples) is copied
+into the request's slot (4 ms for 1,000 tokens of the full model on a 2-core CPU, where their prefill takes seconds). A chat's next turn (the whole conversation again, plus a new message) so prefills just the new message: on a
 2-core CPU the full model's first token of a 640-token next turn came after 0.45 s instead of 2.3 s (README, "The full
 model on a CPU").
 `Finished.cached_tokens` says how many prompt tokens were reused (the API's usage.prompt_tokens_details).
@@ -182,6 +183,11 @@ class SlotKVCache:
 
     def decode(self, positions: torch.Tensor, width: int) -> "_DecodeView":
         return _DecodeView(self, positions, width)
+
+    def copy(self, source: int, dest: int, length: int):
+        """The first `length` positions of slot `source` into slot `dest`, every layer."""
+        for layer in (*self.keys, *self.values):
+            layer[dest, :, :length] = layer[source, :, :length]
 
 
 class _PrefillView:
@@ -422,7 +428,9 @@ class Engine:
             room = self.max_context - len(request.prompt_ids)
             sampling = request.sampling
             max_new = room if sampling.max_new_tokens is None else min(room, sampling.max_new_tokens)
-            slot_idx, cached = self._free_slot_for(request)
+            slot_idx, cached, source = self._free_slot_for(request)
+            if source is not None:  # here, before any prefill or step can write to the source slot
+                self.cache.copy(source, slot_idx, cached)
             slot = _Slot(request, max_new, THINKING if request.thinking else ANSWER, ids=list(request.prompt_ids),
                          length=cached, cached_tokens=cached)
             self.kept[slot_idx] = []  # the cache is the slot's now
@@ -437,22 +445,30 @@ class Engine:
         return admitted
 
     # Taking another free slot than the lowest can widen the batch (free slots below an active one ride along, and
-    # more than one row leaves cpu_gemv.c's one-row kernel), so it must save at least this many positions of prefill.
+    # more than one row leaves cpu_gemv.c's one-row kernel), so it must save at least this many positions of prefill;
+    # else what that slot holds is copied into the lowest.
     MIN_REUSED_TOKENS = 64
 
-    def _free_slot_for(self, request: GenerationRequest) -> tuple[int, int]:
-        """(the free slot a request takes, how many of its prompt's positions that slot's cache already holds): the
-        one keeping the longest start of its prompt, else the lowest (so the batch stays compact). At least the
+    def _free_slot_for(self, request: GenerationRequest) -> tuple[int, int, int | None]:
+        """(the free slot a request takes, how many of its prompt's positions are reused, the slot they are copied
+        from or None). The longest start of the prompt that any slot holds (a free slot's kept tokens, an active one's
+        filled positions) is reused: in the free slot holding it, when that saves MIN_REUSED_TOKENS positions more
+        than the lowest free slot's own, else copied into the lowest (so the batch stays compact). At least the
         prompt's last token is prefilled (its logits start the reply); a request for prompt log-probabilities is
         prefilled whole."""
         free = [slot_idx for slot_idx, slot in enumerate(self.slots) if slot is None]
+        lowest = free[0]
         if not self.reuse_prefixes or request.prompt_logprobs:
-            return free[0], 0
-        reusable = {slot_idx: common_prefix_length(self.kept[slot_idx], request.prompt_ids[:-1]) for slot_idx in free}
-        best = max(free, key=reusable.get)  # the lowest of equals
-        if reusable[best] - reusable[free[0]] < self.MIN_REUSED_TOKENS:
-            best = free[0]
-        return best, reusable[best]
+            return lowest, 0, None
+        prompt = request.prompt_ids[:-1]
+        held = {slot_idx: common_prefix_length(self.kept[slot_idx] if slot is None else slot.ids[:slot.length], prompt)
+                for slot_idx, slot in enumerate(self.slots)}
+        best = max(held, key=held.get)  # the lowest of equals
+        if best in free and held[best] - held[lowest] >= self.MIN_REUSED_TOKENS:
+            return best, held[best], None
+        if held[best] > held[lowest]:
+            return lowest, held[best], best
+        return lowest, held[lowest], None
 
     def _free_cancelled(self):
         for slot_idx, slot in enumerate(self.slots):

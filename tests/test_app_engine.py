@@ -233,15 +233,39 @@ def test_a_freed_slot_keeps_its_conversation_for_the_next_turn(model, tokenizer,
         engine.stop()
 
 
-def test_a_short_shared_start_does_not_pull_a_request_away_from_the_lowest_free_slot(model, tokenizer):
-    # a higher slot than the lowest free one widens the batch: only worth it for MIN_REUSED_TOKENS positions or more
+def test_a_short_shared_start_is_copied_into_the_lowest_free_slot_not_taken_from_its_slot(model, tokenizer):
+    # a higher slot than the lowest free one widens the batch: taken only for MIN_REUSED_TOKENS positions or more
     engine = Engine(model, tokenizer, slots=2, seed=0)
     engine.kept[1] = list(range(40, 40 + Engine.MIN_REUSED_TOKENS))
     short = GenerationRequest([*range(40, 40 + Engine.MIN_REUSED_TOKENS - 1), 3], GREEDY, False)
-    assert engine._free_slot_for(short) == (0, 0)
+    assert engine._free_slot_for(short) == (0, Engine.MIN_REUSED_TOKENS - 1, 1)  # copied from slot 1
     engine.kept[1].append(999)
     longer = GenerationRequest([*range(40, 40 + Engine.MIN_REUSED_TOKENS), 3], GREEDY, False)
-    assert engine._free_slot_for(longer) == (1, Engine.MIN_REUSED_TOKENS)
+    assert engine._free_slot_for(longer) == (1, Engine.MIN_REUSED_TOKENS, None)
+
+
+def test_a_running_requests_prompt_start_is_copied_for_a_request_sharing_it(model, tokenizer):
+    # e.g. the same long system prompt: the second request copies the first one's positions while it decodes
+    engine = Engine(model, tokenizer, slots=3, seed=0)
+    shared = [(7 * j) % 300 + 40 for j in range(80)]
+    first = engine.submit(GenerationRequest([*shared, 5, 6], SamplingParams(temperature=0.0, max_new_tokens=40), False))
+    engine.start()
+    try:
+        first.events.get(timeout=30)  # prefilled: slot 0 holds its prompt
+        second_prompt = [*shared, 9, 10, 11]
+        second = engine.submit(GenerationRequest(second_prompt, SamplingParams(temperature=0.0, max_new_tokens=10),
+                                                 False, logprobs=0))
+        events, finished = collect(second)
+        assert finished.cached_tokens == len(shared) and engine.kept[1][:len(second_prompt)] == second_prompt
+        tokens = [e.token_id for e in events]
+        assert tokens == generate(model, second_prompt, max_new_tokens=10, stop_token_ids=[tokenizer.eos_id])
+        with torch.no_grad():
+            logits = model(torch.tensor([second_prompt + tokens]))["logits"][0, len(second_prompt) - 1:-1]
+        expected = logits.log_softmax(-1).gather(-1, torch.tensor(tokens)[:, None])[:, 0]
+        assert torch.allclose(torch.tensor([e.logprobs.logprob for e in events]), expected, atol=1e-4)
+        collect(first)
+    finally:
+        engine.stop()
 
 
 @pytest.mark.parametrize("scale", [0.5, 8.0])  # flat logits (full sort) and peaked ones (nucleus within the top 64)
