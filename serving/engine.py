@@ -11,10 +11,10 @@ serving/completions.py).
 Prefix reuse: a freed slot keeps the keys and values of its tokens (prompt and reply), and a request whose prompt
 starts with those tokens takes that slot and prefills only the rest, as llama.cpp's server and vLLM's prefix caching
 do; a start held by another slot (a running request's too: a shared system prompt or few-shot examples) is copied
-into the request's slot (4 ms for 1,000 tokens of the full model on a 2-core CPU, where their prefill takes seconds). A chat's next turn (the whole conversation again, plus a new message) so prefills just the new message: on a
-2-core CPU the full model's first token of a 640-token next turn came after 0.45 s instead of 2.3 s (README, "The full
-model on a CPU").
-`Finished.cached_tokens` says how many prompt tokens were reused (the API's usage.prompt_tokens_details).
+into the request's slot (4 ms for 1,000 tokens of the full model on a 2-core CPU, where their prefill takes seconds).
+A chat's next turn (the whole conversation again, plus a new message) so prefills just the new message: on a 2-core
+CPU the full model's first token of a 640-token next turn came after 0.45 s instead of 2.3 s (README, "The full model
+on a CPU"). `Finished.cached_tokens` says how many prompt tokens were reused (the API's usage.prompt_tokens_details).
 
 Log-probabilities (on request) are the model's own: log-softmax of the fp32 logits before temperature, top-p and
 penalties, for the prompt's tokens (a forward over the whole prompt at prefill) and for each generated token.
