@@ -416,8 +416,8 @@ class Engine:
                 self._waiting.popleft().events.put(Finished("cancelled", 0, 0, 0))
 
     def _admit(self) -> list[int]:
-        """Moves waiting requests into free slots (lowest first, so the batch stays compact), after dropping the
-        cancelled ones (a client that left frees its queue place at the next step). Holds _cond."""
+        """Moves waiting requests into free slots (_free_slot_for: the lowest, or one holding the prompt's start), after
+        dropping the cancelled ones (a client that left frees its queue place at the next step). Holds _cond."""
         for request in [r for r in self._waiting if r.cancelled]:
             self._waiting.remove(request)
             self._counts["cancelled"] += 1
