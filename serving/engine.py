@@ -399,7 +399,8 @@ class Engine:
                 try:
                     self._free_cancelled()
                     for slot_idx in admitted:
-                        self._prefill(slot_idx)
+                        if self.slots[slot_idx] is not None:  # (not cancelled since its admission)
+                            self._prefill(slot_idx)
                     if any(s is not None for s in self.slots):
                         self._decode_step()
                 except Exception:  # a failed step must not kill the server: fail the requests in flight, keep serving

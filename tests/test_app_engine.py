@@ -150,6 +150,20 @@ def test_a_failing_step_ends_the_requests_in_flight_and_the_engine_keeps_serving
         engine.stop()
 
 
+def test_a_client_leaving_between_admission_and_prefill_fails_no_other_request(model, tokenizer):
+    engine = Engine(model, tokenizer, slots=2, seed=0)
+    running = engine.submit(GenerationRequest([5, 6], SamplingParams(temperature=0.0, max_new_tokens=30), False))
+    engine.start()
+    try:
+        running.events.get(timeout=30)
+        answers = iter([False])  # still there when admitted, gone when asked again before its prefill
+        leaving = engine.submit(GenerationRequest([7, 8], GREEDY, False, client_gone=lambda: next(answers, True)))
+        assert collect(leaving)[1].reason == "cancelled"
+        assert collect(running)[1].reason in ("length", "stop") and engine.stats()["failed_total"] == 0
+    finally:
+        engine.stop()
+
+
 def test_run_beside_decodes_in_the_calling_thread_and_returns_the_clients_result(model, tokenizer):
     engine = Engine(model, tokenizer, slots=2, seed=0)
     decoding_threads = set()
