@@ -8,13 +8,14 @@ finished, cancelled or disconnected request frees its slot before the next step.
 with their phase (thinking or answer); turning them into text is the caller's business (serving/chat.py,
 serving/completions.py).
 
-Prefix reuse: a freed slot keeps the keys and values of its tokens (prompt and reply), and a request whose prompt
-starts with those tokens takes that slot and prefills only the rest, as llama.cpp's server and vLLM's prefix caching
-do; a start held by another slot (a running request's too: a shared system prompt or few-shot examples) is copied
-into the request's slot (4 ms for 1,000 tokens of the full model on a 2-core CPU, where their prefill takes seconds).
-A chat's next turn (the whole conversation again, plus a new message) so prefills just the new message: on a 2-core
-CPU the full model's first token of a 640-token next turn came after 0.45 s instead of 2.3 s (README, "The full model
-on a CPU"). `Finished.cached_tokens` says how many prompt tokens were reused (the API's usage.prompt_tokens_details).
+Prefix reuse: a freed slot keeps the keys and values of its tokens (prompt and reply), and a request whose prompt starts
+with tokens a slot holds prefills only the rest, as llama.cpp's server and vLLM's prefix caching do. The request takes
+the lowest free slot all the same (the batch stays compact): a free slot's cache holding its start trades places with
+that slot's, a running request's start (a shared system prompt or few-shot examples) is copied (4 ms for 1,000 tokens of
+the full model on a 2-core CPU, where their prefill takes seconds). A chat's next turn (the whole conversation again,
+plus a new message) so prefills just the new message: on a 2-core CPU the full model's first token of a 640-token next
+turn came after 0.45 s instead of 2.3 s (README, "The full model on a CPU"). `Finished.cached_tokens` says how many
+prompt tokens were reused (the API's usage.prompt_tokens_details).
 
 Log-probabilities (on request) are the model's own: log-softmax of the fp32 logits before temperature, top-p and
 penalties, for the prompt's tokens (a forward over the whole prompt at prefill) and for each generated token.
@@ -188,6 +189,13 @@ class SlotKVCache:
         """The first `length` positions of slot `source` into slot `dest`, every layer."""
         for layer in (*self.keys, *self.values):
             layer[dest, :, :length] = layer[source, :, :length]
+
+    def swap(self, a: int, b: int, length_a: int, length_b: int):
+        """Slot a's first length_a positions and slot b's first length_b trade places, every layer."""
+        for layer in (*self.keys, *self.values):
+            held_a = layer[a, :, :length_a].clone()
+            layer[a, :, :length_b] = layer[b, :, :length_b]
+            layer[b, :, :length_a] = held_a
 
 
 class _PrefillView:
@@ -417,8 +425,9 @@ class Engine:
                 self._waiting.popleft().events.put(Finished("cancelled", 0, 0, 0))
 
     def _admit(self) -> list[int]:
-        """Moves waiting requests into free slots (_free_slot_for: the lowest, or one holding the prompt's start), after
-        dropping the cancelled ones (a client that left frees its queue place at the next step). Holds _cond."""
+        """Moves waiting requests into free slots (the lowest first, with the prompt's start brought in:
+        _free_slot_for), after dropping the cancelled ones (a client that left frees its queue place at the next step).
+        Holds _cond."""
         for request in [r for r in self._waiting if r.cancelled]:
             self._waiting.remove(request)
             self._counts["cancelled"] += 1
@@ -429,9 +438,7 @@ class Engine:
             room = self.max_context - len(request.prompt_ids)
             sampling = request.sampling
             max_new = room if sampling.max_new_tokens is None else min(room, sampling.max_new_tokens)
-            slot_idx, cached, source = self._free_slot_for(request)
-            if source is not None:  # here, before any prefill or step can write to the source slot
-                self.cache.copy(source, slot_idx, cached)
+            slot_idx, cached = self._free_slot_for(request)
             slot = _Slot(request, max_new, THINKING if request.thinking else ANSWER, ids=list(request.prompt_ids),
                          length=cached, cached_tokens=cached)
             self.kept[slot_idx] = []  # the cache is the slot's now
@@ -445,31 +452,30 @@ class Engine:
             admitted.append(slot_idx)
         return admitted
 
-    # Taking another free slot than the lowest can widen the batch (free slots below an active one ride along, and
-    # more than one row leaves cpu_gemv.c's one-row kernel), so it must save at least this many positions of prefill;
-    # else what that slot holds is copied into the lowest.
-    MIN_REUSED_TOKENS = 64
-
-    def _free_slot_for(self, request: GenerationRequest) -> tuple[int, int, int | None]:
-        """(the free slot a request takes, how many of its prompt's positions are reused, the slot they are copied
-        from or None). The longest start of the prompt that any slot holds (a free slot's kept tokens, an active one's
-        filled positions) is reused: in the free slot holding it, when that saves MIN_REUSED_TOKENS positions more
-        than the lowest free slot's own, else copied into the lowest (so the batch stays compact). At least the
-        prompt's last token is prefilled (its logits start the reply); a request for prompt log-probabilities is
-        prefilled whole."""
-        free = [slot_idx for slot_idx, slot in enumerate(self.slots) if slot is None]
-        lowest = free[0]
+    def _free_slot_for(self, request: GenerationRequest) -> tuple[int, int]:
+        """(the free slot a request takes: the lowest, so the batch stays compact; how many of its prompt's positions
+        that slot holds). The longest start of the prompt that any slot holds (a free slot's kept tokens, an active
+        one's filled positions) is brought into it first: a free slot's cache trades places with the lowest's (both
+        stay kept), an active one's start is copied. Here, before any prefill or step can write to either slot.
+        (A request in a higher slot would widen the batch for its whole reply: the free slots below ride along, and
+        two rows on a CPU take about twice one row's step, outside cpu_gemv.c's one-row kernel.) At least the prompt's
+        last token is prefilled (its logits start the reply); a request for prompt log-probabilities is prefilled
+        whole."""
+        lowest = self.slots.index(None)
         if not self.reuse_prefixes or request.prompt_logprobs:
-            return lowest, 0, None
+            return lowest, 0
         prompt = request.prompt_ids[:-1]
         held = {slot_idx: common_prefix_length(self.kept[slot_idx] if slot is None else slot.ids[:slot.length], prompt)
                 for slot_idx, slot in enumerate(self.slots)}
         best = max(held, key=held.get)  # the lowest of equals
-        if best in free and held[best] - held[lowest] >= self.MIN_REUSED_TOKENS:
-            return best, held[best], None
-        if held[best] > held[lowest]:
-            return lowest, held[best], best
-        return lowest, held[lowest], None
+        if held[best] <= held[lowest]:
+            return lowest, held[lowest]
+        if self.slots[best] is None:
+            self.cache.swap(lowest, best, len(self.kept[lowest]), len(self.kept[best]))
+            self.kept[lowest], self.kept[best] = self.kept[best], self.kept[lowest]
+        else:
+            self.cache.copy(best, lowest, held[best])
+        return lowest, held[best]
 
     def _free_cancelled(self):
         for slot_idx, slot in enumerate(self.slots):

@@ -208,8 +208,8 @@ def greedy_ids(request: GenerationRequest) -> tuple[list[int], Finished]:
 @pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
 def test_a_freed_slot_keeps_its_conversation_for_the_next_turn(model, tokenizer, compile):
     # Prefix reuse. A's slot is freed first and rides along (masked) while B decodes in the slot above it; then each
-    # conversation's next turn takes the slot holding it, prefills only its new tokens, and decodes exactly what a
-    # fresh prefill of the whole prompt gives (model.generate).
+    # conversation's next turn has its cache brought into the lowest free slot (B's trading places with A's, then
+    # back), prefills only its new tokens, and decodes exactly what a fresh prefill of the whole prompt gives.
     engine = Engine(model, tokenizer, slots=3, max_queue=4, seed=0, compile=compile)
     prompt_a = [(5 * j) % 400 + 30 for j in range(90)]
     prompt_b = [(11 * j) % 400 + 30 for j in range(100)]
@@ -220,14 +220,17 @@ def test_a_freed_slot_keeps_its_conversation_for_the_next_turn(model, tokenizer,
         (reply_a, finished_a), (reply_b, finished_b) = greedy_ids(a), greedy_ids(b)
         assert finished_a.cached_tokens == finished_b.cached_tokens == 0
         assert engine.kept[0] == [*prompt_a, *reply_a][:-1]  # the last token was emitted, never fed
-        for prompt, reply, slot in ((prompt_b, reply_b, 1), (prompt_a, reply_a, 0)):  # B's: not the lowest free slot
+        kept_a = engine.kept[0]
+        for prompt, reply in ((prompt_b, reply_b), (prompt_a, reply_a)):
             follow_up = [*prompt, *reply, 7, 8, 9, 10]
             request = engine.submit(GenerationRequest(follow_up, SamplingParams(temperature=0.0, max_new_tokens=12),
                                                       False, logprobs=0))
             events, finished = collect(request)
             tokens = [e.token_id for e in events]
             assert finished.cached_tokens == len(prompt) + len(reply) - 1
-            assert engine.kept[slot][:len(follow_up)] == follow_up  # the slot that held the conversation
+            assert engine.kept[0][:len(follow_up)] == follow_up  # in the lowest slot: the batch stays one row
+            if prompt is prompt_b:
+                assert engine.kept[1] == kept_a  # A's cache traded places with B's: still kept
             assert tokens == generate(model, follow_up, max_new_tokens=12, stop_token_ids=[tokenizer.eos_id])
             with torch.no_grad():  # the whole sequence in one forward: the reply's log-probabilities
                 logits = model(torch.tensor([follow_up + tokens]))["logits"][0, len(follow_up) - 1:-1]
@@ -247,15 +250,16 @@ def test_a_freed_slot_keeps_its_conversation_for_the_next_turn(model, tokenizer,
         engine.stop()
 
 
-def test_a_short_shared_start_is_copied_into_the_lowest_free_slot_not_taken_from_its_slot(model, tokenizer):
-    # a higher slot than the lowest free one widens the batch: taken only for MIN_REUSED_TOKENS positions or more
+def test_a_free_slot_holding_the_prompts_start_trades_places_with_the_lowest_free_slot(model, tokenizer):
+    # the request stays in the lowest free slot (a higher one would widen the batch), and both caches stay kept
     engine = Engine(model, tokenizer, slots=2, seed=0)
-    engine.kept[1] = list(range(40, 40 + Engine.MIN_REUSED_TOKENS))
-    short = GenerationRequest([*range(40, 40 + Engine.MIN_REUSED_TOKENS - 1), 3], GREEDY, False)
-    assert engine._free_slot_for(short) == (0, Engine.MIN_REUSED_TOKENS - 1, 1)  # copied from slot 1
-    engine.kept[1].append(999)
-    longer = GenerationRequest([*range(40, 40 + Engine.MIN_REUSED_TOKENS), 3], GREEDY, False)
-    assert engine._free_slot_for(longer) == (1, Engine.MIN_REUSED_TOKENS, None)
+    engine.kept[0], engine.kept[1] = list(range(100, 110)), list(range(40, 110))
+    engine.cache.keys[-1][0, :, :10], engine.cache.keys[-1][1, :, :70] = 1.0, 2.0
+    assert engine._free_slot_for(GenerationRequest([*range(40, 110), 3], GREEDY, False)) == (0, 70)
+    assert engine.kept[0] == list(range(40, 110)) and engine.kept[1] == list(range(100, 110))
+    assert bool((engine.cache.keys[-1][0, :, :70] == 2.0).all() and (engine.cache.keys[-1][1, :, :10] == 1.0).all())
+    assert engine._free_slot_for(GenerationRequest([*range(40, 110), 3], GREEDY, False, logprobs=0,
+                                                   prompt_logprobs=True)) == (0, 0)
 
 
 def test_a_running_requests_prompt_start_is_copied_for_a_request_sharing_it(model, tokenizer):
