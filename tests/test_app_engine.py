@@ -207,9 +207,9 @@ def greedy_ids(request: GenerationRequest) -> tuple[list[int], Finished]:
 
 @pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
 def test_a_freed_slot_keeps_its_conversation_for_the_next_turn(model, tokenizer, compile):
-    # Prefix reuse. A's slot is freed first and rides along (masked) while B decodes in the slot above it; then each
-    # conversation's next turn has its cache brought into the lowest free slot (B's trading places with A's, then
-    # back), prefills only its new tokens, and decodes exactly what a fresh prefill of the whole prompt gives.
+    # Prefix reuse. A finishes first, and B, still decoding, moves from slot 1 into slot 0 (their caches trade places:
+    # the batch stays one row); then each conversation's next turn has its cache brought into the lowest free slot,
+    # prefills only its new tokens, and decodes exactly what a fresh prefill of the whole prompt gives.
     engine = Engine(model, tokenizer, slots=3, max_queue=4, seed=0, compile=compile)
     prompt_a = [(5 * j) % 400 + 30 for j in range(90)]
     prompt_b = [(11 * j) % 400 + 30 for j in range(100)]
@@ -219,8 +219,9 @@ def test_a_freed_slot_keeps_its_conversation_for_the_next_turn(model, tokenizer,
     try:
         (reply_a, finished_a), (reply_b, finished_b) = greedy_ids(a), greedy_ids(b)
         assert finished_a.cached_tokens == finished_b.cached_tokens == 0
-        assert engine.kept[0] == [*prompt_a, *reply_a][:-1]  # the last token was emitted, never fed
-        kept_a = engine.kept[0]
+        assert engine.kept[1] == [*prompt_a, *reply_a][:-1]  # the last token was emitted, never fed
+        assert engine.kept[0] == [*prompt_b, *reply_b][:-1]
+        kept_a = engine.kept[1]
         for prompt, reply in ((prompt_b, reply_b), (prompt_a, reply_a)):
             follow_up = [*prompt, *reply, 7, 8, 9, 10]
             request = engine.submit(GenerationRequest(follow_up, SamplingParams(temperature=0.0, max_new_tokens=12),
@@ -230,7 +231,7 @@ def test_a_freed_slot_keeps_its_conversation_for_the_next_turn(model, tokenizer,
             assert finished.cached_tokens == len(prompt) + len(reply) - 1
             assert engine.kept[0][:len(follow_up)] == follow_up  # in the lowest slot: the batch stays one row
             if prompt is prompt_b:
-                assert engine.kept[1] == kept_a  # A's cache traded places with B's: still kept
+                assert engine.kept[1] == kept_a  # still kept
             assert tokens == generate(model, follow_up, max_new_tokens=12, stop_token_ids=[tokenizer.eos_id])
             with torch.no_grad():  # the whole sequence in one forward: the reply's log-probabilities
                 logits = model(torch.tensor([follow_up + tokens]))["logits"][0, len(follow_up) - 1:-1]
@@ -248,6 +249,34 @@ def test_a_freed_slot_keeps_its_conversation_for_the_next_turn(model, tokenizer,
         assert greedy_ids(engine.submit(GenerationRequest(follow_up, GREEDY, False)))[1].cached_tokens == 0
     finally:
         engine.stop()
+
+
+def test_a_reply_in_a_higher_slot_moves_down_when_a_lower_slot_frees(model, tokenizer):
+    # else the free slot rides along, masked, in every step: two rows, twice a CPU step
+    engine = Engine(model, tokenizer, slots=3, seed=0)
+    calls = []  # (rows, tokens) of each forward
+    hook = model.register_forward_hook(lambda module, args, kwargs, out: calls.append(tuple(args[0].shape)),
+                                       with_kwargs=True)
+    short = engine.submit(GenerationRequest([5, 6, 7], SamplingParams(temperature=0.0, max_new_tokens=3), False))
+    prompt = [8, 9, 10, 11]
+    long = engine.submit(GenerationRequest(prompt, SamplingParams(temperature=0.0, max_new_tokens=30), False,
+                                           logprobs=0))
+    engine.start()
+    try:
+        collect(short)
+        events, _ = collect(long)
+    finally:
+        engine.stop()
+        hook.remove()
+    steps = [shape[0] for shape in calls if shape[1] == 1]
+    assert steps[:2] == [2, 2] and steps[-1] == 1 and steps.count(2) <= 3  # one row once the short one ended
+    tokens = [e.token_id for e in events]
+    assert tokens == generate(model, prompt, max_new_tokens=30, stop_token_ids=[tokenizer.eos_id])
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + tokens]))["logits"][0, len(prompt) - 1:-1]
+    expected = logits.log_softmax(-1).gather(-1, torch.tensor(tokens)[:, None])[:, 0]
+    assert torch.allclose(torch.tensor([e.logprobs.logprob for e in events]), expected, atol=1e-4)
+    assert engine.kept[1][:3] == [5, 6, 7] and len(engine.kept[1]) == 5  # the short one's: still kept
 
 
 def test_a_free_slot_holding_the_prompts_start_trades_places_with_the_lowest_free_slot(model, tokenizer):
