@@ -182,8 +182,8 @@ class SlotKVCache:
     def prefill(self, slot: int, start: int = 0) -> "_PrefillView":
         return _PrefillView(self, slot, start)
 
-    def decode(self, positions: torch.Tensor, width: int) -> "_DecodeView":
-        return _DecodeView(self, positions, width)
+    def decode(self, positions: torch.Tensor) -> "_DecodeView":
+        return _DecodeView(self, positions)
 
     def copy(self, source: int, dest: int, length: int):
         """The first `length` positions of slot `source` into slot `dest`, every layer."""
@@ -218,12 +218,12 @@ class _PrefillView:
 
 class _DecodeView:
     """One new token for each of the first B slots, written at that slot's own position; attention reads the first
-    `width` positions of every slot (the caller's attention mask hides what is not that slot's)."""
+    max(position) + 1 positions of every slot (the caller's attention mask hides what is not that slot's)."""
 
-    def __init__(self, cache: SlotKVCache, positions: torch.Tensor, width: int):
+    def __init__(self, cache: SlotKVCache, positions: torch.Tensor):
         self.cache, self.positions = cache, positions
         self.rows = torch.arange(len(positions), device=positions.device)
-        self.width = width
+        self.width = int(positions.max()) + 1
 
     def get_seq_len(self, layer_idx: int = 0) -> int:
         return self.width - 1
@@ -517,7 +517,7 @@ class Engine:
         if self.compiled_step is not None:
             logits = self._compiled_logits(inputs[:, 0], positions)
         else:
-            view = self.cache.decode(positions, width=int(positions.max()) + 1)
+            view = self.cache.decode(positions)
             mask = torch.arange(view.width, device=self.device)[None, :] <= positions[:, None]
             logits = self.model(inputs, attention_mask=mask, position_ids=positions[:, None],
                                 past_key_values=view)["logits"][:, -1]
