@@ -205,6 +205,16 @@ def greedy_ids(request: GenerationRequest) -> tuple[list[int], Finished]:
     return [e.token_id for e in events], finished
 
 
+def assert_the_models_own_greedy_reply(model, tokenizer, prompt: list[int], events: list[TokenEvent]):
+    """The reply's tokens are model.generate's, their log-probabilities those of one forward over prompt + reply."""
+    tokens = [e.token_id for e in events]
+    assert tokens == generate(model, prompt, max_new_tokens=len(tokens), stop_token_ids=[tokenizer.eos_id])
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + tokens]))["logits"][0, len(prompt) - 1:-1]
+    expected = logits.log_softmax(-1).gather(-1, torch.tensor(tokens)[:, None])[:, 0]
+    assert torch.allclose(torch.tensor([e.logprobs.logprob for e in events]), expected, atol=1e-4)
+
+
 @pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
 def test_a_freed_slot_keeps_its_conversation_for_the_next_turn(model, tokenizer, compile):
     # Prefix reuse. A finishes first, and B, still decoding, moves from slot 1 into slot 0 (their caches trade places:
@@ -227,16 +237,11 @@ def test_a_freed_slot_keeps_its_conversation_for_the_next_turn(model, tokenizer,
             request = engine.submit(GenerationRequest(follow_up, SamplingParams(temperature=0.0, max_new_tokens=12),
                                                       False, logprobs=0))
             events, finished = collect(request)
-            tokens = [e.token_id for e in events]
             assert finished.cached_tokens == len(prompt) + len(reply) - 1
             assert engine.kept[0][:len(follow_up)] == follow_up  # in the lowest slot: the batch stays one row
             if prompt is prompt_b:
                 assert engine.kept[1] == kept_a  # still kept
-            assert tokens == generate(model, follow_up, max_new_tokens=12, stop_token_ids=[tokenizer.eos_id])
-            with torch.no_grad():  # the whole sequence in one forward: the reply's log-probabilities
-                logits = model(torch.tensor([follow_up + tokens]))["logits"][0, len(follow_up) - 1:-1]
-            expected = logits.log_softmax(-1).gather(-1, torch.tensor(tokens)[:, None])[:, 0]
-            assert torch.allclose(torch.tensor([e.logprobs.logprob for e in events]), expected, atol=1e-4)
+            assert_the_models_own_greedy_reply(model, tokenizer, follow_up, events)
         stats = engine.stats()
         assert stats["cached_prompt_tokens_total"] == 90 + 3 - 1 + 100 + 70 - 1
         assert stats["prompt_tokens_total"] == 90 + 100 + 90 + 3 + 4 + 100 + 70 + 4
@@ -270,12 +275,8 @@ def test_a_reply_in_a_higher_slot_moves_down_when_a_lower_slot_frees(model, toke
         hook.remove()
     steps = [shape[0] for shape in calls if shape[1] == 1]
     assert steps[:2] == [2, 2] and steps[-1] == 1 and steps.count(2) <= 3  # one row once the short one ended
-    tokens = [e.token_id for e in events]
-    assert tokens == generate(model, prompt, max_new_tokens=30, stop_token_ids=[tokenizer.eos_id])
-    with torch.no_grad():
-        logits = model(torch.tensor([prompt + tokens]))["logits"][0, len(prompt) - 1:-1]
-    expected = logits.log_softmax(-1).gather(-1, torch.tensor(tokens)[:, None])[:, 0]
-    assert torch.allclose(torch.tensor([e.logprobs.logprob for e in events]), expected, atol=1e-4)
+    assert len(events) == 30
+    assert_the_models_own_greedy_reply(model, tokenizer, prompt, events)
     assert engine.kept[1][:3] == [5, 6, 7] and len(engine.kept[1]) == 5  # the short one's: still kept
 
 
@@ -304,12 +305,7 @@ def test_a_running_requests_prompt_start_is_copied_for_a_request_sharing_it(mode
                                                  False, logprobs=0))
         events, finished = collect(second)
         assert finished.cached_tokens == len(shared) and engine.kept[1][:len(second_prompt)] == second_prompt
-        tokens = [e.token_id for e in events]
-        assert tokens == generate(model, second_prompt, max_new_tokens=10, stop_token_ids=[tokenizer.eos_id])
-        with torch.no_grad():
-            logits = model(torch.tensor([second_prompt + tokens]))["logits"][0, len(second_prompt) - 1:-1]
-        expected = logits.log_softmax(-1).gather(-1, torch.tensor(tokens)[:, None])[:, 0]
-        assert torch.allclose(torch.tensor([e.logprobs.logprob for e in events]), expected, atol=1e-4)
+        assert_the_models_own_greedy_reply(model, tokenizer, second_prompt, events)
         collect(first)
     finally:
         engine.stop()
