@@ -19,9 +19,11 @@ llama.cpp is timed the same way (its own process, OMP_NUM_THREADS threads for pr
 512-token batch, then one token per eval call; no batched API, so no 8-slot figure; its next turn evaluates the new
 tokens after the reply in the same context, as llama.cpp's server reuses a slot's cache; its held-out logits come from
 a second load that keeps every position's). Formats run in the order given, then in reverse with --rounds 2 (medians).
-The *-compiled formats (not run by default) serve with the Engine's compile=True (app.py --compile): start-up includes
-compile_s, the warm-up compile of every decode graph (with inductor's cache on disk warm from an earlier run, it is
-shorter).
+Where bf16 matmuls are native, the stored formats multiply a prompt's rows in bf16 (serving/checkpoint.py
+prefill_dtype); the *-fp32-prefill formats (not run by default) are those formats with prompts in fp32, as on other
+CPUs. The *-compiled formats (not run by default) serve with the Engine's compile=True (app.py --compile): start-up
+includes compile_s, the warm-up compile of every decode graph (with inductor's cache on disk warm from an earlier run,
+it is shorter).
 
     OMP_NUM_THREADS=2 python bench/bench_cpu_chat.py --decode-steps --rounds 3
 
@@ -53,7 +55,7 @@ sys.path.insert(0, str(REPO_ROOT))
 from model import CortexModel, KVCache, cortex_2_5_config, save_weights  # noqa: E402
 from model.compiled_decode import CompiledDecoder  # noqa: E402
 from model.moe import RoutedExperts  # noqa: E402
-from serving.checkpoint import cpu_features, load_for_serving  # noqa: E402
+from serving.checkpoint import cpu_features, load_for_serving, prefill_dtype  # noqa: E402
 from serving.engine import Engine, Finished, GenerationRequest, SamplingParams  # noqa: E402
 from serving import cpu_gemv  # noqa: E402
 from serving.quantize import (StoredLinear, StoredMLP, StoredRoutedExperts, kernels, store_weights,  # noqa: E402
@@ -62,7 +64,8 @@ from serving.quantize import (StoredLinear, StoredMLP, StoredRoutedExperts, kern
 FORMATS = {"fp32": ("float32", "none"), "bf16-weights": ("float32", "bf16"), "bf16": ("bfloat16", "none"),
            "bf16-weights-bf16-compute": ("bfloat16", "bf16"), "int8-bf16-compute": ("bfloat16", "int8"),
            "int8": ("float32", "int8"), "fp32-compiled": ("float32", "none"),  # name: dtype, quantize
-           "bf16-weights-compiled": ("float32", "bf16"), "int8-compiled": ("float32", "int8")}  # (+ Engine --compile)
+           "bf16-weights-compiled": ("float32", "bf16"), "int8-compiled": ("float32", "int8"),  # (+ Engine --compile)
+           "bf16-weights-fp32-prefill": ("float32", "bf16"), "int8-fp32-prefill": ("float32", "int8")}  # (+ below)
 DEFAULT_FORMATS = ["fp32", "bf16-weights", "bf16", "int8"]  # compiled ones add minutes of compiling: asked by name
 LLAMA_CPP = {"llama.cpp-f16": "f16", "llama.cpp-q8_0": "q8_0"}  # GGUF type of each llama.cpp row
 LM_HEAD_STD = 0.15  # x std sqrt(hidden): logits of std ~4, peaked like a trained model's
@@ -99,6 +102,11 @@ def measure_format(name: str, weights: Path, out: Path) -> dict:
     start = time.perf_counter()
     served = load_for_serving(weights, "cortex", "cpu", dtype, quantize)
     compiled = name.endswith("-compiled")
+    if name.endswith("-fp32-prefill"):  # prompts multiplied in fp32, as before native bf16 prefills (checkpoint.py)
+        for module in served.model.modules():
+            if isinstance(module, (StoredLinear, StoredMLP, StoredRoutedExperts)):
+                module.prefill_dtype = None
+    prefill = next((module.prefill_dtype for module in served.model.modules() if isinstance(module, StoredMLP)), None)
     loaded = time.perf_counter()
     engine = Engine(served.model, served.tokenizer, slots=SLOTS, max_queue=SLOTS, seed=0, compile=compiled)
     compile_s = time.perf_counter() - loaded  # the Engine's warm-up compiles every decode graph (cold cache or not)
@@ -137,6 +145,7 @@ def measure_format(name: str, weights: Path, out: Path) -> dict:
         decode_logits = teacher_forced_steps(served.model, ids[:HELDOUT_DECODE_TOKENS])
     torch.save({"greedy": greedy, "logits": logits, "decode_logits": decode_logits}, out)
     return {"format": name, "dtype": dtype, "quantize": quantize, "compile": compiled,
+            "prefill_dtype": str(prefill).removeprefix("torch.") if prefill else dtype,
             "startup_s": round(startup_s, 2), **({"compile_s": round(compile_s, 1)} if compiled else {}),
             "ttft_512_s": round(ttft_s, 3), "ttft_next_turn_s": round(next_turn_s, 3),
             "ttft_next_turn_without_reuse_s": round(next_turn_whole_s, 3), "decode_tok_s_batch1": round(decode_tps, 2),
@@ -375,6 +384,7 @@ def main():
                        for name in formats if name in LLAMA_CPP}
             formats = [name for name in formats if name not in LLAMA_CPP]
     capability, native_bf16 = cpu_features()
+    prefill = prefill_dtype(torch.device("cpu"), torch.float32, native_bf16)
     cpu_gemv_missing = cpu_gemv.load()  # as the children do: built or not, so kernels() says what ran
     with tempfile.TemporaryDirectory() as tmp:
         weights = Path(tmp) / "cortex.safetensors"
@@ -411,7 +421,8 @@ def main():
         "cpu_gemv.c": "built and used for one row" if cpu_gemv_missing is None else f"not used: {cpu_gemv_missing}",
         "kernels": {"fp32": "F.linear fp32 (MKL/oneDNN sgemm)", "bf16": "F.linear bf16 (torch's bf16 GEMV for one "
                     "row; oneDNN GEMM for more, native only where mkldnn_bf16_supported)",
-                    "bf16-weights": kernels("bf16"), "int8": kernels("int8"),
+                    "bf16-weights": kernels("bf16", prefill), "int8": kernels("int8", prefill),
+                    "*-fp32-prefill": "as above, longer prompts in fp32",
                     "*-compiled": "decode steps: one torch.compile'd graph (inductor C++); the linears, MLPs and head "
                                   "call the same kernels as eager (cpu_gemv.c's as the ops cortex::gemv and "
                                   "cortex::mlp), the routed experts run as one opaque op "

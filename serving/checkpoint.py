@@ -133,10 +133,10 @@ def cpu_features() -> tuple[str, bool]:
 def default_format(device: torch.device, capability: str) -> tuple[str, str]:
     """(--dtype, --quantize) when neither is given. GPUs that support bf16: bf16. x86 CPUs (AVX2, AVX512): fp32 compute
     with the weights stored in bf16, half the weight bytes: one decoding row multiplies them in serving/cpu_gemv.c.
-    On a Zen 4 with native bf16 that decoded 3.3x fp32 at batch 1, where bf16 compute decoded 1.4x (torch's bf16 GEMV)
-    with a 2x faster 512-token prefill and lower held-out agreement with fp32 (0.90 against 0.965); on AVX2 it decoded
-    1.5x fp32 on torch's bf16 GEMV (unmeasured with cpu_gemv.c), and bf16 compute, emulated there, prefilled in 5-9x
-    fp32's time. Figures: README, "The full model on a CPU". Other CPUs (unmeasured) and MPS: fp32.
+    On a Zen 4 with native bf16 that decoded 3.5x fp32 at batch 1, where bf16 compute decoded 1.65x (torch's bf16
+    GEMV) with lower held-out agreement with fp32 (0.91 against 0.95), and prefills as fast as bf16 compute (its
+    prompts multiply in bf16 there: prefill_dtype); on AVX2 it decoded 1.5x fp32 on torch's bf16 GEMV (unmeasured
+    with cpu_gemv.c), and bf16 compute, emulated there, prefilled in 5-9x fp32's time. Figures: README, "The full model on a CPU". Other CPUs (unmeasured) and MPS: fp32.
     int8 stays opt-in: its quality was only measured on random weights."""
     if device.type == "cuda":
         return ("bfloat16" if torch.cuda.is_bf16_supported() else "float32"), "none"
@@ -155,6 +155,14 @@ def pick_format(dtype: str | None, quantize: str | None, device: torch.device) -
                               f"layers, experts and head: bf16, or int8 with per-channel scales)")
     default_dtype, default_quantize = default_format(device, torch.backends.cpu.get_cpu_capability())
     return DTYPES[dtype or default_dtype], quantize or (default_quantize if dtype is None else "none")
+
+
+def prefill_dtype(device: torch.device, compute_dtype: torch.dtype, native_bf16: bool) -> torch.dtype | None:
+    """What a prompt's products with stored weights multiply in (serving/quantize.py; None: compute_dtype). bf16 on
+    CPUs whose bf16 matmuls are native (AVX512-BF16, AMX) when computing in fp32: the default format prefilled 512
+    tokens of the full model in half fp32's time on a Zen 4 (README, "The full model on a CPU"), while decoding keeps
+    fp32 activations. Elsewhere bf16 GEMMs are emulated (5-9x fp32's time on AVX2)."""
+    return torch.bfloat16 if device.type == "cpu" and compute_dtype == torch.float32 and native_bf16 else None
 
 
 def return_freed_memory():
@@ -189,11 +197,13 @@ def load_for_serving(checkpoint: str | Path, tokenizer: str | None = None, devic
         raise CheckpointError(f"cannot load {weights}: {err}{config_note}") from err
     resolved_device = pick_device(device)
     compute_dtype, quantization = pick_format(dtype, quantize, resolved_device)
+    prefill = prefill_dtype(resolved_device, compute_dtype, cpu_features()[1])
     if quantization != "none":  # from the fp32 weights, before the cast
-        store_weights(model, quantization)
+        store_weights(model, quantization, prefill)
     model = model.to(device=resolved_device, dtype=compute_dtype).eval()
     return_freed_memory()
-    log.info("serving %s in %s with %s weights (CPU: %s, native bf16 %s)", weights, compute_dtype,
-             quantization if quantization != "none" else "unconverted", *cpu_features())
+    log.info("serving %s in %s with %s weights%s (CPU: %s, native bf16 %s)", weights, compute_dtype,
+             quantization if quantization != "none" else "unconverted",
+             f", prompts multiplied in {prefill}" if quantization != "none" and prefill else "", *cpu_features())
     name = weights.parent.name if weights.name == RUN_WEIGHTS else weights.stem
     return Served(model, tok, f"cortex-{name}")

@@ -8,12 +8,14 @@ In both formats one row on the CPU (batch-1 decoding) runs in cpu_gemv.c with fp
 - bf16: the weights rounded to bf16 (what training's bf16 autocast multiplied by), half of fp32's bytes. Otherwise on
   CPUs without native bf16 matmuls (AVX2) a product of a few rows in bf16 takes torch's vectorised bf16 GEMV (fp32
   accumulation), ~2x fp32's speed, while a prompt's many rows in bf16 would take oneDNN's emulated bf16 GEMM (5-9x
-  fp32's time): so a prefill multiplies in the model's dtype (fp32) with the weights cast per call.
+  fp32's time): so a prefill multiplies in the model's dtype (fp32) with the weights cast per call. Where bf16 matmuls
+  are native (AVX512-BF16, AMX) a prefill multiplies in bf16 instead (prefill_dtype): 0.6x the time on a Zen 4.
 - int8: one scale per output channel (its largest |weight| / 127). Other products of a few rows run in torch's own
   int8 kernel (torch._weight_int8pack_mm) with bf16 activations (with fp32 ones that kernel is 30x slower on an AVX2
   CPU) and bf16 scales, kept in bf16 whatever the model's dtype so that no call casts them; a prefill's many rows
-  multiply by the weights dequantized per call. (torch's dynamic int8 linear, which also quantizes the activations,
-  decoded ~15% faster here but cost held-out agreement and memory: README, "The full model on a CPU".)
+  multiply by the weights dequantized per call (to bf16 where bf16 is native, as above). (torch's dynamic int8
+  linear, which also quantizes the activations, decoded ~15% faster here but cost held-out agreement and memory:
+  README, "The full model on a CPU".)
 
 Each MLP (the dense layer's, the shared experts) and routed expert keeps its gate and up weights as one (2I, H) weight:
 two products instead of three (~3 ms off an int8 eager step of the full model; README, "The full model on a CPU").
@@ -27,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.head import target_log_probs
+from model.head import LMHead, target_log_probs
 from model.mlp import MLP
 from model.moe import RoutedExperts, sorted_by_expert
 from serving import cpu_gemv
@@ -46,14 +48,15 @@ STORED_NAMES = {"bf16": ("weight_bf16",), "int8": ("weight_int8", "scales", "ker
 WEIGHT_FORMATS = tuple(STORED_NAMES)
 
 
-def kernels(weight_format: str) -> str:
+def kernels(weight_format: str, prefill_dtype: torch.dtype | None = None) -> str:
     """What a weight format runs on CPU (bench_cpu_chat prints it)."""
     one_row = "serving/cpu_gemv.c (fp32 activations) for one row, " if cpu_gemv.enabled else ""
+    prompts = "the model's dtype" if prefill_dtype is None else f"{prefill_dtype} (activations cast too)"
     if weight_format == "bf16":
         return (f"{one_row}F.linear in bf16 (torch's bf16 GEMV, fp32 accumulation) for up to 32 rows, weights cast to "
-                "the model's dtype for longer prompts")
-    return (f"{one_row}torch._weight_int8pack_mm (bf16 activations and scales) for up to 32 rows, dequantized weights "
-            "for longer prompts")
+                f"{prompts} for longer prompts")
+    return (f"{one_row}torch._weight_int8pack_mm (bf16 activations and scales) for up to 32 rows, weights dequantized "
+            f"to {prompts} for longer prompts")
 
 
 def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,13 +122,20 @@ def unpacked(weight: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
 
 class _StoredModule(nn.Module):
     """Keeps its bf16 buffers (`*_bf16`, `*kernel_scales`) in bf16 and int8's own scales in fp32 (what cpu_gemv.c
-    takes) through model.to(dtype): cast once, not per call."""
+    takes) through model.to(dtype): cast once, not per call. prefill_dtype: the dtype a prompt's rows on the CPU (more
+    than the kernels take) multiply in; None: the input's own."""
 
-    def __init__(self, weight_format: str):
+    def __init__(self, weight_format: str, prefill_dtype: torch.dtype | None = None):
         super().__init__()
         if weight_format not in WEIGHT_FORMATS:
             raise ValueError(f"weight format {weight_format!r} is not one of {', '.join(WEIGHT_FORMATS)}")
         self.weight_format = weight_format
+        self.prefill_dtype = prefill_dtype
+
+    def compute_dtype(self, x: torch.Tensor) -> torch.dtype:
+        """The dtype x (..., in) multiplies in: prefill_dtype for a prompt's many rows on the CPU, else x's own."""
+        prefill = x.device.type == "cpu" and x.numel() > KERNEL_MAX_ROWS * x.shape[-1]
+        return self.prefill_dtype if prefill and self.prefill_dtype is not None else x.dtype
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
@@ -145,14 +155,14 @@ class _StoredModule(nn.Module):
         return [getattr(self, prefix + name) for name in STORED_NAMES[self.weight_format]]
 
     def extra_repr(self) -> str:
-        return f"weight_format={self.weight_format}"
+        return f"weight_format={self.weight_format}, prefill_dtype={self.prefill_dtype}"
 
 
 class StoredLinear(_StoredModule):
     """A bias-free nn.Linear (or the LMHead) with its weight in a weight format."""
 
-    def __init__(self, linear: nn.Linear, weight_format: str):
-        super().__init__(weight_format)
+    def __init__(self, linear: nn.Linear, weight_format: str, prefill_dtype: torch.dtype | None = None):
+        super().__init__(weight_format, prefill_dtype)
         if linear.bias is not None:
             raise ValueError(f"StoredLinear has no bias; {linear} has one")
         self.store("", linear.weight)
@@ -163,7 +173,8 @@ class StoredLinear(_StoredModule):
             return target_log_probs(x, unpacked(self.stored_weight(), x.dtype), targets, with_entropy, summed)
         if uses_kernel(x, self.stored_weight()):
             return kernel_linear(x.to(kernel_dtype(x, self.stored_weight())), self.stored_weight()).to(x.dtype)
-        return F.linear(x, unpacked(self.stored_weight(), x.dtype))
+        dtype = self.compute_dtype(x)
+        return F.linear(x.to(dtype), unpacked(self.stored_weight(), dtype)).to(x.dtype)
 
 
 def stored_mlp(x: torch.Tensor, gate_up: list[torch.Tensor], down: list[torch.Tensor]) -> torch.Tensor:
@@ -181,29 +192,31 @@ def stored_mlp(x: torch.Tensor, gate_up: list[torch.Tensor], down: list[torch.Te
 class StoredMLP(_StoredModule):
     """MLP (model/mlp.py: the dense layer's and the shared experts) with its weights in a weight format."""
 
-    def __init__(self, mlp: MLP, weight_format: str):
-        super().__init__(weight_format)
+    def __init__(self, mlp: MLP, weight_format: str, prefill_dtype: torch.dtype | None = None):
+        super().__init__(weight_format, prefill_dtype)
         self.store("gate_up_proj_", torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]))
         self.store("down_proj_", mlp.down_proj.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])
-        return stored_mlp(rows, self.stored_weight("gate_up_proj_"), self.stored_weight("down_proj_")).view_as(x)
+        out = stored_mlp(rows.to(self.compute_dtype(rows)), self.stored_weight("gate_up_proj_"),
+                         self.stored_weight("down_proj_"))
+        return out.to(x.dtype).view_as(x)
 
 
 class StoredRoutedExperts(_StoredModule):
     """RoutedExperts (model/moe.py) with stacked weights in a weight format: each expert multiplies its slice of the
     sorted rows (a single row: its K experts in turn)."""
 
-    def __init__(self, experts: RoutedExperts, weight_format: str):
-        super().__init__(weight_format)
+    def __init__(self, experts: RoutedExperts, weight_format: str, prefill_dtype: torch.dtype | None = None):
+        super().__init__(weight_format, prefill_dtype)
         self.num_experts = experts.num_experts
         self.store("gate_up_proj_", torch.cat([experts.gate_proj, experts.up_proj], dim=1))  # (E, 2I, H)
         self.store("down_proj_", experts.down_proj)
 
     def forward(self, x: torch.Tensor, expert_idx: torch.Tensor) -> torch.Tensor:
         """x (N, H), expert_idx (N, K) -> each row through each of its K experts (N, K, H), as RoutedExperts."""
-        return routed_experts(x, expert_idx, *self.weights())
+        return routed_experts(x.to(self.compute_dtype(x)), expert_idx, *self.weights()).to(x.dtype)
 
     def gathered(self, rows: torch.Tensor, expert_idx: torch.Tensor) -> torch.Tensor:
         """The compiled decode step's form (RoutedExperts.gathered): forward as one opaque op in the graph."""
@@ -253,24 +266,27 @@ def stored_expert(gate_up: list[torch.Tensor], down: list[torch.Tensor], expert:
     return stored_mlp(x, [tensor[expert] for tensor in gate_up], [tensor[expert] for tensor in down])
 
 
-def store_weights(model: nn.Module, weight_format: str) -> nn.Module:
+def store_weights(model: nn.Module, weight_format: str, prefill_dtype: torch.dtype | None = None) -> nn.Module:
     """Swaps every nn.Linear (the LMHead included), MLP and RoutedExperts of model for its form in weight_format
     ('bf16', 'int8'), in place. The embedding, norms and router stay as they are (a row read per token, or tiny).
-    Loads cpu_gemv's kernel, or says why one-row products run on torch's alone."""
+    prefill_dtype: what a prompt's products multiply in on the CPU (None: the model's dtype), the head's excepted:
+    logits keep the model's dtype (prompt log-probs score whole prompts). Loads cpu_gemv's kernel, or says why
+    one-row products run on torch's alone."""
     if not cpu_gemv.enabled and (why_not := cpu_gemv.load()) is not None:
         log.warning("%s weights: one-row products use torch's kernels, about half as fast on AVX2, because %s",
                     weight_format, why_not)
-    return _swap_modules(model, weight_format)
+    return _swap_modules(model, weight_format, prefill_dtype)
 
 
-def _swap_modules(model: nn.Module, weight_format: str) -> nn.Module:
+def _swap_modules(model: nn.Module, weight_format: str, prefill_dtype: torch.dtype | None) -> nn.Module:
     for name, child in model.named_children():
         if isinstance(child, MLP):
-            setattr(model, name, StoredMLP(child, weight_format))
+            setattr(model, name, StoredMLP(child, weight_format, prefill_dtype))
         elif isinstance(child, nn.Linear):
-            setattr(model, name, StoredLinear(child, weight_format))
+            head = isinstance(child, LMHead)
+            setattr(model, name, StoredLinear(child, weight_format, None if head else prefill_dtype))
         elif isinstance(child, RoutedExperts):
-            setattr(model, name, StoredRoutedExperts(child, weight_format))
+            setattr(model, name, StoredRoutedExperts(child, weight_format, prefill_dtype))
         else:
-            _swap_modules(child, weight_format)
+            _swap_modules(child, weight_format, prefill_dtype)
     return model

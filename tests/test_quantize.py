@@ -13,7 +13,8 @@ from model.mlp import MLP
 from model.moe import RoutedExperts
 from serving.quantize import (StoredLinear, StoredMLP, StoredRoutedExperts, quantize_per_channel, store_weights,
                               unpacked)
-from serving.checkpoint import CheckpointError, default_format, load_for_serving, pick_format
+from serving.checkpoint import (CheckpointError, cpu_features, default_format, load_for_serving, pick_format,
+                                prefill_dtype)
 from serving.engine import Engine, Finished, GenerationRequest, SamplingParams
 
 from test_app_server import model, single_torch_thread, tokenizer, write_run_dir  # noqa: F401  (fixtures: the autouse one, tokenizer, model)
@@ -110,6 +111,68 @@ def test_layers_of_any_width_get_their_stored_weights_product(weight_format):
                 got = mlp(x)
             assert got.dtype == torch.float32  # bf16 activations in torch's kernels: within bf16's rounding
             torch.testing.assert_close(got, want, rtol=0.02, atol=0.02 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("weight_format", ["int8", "bf16"])
+def test_prompts_multiply_in_the_prefill_dtype_and_decoding_rows_do_not(weight_format):
+    # where bf16 matmuls are native the server prefills in bf16 (half fp32's time on a Zen 4); a few rows keep the
+    # kernels' own dtypes, and the output keeps the input's
+    torch.manual_seed(0)
+    linear, mlp = nn.Linear(64, 48, bias=False), MLP(64, 32)
+    experts = RoutedExperts(num_experts=4, hidden_size=64, intermediate_size=16)
+    modules = nn.ModuleList([linear, mlp, experts])
+    # through store_weights: it loads cpu_gemv.c, whose one-row products take fp32 activations
+    stored = store_weights(copy.deepcopy(modules), weight_format, torch.bfloat16)
+    plain = store_weights(modules, weight_format)
+    # 200 rows: ~100 an expert, beyond the 32 the few-row kernels take
+    rows, expert_idx = torch.randn(200, 64), torch.randint(0, 4, (200, 2), generator=torch.Generator().manual_seed(1))
+
+    def weight(module, prefix=""):
+        return unpacked(module.stored_weight(prefix), torch.bfloat16)
+
+    def mlp_in_bf16(x, module, expert=None):
+        gate_up, down = weight(module, "gate_up_proj_"), weight(module, "down_proj_")
+        if expert is not None:
+            gate_up, down = gate_up[expert], down[expert]
+        gate, up = F.linear(x.bfloat16(), gate_up).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, down).float()
+
+    with torch.no_grad():
+        got = [stored[0](rows), stored[1](rows), stored[2](rows, expert_idx)]
+        assert all(out.dtype == torch.float32 for out in got)
+        assert torch.equal(got[0], F.linear(rows.bfloat16(), weight(stored[0])).float())
+        assert torch.equal(got[1], mlp_in_bf16(rows, stored[1]))
+        # the routed experts: only the products differ from the fp32 prefill (the sort and each expert's rows don't)
+        expected = plain[2](rows, expert_idx)
+        assert not torch.equal(got[2], expected) and (got[2] - expected).abs().max() < 0.02 * expected.abs().max()
+        row, expert = 7, int(expert_idx[7, 1])
+        assert (got[2][row, 1] - mlp_in_bf16(rows[row:row + 1], stored[2], expert)[0]).abs().max() < 1e-6
+        for few in (1, 5):  # decoding: the same numbers as without a prefill dtype
+            assert torch.equal(stored[0](rows[:few]), plain[0](rows[:few]))
+            assert torch.equal(stored[1](rows[:few]), plain[1](rows[:few]))
+            assert torch.equal(stored[2](rows[:few], expert_idx[:few]), plain[2](rows[:few], expert_idx[:few]))
+
+
+def test_the_server_prefills_in_bf16_only_where_bf16_is_native(tmp_path, model):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert prefill_dtype(cpu, torch.float32, native_bf16=True) == torch.bfloat16
+    assert prefill_dtype(cpu, torch.float32, native_bf16=False) is None  # emulated bf16 GEMMs: 5-9x fp32's time
+    assert prefill_dtype(cpu, torch.bfloat16, native_bf16=True) is None  # already the model's dtype
+    assert prefill_dtype(cuda, torch.float32, native_bf16=True) is None
+    served = load_for_serving(write_run_dir(tmp_path / "run", model), device="cpu", dtype="float32", quantize="bf16")
+    stored = [m for m in served.model.modules() if isinstance(m, (StoredLinear, StoredMLP, StoredRoutedExperts))]
+    native = cpu_features()[1]
+    assert served.model.lm_head.prefill_dtype is None  # logits stay fp32 (prompt log-probs score whole prompts)
+    assert {m.prefill_dtype for m in stored if m is not served.model.lm_head} == {
+        torch.bfloat16 if native else None}
+    ids = torch.randint(0, model.config.vocab_size, (1, 100), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # the whole model: logits in fp32, close to the fp32 prefill's
+        got = served.model(ids)["logits"]
+        for module in stored:
+            module.prefill_dtype = None
+        expected = served.model(ids)["logits"]
+    assert got.dtype == torch.float32 and torch.equal(got, expected) != native
+    assert (got - expected).abs().max() < 0.03 * expected.abs().max()
 
 
 @pytest.mark.parametrize("weight_format", ["int8", "bf16"])
