@@ -2,6 +2,7 @@
 strict, and a mismatch is an error that lists every missing, unexpected or mis-shaped key."""
 
 import pickle
+import zipfile
 from pathlib import Path
 
 import safetensors.torch
@@ -14,7 +15,10 @@ class WeightsMismatchError(ValueError):
 
 
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a state dict from `.safetensors`, or from a torch file (`.bin`, `.pt`, ...) with weights_only=True."""
+    """Read a state dict from `.safetensors`, or from a torch file (`.bin`, `.pt`, ...) with weights_only=True. Both are
+    memory-mapped (a torch file saved in the zip format torch.save writes since 1.6; an older one is read whole): the
+    tensors stay file pages, which the kernel can drop, until copied into a model. Loading the full model's fp32 .bin
+    for serving peaked at 5.1 GB of process memory read whole, 2.9 GB mapped (README, "The full model on a CPU")."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file {path} does not exist")
@@ -24,7 +28,7 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
         except safetensors.SafetensorError as error:
             raise ValueError(f"{path} is not a valid safetensors file ({error}); re-download or re-save it") from error
     try:
-        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+        state_dict = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
         reason = str(error).strip().splitlines()[0]
         raise ValueError(f"{path} could not be read as a plain tensor state dict with torch.load(weights_only=True): "
