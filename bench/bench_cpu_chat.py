@@ -5,25 +5,26 @@ against int8).
     OMP_NUM_THREADS=2 TOKEN_DIR=DIR python bench/bench_cpu_chat.py --rounds 2     # prints one JSON object
 
 Random weights, seeded (no hub access needed), with the head scaled up so next-token distributions are about as peaked
-as a trained model's (see bench_app.py); written once as a .safetensors file. Each format runs in its own process (so
-start-up and resident memory are its own): load_for_serving (read + quantize + cast) = start-up, then through the
-server's Engine: time to first token of a 512-token prompt, and of a chat's next turn (that prompt, its 64-token greedy
-reply and 64 new tokens: 640 in all) with prefix reuse (the server's default: 65 of them prefilled) and without; greedy
-decode of 256 tokens at batch 1 (decode tokens/s = tokens after the first / their time), 8 concurrent requests of 64
-tokens (aggregate tokens/s), and the logits of a held-out sample_data text (teacher forced, 512 tokens in one prefill,
-and the first 128 of them again one token a step, as decoding computes them). Peak RSS is read at the end. Quality
-against fp32: greedy agreement = share of the 256 greedy positions where the tokens equal fp32's (and the first
-differing one), held-out argmax agreement and the max |logit - fp32 logit|, of the prefill and of the steps
-(heldout_decode_*). With llama-cpp-python importable, the weights are exported by export.py to GGUF f16 and q8_0 and
-llama.cpp is timed the same way (its own process, OMP_NUM_THREADS threads for prompt and decode, the prompt in one
-512-token batch, then one token per eval call; no batched API, so no 8-slot figure; its next turn evaluates the new
-tokens after the reply in the same context, as llama.cpp's server reuses a slot's cache; its held-out logits come from
-a second load that keeps every position's). Formats run in the order given, then in reverse with --rounds 2 (medians).
-Where bf16 matmuls are native, the stored formats multiply a prompt's rows in bf16 (serving/checkpoint.py
-prefill_dtype); the *-fp32-prefill formats (not run by default) are those formats with prompts in fp32, as on other
-CPUs. The *-compiled formats (not run by default) serve with the Engine's compile=True (app.py --compile): start-up
-includes compile_s, the warm-up compile of every decode graph (with inductor's cache on disk warm from an earlier run,
-it is shorter).
+as a trained model's (see bench_app.py); written once as a torch .bin of fp32 weights, the published dpo.bin's format
+(zero_to_fp32's output). Each format runs in its own process (so start-up and resident memory are its own):
+load_for_serving (read + quantize + cast) = start-up, then through the server's Engine: time to first token of a
+512-token prompt, and of a chat's next turn (that prompt, its 64-token greedy reply and 64 new tokens: 640 in all) with
+prefix reuse (the server's default: 65 of them prefilled) and without; greedy decode of 256 tokens at batch 1 (decode
+tokens/s = tokens after the first / their time), 8 concurrent requests of 64 tokens (aggregate tokens/s), and the logits
+of a held-out sample_data text (teacher forced, 512 tokens in one prefill, and the first 128 of them again one token a
+step, as decoding computes them). Peak RSS is read at the end (it counts the mapped file's pages), the peak of anonymous
+memory while loading (RssAnon) sampled. Quality against fp32: greedy agreement = share of the 256 greedy positions where
+the tokens equal fp32's (and the first differing one), held-out argmax agreement and the max |logit - fp32 logit|, of
+the prefill and of the steps (heldout_decode_*). With llama-cpp-python importable, the weights are exported by export.py
+to GGUF f16 and q8_0 and llama.cpp is timed the same way (its own process, OMP_NUM_THREADS threads for prompt and
+decode, the prompt in one 512-token batch, then one token per eval call; no batched API, so no 8-slot figure; its next
+turn evaluates the new tokens after the reply in the same context, as llama.cpp's server reuses a slot's cache; its
+held-out logits come from a second load that keeps every position's). Formats run in the order given, then in reverse
+with --rounds 2 (medians). Where bf16 matmuls are native, the stored formats multiply a prompt's rows in bf16
+(serving/checkpoint.py prefill_dtype); the *-fp32-prefill formats (not run by default) are those formats with prompts in
+fp32, as on other CPUs. The *-compiled formats (not run by default) serve with the Engine's compile=True (app.py
+--compile): start-up includes compile_s, the warm-up compile of every decode graph (with inductor's cache on disk warm
+from an earlier run, it is shorter).
 
     OMP_NUM_THREADS=2 python bench/bench_cpu_chat.py --decode-steps --rounds 3
 
@@ -42,6 +43,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -100,7 +102,7 @@ def measure_format(name: str, weights: Path, out: Path) -> dict:
     """In a fresh process: one format's figures; logits and greedy tokens saved to out for the comparison."""
     dtype, quantize = FORMATS[name]
     start = time.perf_counter()
-    served = load_for_serving(weights, "cortex", "cpu", dtype, quantize)
+    served, loading_anon_mb = with_peak_anonymous_mb(lambda: load_for_serving(weights, "cortex", "cpu", dtype, quantize))
     compiled = name.endswith("-compiled")
     if name.endswith("-fp32-prefill"):  # prompts multiplied in fp32, as before native bf16 prefills (checkpoint.py)
         for module in served.model.modules():
@@ -150,7 +152,7 @@ def measure_format(name: str, weights: Path, out: Path) -> dict:
             "ttft_512_s": round(ttft_s, 3), "ttft_next_turn_s": round(next_turn_s, 3),
             "ttft_next_turn_without_reuse_s": round(next_turn_whole_s, 3), "decode_tok_s_batch1": round(decode_tps, 2),
             f"decode_tok_s_{SLOTS}_slots": round(slots_tps, 2), "greedy_tokens": len(greedy),
-            "rss_mb": resident_mb(), "peak_rss_mb": resident_mb("VmHWM")}
+            "rss_mb": resident_mb(), "peak_rss_mb": resident_mb("VmHWM"), "loading_peak_anonymous_mb": loading_anon_mb}
 
 
 def teacher_forced_steps(model: CortexModel, ids: list[int]) -> torch.Tensor:
@@ -161,6 +163,24 @@ def teacher_forced_steps(model: CortexModel, ids: list[int]) -> torch.Tensor:
         output = model(torch.tensor([[token]]), position_ids=torch.tensor([[position]]), past_key_values=cache)
         steps.append(output["logits"][0, -1].float())
     return torch.stack(steps)
+
+
+def with_peak_anonymous_mb(load):
+    """(load(), the peak of the process's memory not backed by a file while it ran, MB): RssAnon sampled every 5 ms.
+    VmHWM counts the weights file's mapped pages too, which the kernel can drop."""
+    peak, done = [resident_mb("RssAnon")], threading.Event()
+
+    def sample():
+        while not done.wait(0.005):
+            peak[0] = max(peak[0], resident_mb("RssAnon"))
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        return load(), max(peak[0], resident_mb("RssAnon"))
+    finally:
+        done.set()
+        sampler.join()
 
 
 def resident_mb(field: str = "VmRSS") -> int:
@@ -387,7 +407,7 @@ def main():
     prefill = prefill_dtype(torch.device("cpu"), torch.float32, native_bf16)
     cpu_gemv_missing = cpu_gemv.load()  # as the children do: built or not, so kernels() says what ran
     with tempfile.TemporaryDirectory() as tmp:
-        weights = Path(tmp) / "cortex.safetensors"
+        weights = Path(tmp) / "cortex.bin"
         write_random_weights(weights)
         inputs = {name: export_gguf(weights, LLAMA_CPP[name]) if name in LLAMA_CPP else weights for name in formats}
         runs = {name: [] for name in formats}

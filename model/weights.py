@@ -17,8 +17,8 @@ class WeightsMismatchError(ValueError):
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a state dict from `.safetensors`, or from a torch file (`.bin`, `.pt`, ...) with weights_only=True. Both are
     memory-mapped (a torch file saved in the zip format torch.save writes since 1.6; an older one is read whole): the
-    tensors stay file pages, which the kernel can drop, until copied into a model. Loading the full model's fp32 .bin
-    for serving peaked at 5.1 GB of process memory read whole, 2.9 GB mapped (README, "The full model on a CPU")."""
+    tensors stay file pages, which the kernel can drop, until copied into a model (read whole, the full model's 2.4 GB
+    fp32 .bin took as much process memory again while loading; README, "The full model on a CPU")."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file {path} does not exist")

@@ -17,9 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
-from model import CortexModel, ModelConfig, WeightsMismatchError, cortex_2_5_config, load_weights
-from serving.quantize import WEIGHT_FORMATS, store_weights
+from model import (CortexModel, ModelConfig, WeightsMismatchError, check_state_dict, cortex_2_5_config,
+                   load_state_dict_file)
+from serving.quantize import WEIGHT_FORMATS, load_kernel, stored_form
 from trainer.backend import pick_device as default_device
 from trainer.tokenizer import Tokenizer, get_tokenizer
 
@@ -136,7 +138,8 @@ def default_format(device: torch.device, capability: str) -> tuple[str, str]:
     On a Zen 4 with native bf16 that decoded 3.5x fp32 at batch 1, where bf16 compute decoded 1.65x (torch's bf16
     GEMV) with lower held-out agreement with fp32 (0.91 against 0.95), and prefills as fast as bf16 compute (its
     prompts multiply in bf16 there: prefill_dtype); on AVX2 it decoded 1.5x fp32 on torch's bf16 GEMV (unmeasured
-    with cpu_gemv.c), and bf16 compute, emulated there, prefilled in 5-9x fp32's time. Figures: README, "The full model on a CPU". Other CPUs (unmeasured) and MPS: fp32.
+    with cpu_gemv.c), and bf16 compute, emulated there, prefilled in 5-9x fp32's time. Figures: README, "The full
+    model on a CPU". Other CPUs (unmeasured) and MPS: fp32.
     int8 stays opt-in: its quality was only measured on random weights."""
     if device.type == "cuda":
         return ("bfloat16" if torch.cuda.is_bf16_supported() else "float32"), "none"
@@ -175,6 +178,21 @@ def return_freed_memory():
         libc.malloc_trim(0)
 
 
+def _parts(module: nn.Module, prefix: str = ""):
+    """(parent, attribute name, state-dict prefix) of each child of module, and of each entry of a ModuleList in it
+    (the decoder layers) in its place."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.ModuleList):
+            yield from _parts(child, f"{prefix}{name}.")
+        else:
+            yield module, name, f"{prefix}{name}."
+
+
+def _take(state_dict: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The entries of state_dict under prefix, removed from it, with the prefix stripped."""
+    return {key[len(prefix):]: state_dict.pop(key) for key in [key for key in state_dict if key.startswith(prefix)]}
+
+
 def load_for_serving(checkpoint: str | Path, tokenizer: str | None = None, device: str | None = None,
                      dtype: str | None = None, quantize: str | None = "none") -> Served:
     """The model on its device in the chosen format (pick_format), its tokenizer and name. Unquantized unless asked
@@ -185,11 +203,11 @@ def load_for_serving(checkpoint: str | Path, tokenizer: str | None = None, devic
         raise CheckpointError(f"the tokenizer ({tok}) has {tok.vocab_size} ids but the model {weights} only "
                               f"{config.vocab_size}: they do not belong together; pass the tokenizer the model was "
                               f"trained with (--tokenizer cortex, tiny or a directory)")
-    with torch.device("meta"):  # no random init of weights that are overwritten anyway
+    with torch.device("meta"):  # no storage yet, no random init of weights that are overwritten anyway
         model = CortexModel(config)
-    model = model.to_empty(device="cpu")  # uninitialised storage; non-persistent buffers (RoPE) are recomputed
     try:
-        load_weights(model, weights)
+        state_dict = load_state_dict_file(weights)  # memory-mapped: file pages until copied
+        check_state_dict(model, state_dict, str(weights))
     except (WeightsMismatchError, ValueError) as err:
         config_note = "" if weights.with_name(RUN_CONFIG).is_file() or weights.name == RUN_WEIGHTS else (
             f"\nWithout {RUN_CONFIG} next to it, a weights file is read as the published Cortex 2.5 model; for other "
@@ -198,10 +216,19 @@ def load_for_serving(checkpoint: str | Path, tokenizer: str | None = None, devic
     resolved_device = pick_device(device)
     compute_dtype, quantization = pick_format(dtype, quantize, resolved_device)
     prefill = prefill_dtype(resolved_device, compute_dtype, cpu_features()[1])
-    if quantization != "none":  # from the fp32 weights, before the cast
-        store_weights(model, quantization, prefill)
-    model = model.to(device=resolved_device, dtype=compute_dtype).eval()
-    return_freed_memory()
+    if quantization != "none":
+        load_kernel(quantization)
+    # One part at a time (a decoder layer, the embedding, the head): its fp32 weights copied from the file, converted
+    # (from fp32, before the cast) and cast before the next part's, so the whole model is never held in fp32: loading
+    # the full model for the default format peaked at 1.8 GB of process memory (1.5 served) instead of 2.8 (README)
+    for parent, name, prefix in _parts(model):
+        part = getattr(parent, name).to_empty(device="cpu")  # non-persistent buffers (RoPE) are recomputed
+        part.load_state_dict(_take(state_dict, prefix), strict=True)
+        if quantization != "none":
+            part = stored_form(part, quantization, prefill)
+        setattr(parent, name, part.to(device=resolved_device, dtype=compute_dtype))
+        return_freed_memory()  # the part's fp32 weights (freed pages otherwise stay with the process)
+    model.eval()
     log.info("serving %s in %s with %s weights%s (CPU: %s, native bf16 %s)", weights, compute_dtype,
              quantization if quantization != "none" else "unconverted",
              f", prompts multiplied in {prefill}" if quantization != "none" and prefill else "", *cpu_features())

@@ -267,26 +267,30 @@ def stored_expert(gate_up: list[torch.Tensor], down: list[torch.Tensor], expert:
 
 
 def store_weights(model: nn.Module, weight_format: str, prefill_dtype: torch.dtype | None = None) -> nn.Module:
-    """Swaps every nn.Linear (the LMHead included), MLP and RoutedExperts of model for its form in weight_format
-    ('bf16', 'int8'), in place. The embedding, norms and router stay as they are (a row read per token, or tiny).
-    prefill_dtype: what a prompt's products multiply in on the CPU (None: the model's dtype), the head's excepted:
-    logits keep the model's dtype (prompt log-probs score whole prompts). Loads cpu_gemv's kernel, or says why
-    one-row products run on torch's alone."""
+    """model with every nn.Linear (the LMHead included), MLP and RoutedExperts in weight_format ('bf16', 'int8'), as
+    stored_form, after loading cpu_gemv's kernel (or saying why one-row products run on torch's alone)."""
+    load_kernel(weight_format)
+    return stored_form(model, weight_format, prefill_dtype)
+
+
+def load_kernel(weight_format: str):
+    """Loads cpu_gemv's kernel for a model in weight_format, or logs why its one-row products run on torch's alone."""
     if not cpu_gemv.enabled and (why_not := cpu_gemv.load()) is not None:
         log.warning("%s weights: one-row products use torch's kernels, about half as fast on AVX2, because %s",
                     weight_format, why_not)
-    return _swap_modules(model, weight_format, prefill_dtype)
 
 
-def _swap_modules(model: nn.Module, weight_format: str, prefill_dtype: torch.dtype | None) -> nn.Module:
-    for name, child in model.named_children():
-        if isinstance(child, MLP):
-            setattr(model, name, StoredMLP(child, weight_format, prefill_dtype))
-        elif isinstance(child, nn.Linear):
-            head = isinstance(child, LMHead)
-            setattr(model, name, StoredLinear(child, weight_format, None if head else prefill_dtype))
-        elif isinstance(child, RoutedExperts):
-            setattr(model, name, StoredRoutedExperts(child, weight_format, prefill_dtype))
-        else:
-            _swap_modules(child, weight_format, prefill_dtype)
-    return model
+def stored_form(module: nn.Module, weight_format: str, prefill_dtype: torch.dtype | None = None) -> nn.Module:
+    """An nn.Linear, MLP or RoutedExperts in weight_format; any other module with those inside it swapped, in place.
+    The embedding, norms and router stay as they are (a row read per token, or tiny). prefill_dtype: what a prompt's
+    products multiply in on the CPU (None: the model's dtype), the head's excepted: logits keep the model's dtype
+    (prompt log-probs score whole prompts)."""
+    if isinstance(module, MLP):
+        return StoredMLP(module, weight_format, prefill_dtype)
+    if isinstance(module, nn.Linear):
+        return StoredLinear(module, weight_format, None if isinstance(module, LMHead) else prefill_dtype)
+    if isinstance(module, RoutedExperts):
+        return StoredRoutedExperts(module, weight_format, prefill_dtype)
+    for name, child in module.named_children():
+        setattr(module, name, stored_form(child, weight_format, prefill_dtype))
+    return module

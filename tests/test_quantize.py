@@ -13,8 +13,8 @@ from model.mlp import MLP
 from model.moe import RoutedExperts
 from serving.quantize import (StoredLinear, StoredMLP, StoredRoutedExperts, quantize_per_channel, store_weights,
                               unpacked)
-from serving.checkpoint import (CheckpointError, cpu_features, default_format, load_for_serving, pick_format,
-                                prefill_dtype)
+from serving.checkpoint import (DTYPES, CheckpointError, cpu_features, default_format, load_for_serving,
+                                pick_format, prefill_dtype)
 from serving.engine import Engine, Finished, GenerationRequest, SamplingParams
 
 from test_app_server import model, single_torch_thread, tokenizer, write_run_dir  # noqa: F401  (fixtures: the autouse one, tokenizer, model)
@@ -173,6 +173,26 @@ def test_the_server_prefills_in_bf16_only_where_bf16_is_native(tmp_path, model):
         expected = served.model(ids)["logits"]
     assert got.dtype == torch.float32 and torch.equal(got, expected) != native
     assert (got - expected).abs().max() < 0.03 * expected.abs().max()
+
+
+@pytest.mark.parametrize("dtype, quantize", [("float32", "none"), ("bfloat16", "none"), ("float32", "bf16"),
+                                             ("float32", "int8"), ("bfloat16", "int8")])
+def test_the_server_loads_part_by_part_what_the_whole_model_converted_gives(tmp_path, model, dtype, quantize):
+    # load_for_serving reads, converts and casts one decoder layer (or the embedding, or the head) at a time, so it
+    # never holds the whole model in fp32: the same tensors as converting the whole loaded model
+    served = load_for_serving(write_run_dir(tmp_path / "run", model), device="cpu", dtype=dtype, quantize=quantize)
+    expected = copy.deepcopy(model)
+    if quantize != "none":
+        prefill = prefill_dtype(torch.device("cpu"), DTYPES[dtype], cpu_features()[1])
+        expected = store_weights(expected, quantize, prefill)
+    expected = expected.to(DTYPES[dtype])
+    got_tensors = dict(served.model.named_buffers()) | dict(served.model.named_parameters())
+    want_tensors = dict(expected.named_buffers()) | dict(expected.named_parameters())
+    assert got_tensors.keys() == want_tensors.keys()
+    for name, want in want_tensors.items():
+        assert got_tensors[name].dtype == want.dtype and torch.equal(got_tensors[name], want), name
+    assert [type(m) for m in served.model.modules()] == [type(m) for m in expected.modules()]
+    assert not served.model.training
 
 
 @pytest.mark.parametrize("weight_format", ["int8", "bf16"])
