@@ -137,9 +137,9 @@ def default_format(device: torch.device, capability: str) -> tuple[str, str]:
     with the weights stored in bf16, half the weight bytes: one decoding row multiplies them in serving/cpu_gemv.c.
     On a Zen 4 with native bf16 that decoded 3.5x fp32 at batch 1, where bf16 compute decoded 1.65x (torch's bf16
     GEMV) with lower held-out agreement with fp32 (0.91 against 0.95), and prefills as fast as bf16 compute (its
-    prompts multiply in bf16 there: prefill_dtype); on AVX2 it decoded 1.5x fp32 on torch's bf16 GEMV (unmeasured
-    with cpu_gemv.c), and bf16 compute, emulated there, prefilled in 5-9x fp32's time. Figures: README, "The full
-    model on a CPU". Other CPUs (unmeasured) and MPS: fp32.
+    prompts multiply in bf16 there: prefill_dtype); on an AVX2 CPU it decoded 2.1x fp32 (bf16 compute 1.7x, which,
+    emulated there, prefilled a 512-token prompt in 4.9x fp32's time). Figures: README, "The full model on a CPU".
+    Other CPUs (unmeasured) and MPS: fp32.
     int8 stays opt-in: its quality was only measured on random weights."""
     if device.type == "cuda":
         return ("bfloat16" if torch.cuda.is_bf16_supported() else "float32"), "none"
