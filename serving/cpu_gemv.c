@@ -1,6 +1,6 @@
-// One token's products with stored weights (int8 with per-row scales, or bf16) on an x86 CPU with AVX2 and FMA
-// (serving/cpu_gemv.py), fp32 activations and sums:
-//     gemv: y[o] = sum_k weight[o, k] * x[k] (* scale[o] for int8)     weight (rows, cols), x and y fp32
+// A few tokens' products with stored weights (int8 with per-row scales, or bf16) on an x86 CPU with AVX2 and FMA
+// (serving/cpu_gemv.py), fp32 activations and sums, for each of the n rows of x:
+//     gemv: y[m, o] = sum_k weight[o, k] * x[m, k] (* scale[o] for int8)     weight (rows, cols), x and y fp32
 //     mlp:  y = down(silu(gate(x)) * up(x)), gate and up one (2I, H) weight, down (H, I)
 // A weight's scales say its type: int8 weights come with them, bf16 ones with NULL. cols, H and I multiples of 32.
 // Rows are split over `threads` OpenMP threads: built with -fopenmp, this library binds to the libgomp torch has
@@ -70,26 +70,79 @@ static inline float dot_row(const void *weight, const float *scale, int64_t o, i
     return dot_int8((const int8_t *)weight + o * cols, (const int8_t *)weight + ahead * cols, x, cols) * scale[o];
 }
 
-void cortex_gemv(const float *x, const void *weight, const float *scale, float *y, int64_t rows, int64_t cols,
-                 int threads) {
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t o = 0; o < rows; o++)
-        y[o] = dot_row(weight, scale, o, rows, cols, x);
+// 8 weights from index on as fp32.
+static inline __m256 widen8(const void *weight, const float *scale, int64_t index) {
+    if (scale == NULL)
+        return widen_bf16((const uint16_t *)weight + index);
+    __m128i w = _mm_loadl_epi64((const __m128i *)((const int8_t *)weight + index));
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(w));
 }
 
-// hidden: 2I floats of scratch. One parallel region: the threads wait for each other between the three loops.
+static inline float sum2(__m256 a, __m256 b) {
+    return sum_lanes(a, b, _mm256_setzero_ps(), _mm256_setzero_ps());
+}
+
+// Row o of weight times `count` (1-4) rows of x (x[j * x_stride] on), y[j * y_stride] for row j: each 8 weights
+// widened once for the rows, two sums a row (absent rows repeat row 0, their sums unused).
+static inline void dot_rows4(const void *weight, const float *scale, int64_t o, int64_t cols, const float *x,
+                             int64_t x_stride, int64_t count, float *y, int64_t y_stride) {
+    const float *x0 = x, *x1 = x + (count > 1) * x_stride, *x2 = x + (count > 2) * 2 * x_stride;
+    const float *x3 = x + (count > 3) * 3 * x_stride;
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+    __m256 b0 = _mm256_setzero_ps(), b1 = _mm256_setzero_ps(), b2 = _mm256_setzero_ps(), b3 = _mm256_setzero_ps();
+    for (int64_t k = 0; k < cols; k += 16) {
+        __m256 w = widen8(weight, scale, o * cols + k), v = widen8(weight, scale, o * cols + k + 8);
+        a0 = _mm256_fmadd_ps(w, _mm256_loadu_ps(x0 + k), a0);
+        a1 = _mm256_fmadd_ps(w, _mm256_loadu_ps(x1 + k), a1);
+        a2 = _mm256_fmadd_ps(w, _mm256_loadu_ps(x2 + k), a2);
+        a3 = _mm256_fmadd_ps(w, _mm256_loadu_ps(x3 + k), a3);
+        b0 = _mm256_fmadd_ps(v, _mm256_loadu_ps(x0 + k + 8), b0);
+        b1 = _mm256_fmadd_ps(v, _mm256_loadu_ps(x1 + k + 8), b1);
+        b2 = _mm256_fmadd_ps(v, _mm256_loadu_ps(x2 + k + 8), b2);
+        b3 = _mm256_fmadd_ps(v, _mm256_loadu_ps(x3 + k + 8), b3);
+    }
+    float sums[4] = {sum2(a0, b0), sum2(a1, b1), sum2(a2, b2), sum2(a3, b3)};
+    float s = scale == NULL ? 1.0f : scale[o];
+    for (int64_t j = 0; j < count; j++)
+        y[j * y_stride] = sums[j] * s;
+}
+
+// Row o of weight (rows, cols) times the n rows of x (row m at x[m * x_stride]) into y[m * y_stride]: one row as
+// dot_row (its prefetch), more four at a time while the weight row is in the L1 cache.
+static inline void rows_times(const void *weight, const float *scale, int64_t o, int64_t rows, int64_t cols,
+                              const float *x, int64_t x_stride, int64_t n, float *y, int64_t y_stride) {
+    if (n == 1) {
+        y[0] = dot_row(weight, scale, o, rows, cols, x);
+        return;
+    }
+    for (int64_t m = 0; m < n; m += 4)
+        dot_rows4(weight, scale, o, cols, x + m * x_stride, x_stride, n - m < 4 ? n - m : 4, y + m * y_stride,
+                  y_stride);
+}
+
+void cortex_gemv(const float *x, const void *weight, const float *scale, float *y, int64_t n, int64_t rows,
+                 int64_t cols, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t o = 0; o < rows; o++)
+        rows_times(weight, scale, o, rows, cols, x, cols, n, y + o, rows);
+}
+
+// hidden: n x 2I floats of scratch. One parallel region: the threads wait for each other between the three loops.
 void cortex_mlp(const float *x, const void *gate_up, const float *gate_up_scale, const void *down,
-                const float *down_scale, float *hidden, float *y, int64_t H, int64_t I, int threads) {
+                const float *down_scale, float *hidden, float *y, int64_t n, int64_t H, int64_t I, int threads) {
 #pragma omp parallel num_threads(threads)
     {
 #pragma omp for schedule(static)
         for (int64_t o = 0; o < 2 * I; o++)
-            hidden[o] = dot_row(gate_up, gate_up_scale, o, 2 * I, H, x);
+            rows_times(gate_up, gate_up_scale, o, 2 * I, H, x, H, n, hidden + o, 2 * I);
 #pragma omp for schedule(static)
-        for (int64_t i = 0; i < I; i++)
-            hidden[i] = hidden[i] / (1.0f + expf(-hidden[i])) * hidden[I + i];  // silu(gate) * up
+        for (int64_t mi = 0; mi < n * I; mi++) {  // silu(gate) * up, into the first half of each row's 2I
+            float *row = hidden + mi / I * 2 * I;
+            int64_t i = mi % I;
+            row[i] = row[i] / (1.0f + expf(-row[i])) * row[I + i];
+        }
 #pragma omp for schedule(static)
         for (int64_t o = 0; o < H; o++)
-            y[o] = dot_row(down, down_scale, o, H, I, hidden);
+            rows_times(down, down_scale, o, H, I, hidden, 2 * I, n, y + o, H);
     }
 }

@@ -1,17 +1,19 @@
-"""Batch-1 decoding with stored weights (int8 with per-channel scales, or bf16; serving/quantize.py) on x86 CPUs with
-AVX2: one row times a layer (gemv), an MLP or a row's routed experts (mlp, experts), in cpu_gemv.c, with fp32
-activations.
+"""Decoding with stored weights (int8 with per-channel scales, or bf16; serving/quantize.py) on x86 CPUs with AVX2: a
+few rows (up to MAX_ROWS: batch-1 decoding, several slots, a short prompt's rows per expert) times a layer (gemv), an
+MLP (mlp) or one row's routed experts (experts), in cpu_gemv.c, with fp32 activations.
 
 torch's own kernels for one row (torch._weight_int8pack_mm for int8, its bf16 GEMV for bf16, which also rounds the
 activations to bf16) read the stored weights from memory at ~9-10 GB/s at two threads, on an AVX2 CPU and on a Zen 4
 with AVX-512 and native bf16 alike; cpu_gemv.c reads them about twice as fast on both (README, "The full model on a
-CPU"). A whole MLP is one call: the Python between its products cost more than the products' time saved.
+CPU"). For more rows it widens each weight once for four rows at a time: on an AVX2 CPU torch's bf16 path, emulated
+there, took ~0.2 ms a row for a 2048x768 weight, and 8 rows took 1.6 ms against 0.4 ms here. A whole MLP is one call:
+the Python between its products cost more than the products' time saved.
 
 The C file is compiled on first use with the system's C compiler (the one `--compile`'s inductor needs too) into the
 cache directory (CORTEX_CACHE_DIR, default ~/.cache/cortex), once per source, compiler and flags, and loaded with
 ctypes. Where it cannot be (not x86 with AVX2, no compiler, a failed build) the stored formats keep torch's kernels and
 load() says why. gemv() and mlp() run eagerly, or as their ops (cortex::gemv, cortex::mlp) in a graph being compiled;
-only one-row products of the stored formats use them (serving/quantize.py).
+only products of the stored formats with up to MAX_ROWS rows use them (serving/quantize.py).
 """
 
 import ctypes
@@ -31,7 +33,8 @@ SOURCE = Path(__file__).with_name("cpu_gemv.c")
 FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-lm")  # -fopenmp: torch's libgomp, its threads
 COLUMN_STEP = 32  # cpu_gemv.c reads a row 32 columns at a time
 _KERNEL = None  # the loaded library, once load() succeeded
-enabled = False  # whether the stored formats' one-row products use it: set by load(); False to compare with torch's
+enabled = False  # whether the stored formats' products of a few rows use it: set by load(); False: torch's kernels
+MAX_ROWS = 32  # the most rows it takes; a longer prompt multiplies as a GEMM (serving/quantize.py)
 
 
 def load() -> str | None:
@@ -68,8 +71,8 @@ def load() -> str | None:
             loaded = ctypes.CDLL(str(library))
         except OSError as err:
             return f"{library} cannot be loaded ({err}); delete it to rebuild it"
-        loaded.cortex_gemv.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
-        loaded.cortex_mlp.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
+        loaded.cortex_gemv.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+        loaded.cortex_mlp.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 3 + [ctypes.c_int]
         loaded.cortex_gemv.restype = loaded.cortex_mlp.restype = None
         _KERNEL = loaded
     enabled = True
@@ -77,43 +80,44 @@ def load() -> str | None:
 
 
 def usable(rows: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None) -> bool:
-    """Whether rows (n, in) times weight (out, in) can run in the kernel: loaded and enabled, one row on the CPU (the
-    caller casts it to fp32), an int8 weight with fp32 scales (out) or a bf16 one without, contiguous tensors."""
+    """Whether rows (n, in) times weight (out, in) can run in the kernel: loaded and enabled, up to MAX_ROWS rows on
+    the CPU (the caller casts them to fp32), an int8 weight with fp32 scales (out) or a bf16 one without, contiguous
+    tensors."""
     stored = ((weight.dtype == torch.int8 and scales is not None and scales.dtype == torch.float32)
               or (weight.dtype == torch.bfloat16 and scales is None))
-    return (enabled and stored and rows.shape[0] == 1 and rows.device.type == "cpu"
+    return (enabled and stored and 1 <= rows.shape[0] <= MAX_ROWS and rows.device.type == "cpu"
             and weight.shape[-1] % COLUMN_STEP == 0 and rows.is_contiguous() and weight.is_contiguous())
 
 
-def gemv(row: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
+def gemv(rows: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
     """_gemv, as the op cortex::gemv inside a graph being compiled."""
-    return (gemv_op if torch.compiler.is_compiling() else _gemv)(row, weight, scales)
+    return (gemv_op if torch.compiler.is_compiling() else _gemv)(rows, weight, scales)
 
 
-def mlp(row: torch.Tensor, gate_up: torch.Tensor, gate_up_scales: torch.Tensor | None, down: torch.Tensor,
+def mlp(rows: torch.Tensor, gate_up: torch.Tensor, gate_up_scales: torch.Tensor | None, down: torch.Tensor,
         down_scales: torch.Tensor | None) -> torch.Tensor:
     """_mlp, as the op cortex::mlp inside a graph being compiled."""
-    return (mlp_op if torch.compiler.is_compiling() else _mlp)(row, gate_up, gate_up_scales, down, down_scales)
+    return (mlp_op if torch.compiler.is_compiling() else _mlp)(rows, gate_up, gate_up_scales, down, down_scales)
 
 
-def _gemv(row: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
-    """row (1, in) fp32 @ weight (out, in).T -> (1, out) fp32, the weight int8 times scales (out, 1) or bf16 (scales
+def _gemv(rows: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
+    """rows (n, in) fp32 @ weight (out, in).T -> (n, out) fp32, the weight int8 times scales (out, 1) or bf16 (scales
     None). Tensors as usable() checks; no conversions here: a call costs ~5 us beside the product."""
-    out = torch.empty(1, weight.shape[0])
-    _KERNEL.cortex_gemv(row.data_ptr(), weight.data_ptr(), address(scales), out.data_ptr(), weight.shape[0],
-                        weight.shape[1], torch.get_num_threads())
+    out = torch.empty(rows.shape[0], weight.shape[0])
+    _KERNEL.cortex_gemv(rows.data_ptr(), weight.data_ptr(), address(scales), out.data_ptr(), rows.shape[0],
+                        weight.shape[0], weight.shape[1], torch.get_num_threads())
     return out
 
 
-def _mlp(row: torch.Tensor, gate_up: torch.Tensor, gate_up_scales: torch.Tensor | None, down: torch.Tensor,
+def _mlp(rows: torch.Tensor, gate_up: torch.Tensor, gate_up_scales: torch.Tensor | None, down: torch.Tensor,
          down_scales: torch.Tensor | None) -> torch.Tensor:
-    """row (1, H) fp32 -> down(silu(gate(row)) * up(row)) (1, H) fp32, gate and up one (2I, H) weight, each weight as
-    in _gemv: one call for the three steps (the Python between them cost ~60 us an expert)."""
+    """rows (n, H) fp32 -> down(silu(gate(rows)) * up(rows)) (n, H) fp32, gate and up one (2I, H) weight, each weight
+    as in _gemv: one call for the three steps (the Python between them cost ~60 us an expert)."""
     hidden_size, intermediate_size = down.shape
-    out, hidden = torch.empty(1, hidden_size), torch.empty(2 * intermediate_size)
-    _KERNEL.cortex_mlp(row.data_ptr(), gate_up.data_ptr(), address(gate_up_scales), down.data_ptr(),
-                       address(down_scales), hidden.data_ptr(), out.data_ptr(), hidden_size, intermediate_size,
-                       torch.get_num_threads())
+    out, hidden = torch.empty(rows.shape[0], hidden_size), torch.empty(rows.shape[0], 2 * intermediate_size)
+    _KERNEL.cortex_mlp(rows.data_ptr(), gate_up.data_ptr(), address(gate_up_scales), down.data_ptr(),
+                       address(down_scales), hidden.data_ptr(), out.data_ptr(), rows.shape[0], hidden_size,
+                       intermediate_size, torch.get_num_threads())
     return out
 
 
@@ -127,7 +131,7 @@ def experts(row: torch.Tensor, expert_ids: list[int], gate_up: torch.Tensor, gat
     threads = torch.get_num_threads()
     for k, expert in enumerate(expert_ids):
         _KERNEL.cortex_mlp(row.data_ptr(), *(address(tensor, expert) for tensor in (
-            gate_up, gate_up_scales, down, down_scales)), hidden.data_ptr(), address(out[0], k),
+            gate_up, gate_up_scales, down, down_scales)), hidden.data_ptr(), address(out[0], k), 1,
             hidden_size, intermediate_size, threads)
     return out
 
@@ -139,22 +143,22 @@ def address(tensor: torch.Tensor | None, index: int = 0) -> int | None:
 
 # The ops for compiled graphs (opaque to inductor). Registered with torch.library.define/impl rather than custom_op,
 # whose extra layers took 28 against 14 us a call in a compiled graph (~145 calls a decode step of the full model).
-torch.library.define("cortex::gemv", "(Tensor row, Tensor weight, Tensor? scales) -> Tensor")
+torch.library.define("cortex::gemv", "(Tensor rows, Tensor weight, Tensor? scales) -> Tensor")
 torch.library.impl("cortex::gemv", "cpu", _gemv)
-torch.library.define("cortex::mlp", "(Tensor row, Tensor gate_up, Tensor? gate_up_scales, Tensor down, "
+torch.library.define("cortex::mlp", "(Tensor rows, Tensor gate_up, Tensor? gate_up_scales, Tensor down, "
                                     "Tensor? down_scales) -> Tensor")
 torch.library.impl("cortex::mlp", "cpu", _mlp)
 
 
 @torch.library.register_fake("cortex::gemv")
-def _(row: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
-    return row.new_empty(1, weight.shape[0])
+def _(rows: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
+    return rows.new_empty(rows.shape[0], weight.shape[0])
 
 
 @torch.library.register_fake("cortex::mlp")
-def _(row: torch.Tensor, gate_up: torch.Tensor, gate_up_scales: torch.Tensor | None, down: torch.Tensor,
+def _(rows: torch.Tensor, gate_up: torch.Tensor, gate_up_scales: torch.Tensor | None, down: torch.Tensor,
       down_scales: torch.Tensor | None) -> torch.Tensor:
-    return row.new_empty(1, down.shape[0])
+    return rows.new_empty(rows.shape[0], down.shape[0])
 
 
 gemv_op, mlp_op = torch.ops.cortex.gemv.default, torch.ops.cortex.mlp.default

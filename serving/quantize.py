@@ -2,20 +2,21 @@
 model's dtype, since reading the weights for every token is what bounds CPU decoding. Swapped in at load time
 (serving/checkpoint.py); training never sees it.
 
-In both formats one row on the CPU (batch-1 decoding) runs in cpu_gemv.c with fp32 activations where it can be built
-(x86 with AVX2 and a C compiler: it reads the stored weights about twice as fast as torch's kernels there).
+In both formats products of up to 32 rows on the CPU (decoding, a short prompt's rows per expert) run in cpu_gemv.c
+with fp32 activations where it can be built (x86 with AVX2 and a C compiler: one row reads the stored weights about
+twice as fast as torch's kernels there, 8 rows took a quarter of torch's bf16 time on AVX2); elsewhere in torch's.
 
-- bf16: the weights rounded to bf16 (what training's bf16 autocast multiplied by), half of fp32's bytes. Otherwise on
-  CPUs without native bf16 matmuls (AVX2) a product of a few rows in bf16 takes torch's vectorised bf16 GEMV (fp32
-  accumulation), ~2x fp32's speed, while a prompt's many rows in bf16 would take oneDNN's emulated bf16 GEMM (5-9x
+- bf16: the weights rounded to bf16 (what training's bf16 autocast multiplied by), half of fp32's bytes. Without
+  cpu_gemv.c a product of a few rows takes torch's bf16 GEMV with bf16 activations (fp32 accumulation). On CPUs
+  without native bf16 matmuls (AVX2) a prompt's many rows in bf16 would take oneDNN's emulated bf16 GEMM (5-9x
   fp32's time): so a prefill multiplies in the model's dtype (fp32) with the weights cast per call. Where bf16 matmuls
   are native (AVX512-BF16, AMX) a prefill multiplies in bf16 instead (prefill_dtype): 0.6x the time on a Zen 4.
-- int8: one scale per output channel (its largest |weight| / 127). Other products of a few rows run in torch's own
-  int8 kernel (torch._weight_int8pack_mm) with bf16 activations (with fp32 ones that kernel is 30x slower on an AVX2
-  CPU) and bf16 scales, kept in bf16 whatever the model's dtype so that no call casts them; a prefill's many rows
-  multiply by the weights dequantized per call (to bf16 where bf16 is native, as above). (torch's dynamic int8
-  linear, which also quantizes the activations, decoded ~15% faster here but cost held-out agreement and memory:
-  README, "The full model on a CPU".)
+- int8: one scale per output channel (its largest |weight| / 127). Without cpu_gemv.c a product of a few rows runs
+  in torch's own int8 kernel (torch._weight_int8pack_mm) with bf16 activations (with fp32 ones that kernel is 30x
+  slower on an AVX2 CPU) and bf16 scales, kept in bf16 whatever the model's dtype so that no call casts them; a
+  prefill's many rows multiply by the weights dequantized per call (to bf16 where bf16 is native, as above).
+  (torch's dynamic int8 linear, which also quantizes the activations, decoded ~15% faster here but cost held-out
+  agreement and memory: README, "The full model on a CPU".)
 
 Each MLP (the dense layer's, the shared experts) and routed expert keeps its gate and up weights as one (2I, H) weight:
 two products instead of three (~3 ms off an int8 eager step of the full model; README, "The full model on a CPU").
@@ -39,7 +40,7 @@ log = logging.getLogger(__name__)
 KERNEL_DTYPE = torch.bfloat16  # the activations' dtype (and int8's scales') in torch's CPU kernels for a few rows
 # Above this many rows (a prompt's prefill) the weights are cast or dequantized for x's own matmul: the kernels are
 # made for a few rows (a 512-token prefill of the full model took ~3x fp32's time in the int8 one, 5-9x in bf16, AVX2).
-KERNEL_MAX_ROWS = 32
+KERNEL_MAX_ROWS = cpu_gemv.MAX_ROWS
 # torch._weight_int8pack_mm's AVX-512 code reads 16 columns at a time: at other widths it returned garbage or crashed
 # (torch 2.13, a Zen 4 CPU), so such layers (none in the Cortex presets) multiply by the dequantized weights instead.
 INT8_KERNEL_COLUMN_STEP = 16
@@ -50,13 +51,15 @@ WEIGHT_FORMATS = tuple(STORED_NAMES)
 
 def kernels(weight_format: str, prefill_dtype: torch.dtype | None = None) -> str:
     """What a weight format runs on CPU (bench_cpu_chat prints it)."""
-    one_row = "serving/cpu_gemv.c (fp32 activations) for one row, " if cpu_gemv.enabled else ""
     prompts = "the model's dtype" if prefill_dtype is None else f"{prefill_dtype} (activations cast too)"
-    if weight_format == "bf16":
-        return (f"{one_row}F.linear in bf16 (torch's bf16 GEMV, fp32 accumulation) for up to 32 rows, weights cast to "
-                f"{prompts} for longer prompts")
-    return (f"{one_row}torch._weight_int8pack_mm (bf16 activations and scales) for up to 32 rows, weights dequantized "
-            f"to {prompts} for longer prompts")
+    if cpu_gemv.enabled:
+        few_rows = f"serving/cpu_gemv.c (fp32 activations) for up to {cpu_gemv.MAX_ROWS} rows"
+    elif weight_format == "bf16":
+        few_rows = "F.linear in bf16 (torch's bf16 GEMV, fp32 accumulation) for up to 32 rows"
+    else:
+        few_rows = "torch._weight_int8pack_mm (bf16 activations and scales) for up to 32 rows"
+    unpacked_to = "weights cast to" if weight_format == "bf16" else "weights dequantized to"
+    return f"{few_rows}, {unpacked_to} {prompts} for longer prompts"
 
 
 def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -179,7 +182,7 @@ class StoredLinear(_StoredModule):
 
 def stored_mlp(x: torch.Tensor, gate_up: list[torch.Tensor], down: list[torch.Tensor]) -> torch.Tensor:
     """x (n, H) -> down(silu(gate(x)) * up(x)) (n, H) in x's dtype, gate and up stored as one (2I, H) weight."""
-    if uses_gemv_mlp(x, gate_up, down):  # one row: the whole MLP in one C call
+    if uses_gemv_mlp(x, gate_up, down):  # a few rows: the whole MLP in one C call
         return cpu_gemv.mlp(x.to(torch.float32), *gemv_weight(gate_up), *gemv_weight(down)).to(x.dtype)
     if uses_kernel(x, gate_up, down):  # the whole MLP in the kernel's dtype: one cast in, one out
         gate, up = kernel_linear(x.to(kernel_dtype(x, gate_up)), gate_up).chunk(2, dim=-1)
@@ -268,15 +271,15 @@ def stored_expert(gate_up: list[torch.Tensor], down: list[torch.Tensor], expert:
 
 def store_weights(model: nn.Module, weight_format: str, prefill_dtype: torch.dtype | None = None) -> nn.Module:
     """model with every nn.Linear (the LMHead included), MLP and RoutedExperts in weight_format ('bf16', 'int8'), as
-    stored_form, after loading cpu_gemv's kernel (or saying why one-row products run on torch's alone)."""
+    stored_form, after loading cpu_gemv's kernel (or saying why products of a few rows run on torch's)."""
     load_kernel(weight_format)
     return stored_form(model, weight_format, prefill_dtype)
 
 
 def load_kernel(weight_format: str):
-    """Loads cpu_gemv's kernel for a model in weight_format, or logs why its one-row products run on torch's alone."""
+    """Loads cpu_gemv's kernel for a model in weight_format, or logs why its products of a few rows run on torch's."""
     if not cpu_gemv.enabled and (why_not := cpu_gemv.load()) is not None:
-        log.warning("%s weights: one-row products use torch's kernels, about half as fast on AVX2, because %s",
+        log.warning("%s weights: products of a few rows use torch's kernels, about half as fast on AVX2, because %s",
                     weight_format, why_not)
 
 

@@ -1,6 +1,7 @@
-"""serving/cpu_gemv.py: the stored formats' one-row products (cpu_gemv.c, x86 with AVX2), its build, and the fallback
-to torch's kernels where it cannot be built."""
+"""serving/cpu_gemv.py: the stored formats' products of a few rows (cpu_gemv.c, x86 with AVX2), its build, and the
+fallback to torch's kernels where it cannot be built."""
 
+import itertools
 import os
 import subprocess
 import sys
@@ -42,11 +43,13 @@ def test_each_output_is_the_stored_weights_times_the_row(kernel, weight_format):
     for rows, cols in ((1, 32), (7, 64), (300, 768), (2048, 1024)):
         weight = torch.randn(rows, cols, generator=generator) * torch.rand(rows, 1, generator=generator) * 3
         weight, scales = stored_weight(weight, weight_format)
-        row = torch.randn(1, cols, generator=generator)
-        expected = row.double() @ as_float64(weight, scales).T
-        got = cpu_gemv.gemv(row, weight, scales)
-        assert got.shape == (1, rows) and got.dtype == torch.float32
-        torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+        for n in (1, 2, 5, 8, 32):  # one row, and several: four at a time, the last group short
+            x = torch.randn(n, cols, generator=generator)
+            expected = x.double() @ as_float64(weight, scales).T
+            got = cpu_gemv.gemv(x, weight, scales)
+            assert got.shape == (n, rows) and got.dtype == torch.float32
+            torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+    row = x[:1]
     threads = torch.get_num_threads()
     try:  # rows split over threads: each output is still one thread's sum, the same at any thread count
         torch.set_num_threads(1)
@@ -64,7 +67,8 @@ def test_a_weight_it_does_not_take_stays_on_torchs_kernels(kernel):
     for args in ((weight_int8, None), (weight_int8, scales.bfloat16()), (weight.bfloat16(), scales), (weight, None),
                  (weight_int8[:, :48], scales)):  # no scales, bf16 scales, scales with bf16, fp32, 48 columns
         assert not cpu_gemv.usable(row, *args)
-    assert not cpu_gemv.usable(torch.randn(2, 64), weight_int8, scales)  # more rows
+    assert cpu_gemv.usable(torch.randn(cpu_gemv.MAX_ROWS, 64), weight_int8, scales)
+    assert not cpu_gemv.usable(torch.randn(cpu_gemv.MAX_ROWS + 1, 64), weight_int8, scales)  # a prompt: a GEMM
 
 
 def with_torchs_kernel(module: nn.Module, *inputs: torch.Tensor) -> torch.Tensor:
@@ -76,11 +80,12 @@ def with_torchs_kernel(module: nn.Module, *inputs: torch.Tensor) -> torch.Tensor
 
 
 @pytest.mark.parametrize("weight_format", ["int8", "bf16"])
-def test_one_row_of_the_stored_layers_runs_in_it_eager_and_in_a_compiled_graph(kernel, weight_format):
+@pytest.mark.parametrize("n", [1, 3])
+def test_a_few_rows_of_the_stored_layers_run_in_it_eager_and_in_a_compiled_graph(kernel, weight_format, n):
     torch.manual_seed(0)
     linear = StoredLinear(nn.Linear(64, 96, bias=False), weight_format)
     mlp = StoredMLP(MLP(64, 32), weight_format)
-    row = torch.randn(1, 64)
+    row = torch.randn(n, 64)  # batch-1 decoding, or three slots
     with torch.no_grad():
         gate, up = F.linear(row, unpacked(mlp.stored_weight("gate_up_proj_"), torch.float32)).chunk(2, dim=-1)
         expected = {linear: row @ unpacked(linear.stored_weight(), torch.float32).T,
@@ -93,9 +98,6 @@ def test_one_row_of_the_stored_layers_runs_in_it_eager_and_in_a_compiled_graph(k
             assert (with_torchs_kernel(module, row) - want).abs().max() > 10 * (got - want).abs().max()
             # the compiled decode step: cortex::gemv or cortex::mlp in the graph (fullgraph: no break around ctypes)
             torch.testing.assert_close(torch.compile(module, fullgraph=True)(row), got)
-        # more rows (8 slots decoding) stay on torch's kernel
-        rows = torch.randn(3, 64)
-        torch.testing.assert_close(linear(rows), with_torchs_kernel(linear, rows))
 
 
 def test_a_bf16_model_keeps_int8_scales_in_fp32_and_one_row_in_it(kernel):
@@ -114,19 +116,23 @@ def test_a_bf16_model_keeps_int8_scales_in_fp32_and_one_row_in_it(kernel):
 
 
 @pytest.mark.parametrize("weight_format", ["int8", "bf16"])
-def test_one_row_takes_its_routed_experts_in_it(kernel, weight_format):
+@pytest.mark.parametrize("expert_idx", [[[3, 1]], [[3, 1], [0, 3], [1, 2]]])
+def test_rows_take_their_routed_experts_in_it(kernel, weight_format, expert_idx):
     torch.manual_seed(0)
     experts = StoredRoutedExperts(RoutedExperts(num_experts=4, hidden_size=64, intermediate_size=32), weight_format)
     gate_up, down = experts.weights()
-    row, expert_idx = torch.randn(1, 64), torch.tensor([[3, 1]])
+    expert_idx = torch.tensor(expert_idx)  # one row's two experts in turn; three rows sorted by expert
+    row = torch.randn(len(expert_idx), 64)
     with torch.no_grad():
         got = experts(row, expert_idx)
-        for k, expert in enumerate((3, 1)):  # each expert's stored weights, in fp32
-            gate, up = F.linear(row, unpacked([t[expert] for t in gate_up], torch.float32)).chunk(2, dim=-1)
-            want = F.linear(F.silu(gate) * up, unpacked([t[expert] for t in down], torch.float32))
-            torch.testing.assert_close(got[:, k], want, rtol=1e-5, atol=1e-5)
-            assert (with_torchs_kernel(experts, row, expert_idx)[:, k] - want).abs().max() > 10 * (
-                got[:, k] - want).abs().max()
+        for m, k in itertools.product(range(len(expert_idx)), range(2)):  # each expert's stored weights, in fp32
+            expert = expert_idx[m, k].item()
+            picked = ([t[expert] for t in gate_up], [t[expert] for t in down])
+            gate, up = F.linear(row[m:m + 1], unpacked(picked[0], torch.float32)).chunk(2, dim=-1)
+            want = F.linear(F.silu(gate) * up, unpacked(picked[1], torch.float32))
+            torch.testing.assert_close(got[m:m + 1, k], want, rtol=1e-5, atol=1e-5)
+            assert (with_torchs_kernel(experts, row, expert_idx)[m:m + 1, k] - want).abs().max() > 10 * (
+                got[m:m + 1, k] - want).abs().max()
         # the compiled decode step's form: the eager code as one op in the graph
         torch.testing.assert_close(torch.compile(experts.gathered, fullgraph=True)(row, expert_idx), got)
 
@@ -172,6 +178,6 @@ def test_where_it_cannot_be_built_the_format_says_why_and_runs_on_torchs_kernels
         assert child.returncode == 0, child.stderr
         assert child.stdout.split() == ["False", "(1,", "32)"]  # the layer still works
         if cpu_gemv.load() is None:  # where the kernel could run (x86, AVX2): the compiler is what failed
-            assert "int8 weights: one-row products use torch's kernels" in child.stderr and compiler in child.stderr
+            assert "int8 weights: products of a few rows use torch's kernels" in child.stderr and compiler in child.stderr
             assert reason in child.stderr
         assert not list((tmp_path / "cache").glob("*.so"))  # no half-built library left

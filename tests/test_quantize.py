@@ -121,7 +121,7 @@ def test_prompts_multiply_in_the_prefill_dtype_and_decoding_rows_do_not(weight_f
     linear, mlp = nn.Linear(64, 48, bias=False), MLP(64, 32)
     experts = RoutedExperts(num_experts=4, hidden_size=64, intermediate_size=16)
     modules = nn.ModuleList([linear, mlp, experts])
-    # through store_weights: it loads cpu_gemv.c, whose one-row products take fp32 activations
+    # through store_weights: it loads cpu_gemv.c, whose products of a few rows take fp32 activations
     stored = store_weights(copy.deepcopy(modules), weight_format, torch.bfloat16)
     plain = store_weights(modules, weight_format)
     # 200 rows: ~100 an expert, beyond the 32 the few-row kernels take
