@@ -438,7 +438,8 @@ def main():
         "model": "Cortex 2.5 full config (cortex_2_5_config(long_context=True)), random weights, seed 0",
         "threads": torch.get_num_threads(), "rounds": args.rounds, "load_average": os.getloadavg(),
         "cpu_capability": capability, "mkldnn_bf16_supported": native_bf16,
-        "cpu_gemv.c": "built and used for one row" if cpu_gemv_missing is None else f"not used: {cpu_gemv_missing}",
+        "cpu_gemv.c": (f"built and used for up to {cpu_gemv.MAX_ROWS} rows" if cpu_gemv_missing is None
+                       else f"not used: {cpu_gemv_missing}"),
         "kernels": {"fp32": "F.linear fp32 (MKL/oneDNN sgemm)", "bf16": "F.linear bf16 (torch's bf16 GEMV for one "
                     "row; oneDNN GEMM for more, native only where mkldnn_bf16_supported)",
                     "bf16-weights": kernels("bf16", prefill), "int8": kernels("int8", prefill),

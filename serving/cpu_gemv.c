@@ -10,8 +10,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-static inline float sum_lanes(__m256 sum0, __m256 sum1, __m256 sum2, __m256 sum3) {
-    __m256 sum = _mm256_add_ps(_mm256_add_ps(sum0, sum1), _mm256_add_ps(sum2, sum3));
+static inline float sum_lanes(__m256 sum) {
     __m128 half = _mm_add_ps(_mm256_castps256_ps128(sum), _mm256_extractf128_ps(sum, 1));
     half = _mm_hadd_ps(half, half);
     half = _mm_hadd_ps(half, half);
@@ -37,7 +36,7 @@ static inline float dot_int8(const int8_t *row, const int8_t *ahead, const float
         sum2 = _mm256_fmadd_ps(w2, _mm256_loadu_ps(x + k + 16), sum2);
         sum3 = _mm256_fmadd_ps(w3, _mm256_loadu_ps(x + k + 24), sum3);
     }
-    return sum_lanes(sum0, sum1, sum2, sum3);
+    return sum_lanes(_mm256_add_ps(_mm256_add_ps(sum0, sum1), _mm256_add_ps(sum2, sum3)));
 }
 
 // 8 bf16 values as fp32: a bf16 is the upper half of the fp32 with the same bits.
@@ -57,7 +56,7 @@ static inline float dot_bf16(const uint16_t *row, const uint16_t *ahead, const f
         sum2 = _mm256_fmadd_ps(widen_bf16(row + k + 16), _mm256_loadu_ps(x + k + 16), sum2);
         sum3 = _mm256_fmadd_ps(widen_bf16(row + k + 24), _mm256_loadu_ps(x + k + 24), sum3);
     }
-    return sum_lanes(sum0, sum1, sum2, sum3);
+    return sum_lanes(_mm256_add_ps(_mm256_add_ps(sum0, sum1), _mm256_add_ps(sum2, sum3)));
 }
 
 // Row o of weight (rows, cols) times x: int8 times scale[o], or bf16 where scale is NULL. It prefetches the row 4
@@ -76,10 +75,6 @@ static inline __m256 widen8(const void *weight, const float *scale, int64_t inde
         return widen_bf16((const uint16_t *)weight + index);
     __m128i w = _mm_loadl_epi64((const __m128i *)((const int8_t *)weight + index));
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(w));
-}
-
-static inline float sum2(__m256 a, __m256 b) {
-    return sum_lanes(a, b, _mm256_setzero_ps(), _mm256_setzero_ps());
 }
 
 // Row o of weight times `count` (1-4) rows of x (x[j * x_stride] on), y[j * y_stride] for row j: each 8 weights
@@ -101,7 +96,8 @@ static inline void dot_rows4(const void *weight, const float *scale, int64_t o, 
         b2 = _mm256_fmadd_ps(v, _mm256_loadu_ps(x2 + k + 8), b2);
         b3 = _mm256_fmadd_ps(v, _mm256_loadu_ps(x3 + k + 8), b3);
     }
-    float sums[4] = {sum2(a0, b0), sum2(a1, b1), sum2(a2, b2), sum2(a3, b3)};
+    float sums[4] = {sum_lanes(_mm256_add_ps(a0, b0)), sum_lanes(_mm256_add_ps(a1, b1)),
+                     sum_lanes(_mm256_add_ps(a2, b2)), sum_lanes(_mm256_add_ps(a3, b3))};
     float s = scale == NULL ? 1.0f : scale[o];
     for (int64_t j = 0; j < count; j++)
         y[j * y_stride] = sums[j] * s;
